@@ -1,0 +1,115 @@
+"""A thin WebSocket over raw ASGI (Hypercorn), used instead of Quart's wrapper.
+
+Why not ``quart.websocket``: quart-trio turns an empty binary message into
+``None``, hides the client's close code (it cancels the handler on
+disconnect), and dispatches a signal per message. A relay must pass empty
+messages, report close codes and stay cheap per frame, so sessions speak
+ASGI directly. HTTP routes stay on Quart-Trio.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+from urllib.parse import parse_qsl
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+class Disconnected(Exception):
+    """The client's side of the socket is gone; ``code`` is what it sent (1005 if none)."""
+
+    def __init__(self, code: int, reason: str = "") -> None:
+        super().__init__(code, reason)
+        self.code = code
+        self.reason = reason
+
+
+class AsgiWebSocket:
+    """One WebSocket connection, before and after accept."""
+
+    __slots__ = ("_receive", "_send", "accepted", "closed", "headers", "query", "scope")
+
+    def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.scope = scope
+        self._receive = receive
+        self._send = send
+        self.headers: dict[str, str] = {}
+        for name, value in scope.get("headers", ()):
+            # Repeated headers are joined, as HTTP allows for list-valued ones.
+            key = name.decode("latin-1").lower()
+            text = value.decode("latin-1")
+            self.headers[key] = f"{self.headers[key]}, {text}" if key in self.headers else text
+        qs = scope.get("query_string", b"").decode("latin-1")
+        self.query: dict[str, str] = dict(parse_qsl(qs, keep_blank_values=True))
+        self.accepted = False
+        self.closed = False
+
+    @property
+    def path(self) -> str:
+        return str(self.scope.get("path", "/"))
+
+    @property
+    def raw_query(self) -> str:
+        return bytes(self.scope.get("query_string", b"")).decode("latin-1")
+
+    @property
+    def peer(self) -> str:
+        client = self.scope.get("client")
+        return str(client[0]) if client else ""
+
+    @property
+    def subprotocols(self) -> list[str]:
+        return list(self.scope.get("subprotocols", ()))
+
+    async def wait_connect(self) -> bool:
+        """Consume ``websocket.connect``; False if the client left before it."""
+        message = await self._receive()
+        return message["type"] == "websocket.connect"
+
+    async def reject(self, status: int, reason: str, headers: tuple[tuple[str, str], ...] = ()) -> None:
+        """A real HTTP refusal of the upgrade (ASGI websocket.http.response)."""
+        body = (reason + "\n").encode()
+        raw_headers = [(b"content-type", b"text/plain; charset=utf-8")]
+        raw_headers += [(k.lower().encode(), v.encode()) for k, v in headers]
+        raw_headers.append((b"content-length", str(len(body)).encode()))
+        await self._send({"type": "websocket.http.response.start", "status": status, "headers": raw_headers})
+        await self._send({"type": "websocket.http.response.body", "body": body, "more_body": False})
+        self.closed = True
+
+    async def accept(self, subprotocol: str | None = None) -> None:
+        await self._send({"type": "websocket.accept", "subprotocol": subprotocol})
+        self.accepted = True
+
+    async def receive(self) -> str | bytes:
+        """The next message, text as str and binary as bytes (empty ones too)."""
+        message = await self._receive()
+        kind = message["type"]
+        if kind == "websocket.receive":
+            data = message.get("bytes")
+            if data is not None:
+                return bytes(data)
+            return str(message.get("text") or "")
+        if kind == "websocket.disconnect":
+            self.closed = True
+            raise Disconnected(int(message.get("code", 1005)), str(message.get("reason") or ""))
+        raise Disconnected(1006, f"unexpected ASGI message {kind}")
+
+    async def send(self, data: str | bytes) -> None:
+        if isinstance(data, str):
+            await self._send({"type": "websocket.send", "text": data})
+        else:
+            await self._send({"type": "websocket.send", "bytes": data})
+
+    async def close(self, code: int, reason: str = "") -> None:
+        """Close once; later calls, or a close after the client left, do nothing."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            await self._send({"type": "websocket.close", "code": code, "reason": reason})
+        except Exception:  # the transport is already gone; nothing left to tell
+            pass

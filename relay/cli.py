@@ -1,0 +1,101 @@
+"""The ``relay`` command: argument parsing and exit codes, no logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="relay",
+        description="Relay browsers, Twilio phone calls and SMS chats to OpenAI Realtime.",
+        epilog="Secrets come from the environment or $CREDENTIALS_DIRECTORY: "
+        "OPENAI_API_KEY, ENCRYPTION_KEY, TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = sub.add_parser("serve", help="run the daemon in the foreground until SIGTERM/SIGINT")
+    serve.add_argument("--config", required=True, help="path to config.toml")
+    check = sub.add_parser("check-config", help="validate the config and secrets; print the effective config")
+    check.add_argument("--config", required=True, help="path to config.toml")
+    token = sub.add_parser("token", help="print one fresh client token")
+    token.add_argument("--config", help="path to config.toml (default: built-in defaults)")
+    token.add_argument("--ttl", type=int, default=None,
+                       help="lifetime in seconds (default and maximum: auth.token_max_ttl_seconds)")
+    bench = sub.add_parser("bench", help="measure throughput and latency against the built-in fakes")
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    sub.add_parser("keygen", help="print a new random ENCRYPTION_KEY (32 bytes, base64url)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    # Imports are deferred so `relay keygen` and `--help` stay instant.
+    from relay.config import ConfigError, describe, load_settings
+
+    try:
+        if args.command == "keygen":
+            from relay.tokens import new_key
+
+            print(new_key())
+            return EXIT_OK
+        if args.command == "token":
+            return _token(load_settings(args.config), args.ttl)
+        settings = load_settings(args.config)
+        if args.command == "check-config":
+            print(describe(settings))
+            settings.require_serving_secrets()
+            print("config ok", file=sys.stderr)
+            return EXIT_OK
+        if args.command == "serve":
+            settings.require_serving_secrets()
+            from relay.logs import setup_logging
+            from relay.server import run
+
+            secrets = settings.secrets
+            setup_logging(settings.server.log_format, settings.server.log_level,
+                          [v for v in (secrets.openai_api_key, secrets.twilio_auth_token,
+                                       secrets.twilio_account_sid) if v])
+            run(settings)
+            return EXIT_OK
+        if args.command == "bench":
+            from relay.bench import bench_main
+
+            return bench_main(args.rest)
+    except ConfigError as exc:
+        print(f"relay: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except OSError as exc:  # e.g. the bind address is taken: an operator matter, no traceback
+        print(f"relay: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_FAILURE
+
+
+def _token(settings: object, ttl: int | None) -> int:
+    from relay.config import ConfigError, Settings
+    from relay.tokens import mint
+
+    assert isinstance(settings, Settings)
+    key = settings.secrets.encryption_key
+    if key is None:
+        raise ConfigError("ENCRYPTION_KEY is not set: export ENCRYPTION_KEY=... "
+                          "(make one with `relay keygen`)")
+    max_ttl = settings.auth.token_max_ttl_seconds
+    ttl = max_ttl if ttl is None else ttl
+    if not 0 < ttl <= max_ttl:
+        raise ConfigError(f"--ttl must be between 1 and auth.token_max_ttl_seconds ({max_ttl})")
+    print(mint(key, ttl))
+    return EXIT_OK
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,422 @@
+"""Settings: ``config.toml`` plus secrets → one frozen, validated object.
+
+This is the only module that reads the environment. It is pure apart from
+reading the config file and the credential files: no trio, no sockets.
+
+Every key has a default (SPEC §2). Unknown keys, wrong types and impossible
+values raise :class:`ConfigError` with a message that names the key, so the
+CLI can print it and exit 2.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, cast
+
+SECRET_NAMES = ("OPENAI_API_KEY", "ENCRYPTION_KEY", "TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN")
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class ConfigError(Exception):
+    """An operator mistake in the config file or the secrets; the message says what to fix."""
+
+
+DEFAULT_PROMPTS = {
+    "inbound": (
+        "You are a friendly phone assistant. The caller rang us. Greet them warmly, "
+        "say who you are, and ask how you can help. Keep answers short and spoken-style."
+    ),
+    "outbound": (
+        "You are a friendly phone assistant calling someone on behalf of the people who "
+        "asked for this call. Greet them, say why you are calling, and keep it short."
+    ),
+    "voicemail": (
+        "You reached an answering machine. Leave a short, polite voicemail: say who you "
+        "are, that you called on behalf of your users, and that they can call back. "
+        "Then stop talking."
+    ),
+    "sms": (
+        "You are a helpful assistant in an SMS chat. Answer briefly in plain text, "
+        "no markdown, at most a few sentences."
+    ),
+    "goodbye": (
+        "The call is about to reach its time limit. Say a brief, friendly goodbye now "
+        "in one sentence."
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    bind: tuple[str, ...] = ("127.0.0.1:8787",)
+    public_url: str = "http://localhost:8787"
+    trusted_proxies: tuple[str, ...] = ()
+    metrics_allow: tuple[str, ...] = ("127.0.0.1/32", "::1/128")
+    drain_seconds: float = 10.0
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @property
+    def trusted_networks(self) -> tuple[IPNetwork, ...]:
+        return tuple(ipaddress.ip_network(p, strict=False) for p in self.trusted_proxies)
+
+    @property
+    def metrics_networks(self) -> tuple[IPNetwork, ...]:
+        return tuple(ipaddress.ip_network(p, strict=False) for p in self.metrics_allow)
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    allowed_origins: tuple[str, ...] = (
+        "https://www.gateframes.com",
+        "https://gateframes.com",
+        "https://www.ricslist.com",
+        "https://ricslist.com",
+    )
+    allow_localhost: bool = True
+    token_max_ttl_seconds: int = 300
+    clock_skew_seconds: int = 30
+
+
+@dataclass(frozen=True)
+class OpenAISettings:
+    dialect: Literal["ga", "beta"] = "ga"
+    realtime_url: str = "wss://api.openai.com/v1/realtime"
+    model: str = "gpt-realtime"
+    models: tuple[str, ...] = ("gpt-realtime", "gpt-realtime-mini")
+    api_base: str = "https://api.openai.com/v1"
+    chat_model: str = "gpt-4o-mini"
+    voices: tuple[str, ...] = (
+        "alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar",
+    )
+    default_voice: str = "ash"
+    connect_timeout_seconds: float = 10.0
+
+
+@dataclass(frozen=True)
+class TwilioSettings:
+    api_base: str = ""
+    validate_signatures: bool = True
+    bot_identity: str = "gateframes-bot"
+    projected_address: str = "+14082605145"
+    caller_id: str = "+14082605145"
+    voice_url: str = "https://www.gateframes.com/api/twilio/voice"
+    intro_message: str = (
+        "Hi all! This group was started by a member of the chat. Reply here to talk to "
+        "everyone; mention @ai to ask the assistant."
+    )
+
+
+@dataclass(frozen=True)
+class PromptSettings:
+    inbound: str = DEFAULT_PROMPTS["inbound"]
+    outbound: str = DEFAULT_PROMPTS["outbound"]
+    voicemail: str = DEFAULT_PROMPTS["voicemail"]
+    sms: str = DEFAULT_PROMPTS["sms"]
+    goodbye: str = DEFAULT_PROMPTS["goodbye"]
+
+
+@dataclass(frozen=True)
+class LimitSettings:
+    session_seconds: float = 600.0
+    goodbye_seconds: float = 15.0
+    http_per_minute: int = 60
+    ws_upgrades_per_minute: int = 10
+    convo_events: int = 12
+    convo_window_seconds: float = 30.0
+    dedupe_seconds: float = 600.0
+    max_message_bytes: int = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    backend: Literal["memory", "redis"] = "memory"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+
+
+@dataclass(frozen=True)
+class Secrets:
+    """Secrets from the environment or ``$CREDENTIALS_DIRECTORY``; never from the TOML."""
+
+    openai_api_key: str | None = field(default=None, repr=False)
+    encryption_key: bytes | None = field(default=None, repr=False)
+    twilio_account_sid: str | None = field(default=None, repr=False)
+    twilio_auth_token: str | None = field(default=None, repr=False)
+
+    @property
+    def twilio_ready(self) -> bool:
+        return bool(self.twilio_account_sid and self.twilio_auth_token)
+
+    def status(self) -> dict[str, bool]:
+        return {
+            "OPENAI_API_KEY": self.openai_api_key is not None,
+            "ENCRYPTION_KEY": self.encryption_key is not None,
+            "TWILIO_ACCOUNT_SID": self.twilio_account_sid is not None,
+            "TWILIO_AUTH_TOKEN": self.twilio_auth_token is not None,
+        }
+
+
+@dataclass(frozen=True)
+class Settings:
+    server: ServerSettings = ServerSettings()
+    auth: AuthSettings = AuthSettings()
+    openai: OpenAISettings = OpenAISettings()
+    twilio: TwilioSettings = TwilioSettings()
+    prompts: PromptSettings = PromptSettings()
+    limits: LimitSettings = LimitSettings()
+    store: StoreSettings = StoreSettings()
+    secrets: Secrets = field(default=Secrets(), repr=False)
+
+    def require_serving_secrets(self) -> None:
+        """``serve`` cannot run without the API key and the token key."""
+        if self.secrets.openai_api_key is None:
+            raise ConfigError(_missing("OPENAI_API_KEY"))
+        if self.secrets.encryption_key is None:
+            raise ConfigError(_missing("ENCRYPTION_KEY"))
+
+
+SECTIONS: dict[str, type[Any]] = {
+    "server": ServerSettings,
+    "auth": AuthSettings,
+    "openai": OpenAISettings,
+    "twilio": TwilioSettings,
+    "prompts": PromptSettings,
+    "limits": LimitSettings,
+    "store": StoreSettings,
+}
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "server.log_format": ("text", "json"),
+    "server.log_level": ("debug", "info", "warning", "error"),
+    "openai.dialect": ("ga", "beta"),
+    "store.backend": ("memory", "redis"),
+}
+
+
+def _missing(name: str) -> str:
+    return (
+        f"{name} is not set: export {name}=... in the environment, or put it in the file "
+        f"$CREDENTIALS_DIRECTORY/{name} (systemd LoadCredential={name}:/path)"
+    )
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """Check ``value`` against the type of the default; lists become tuples."""
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if type(default) is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if isinstance(default, tuple):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
+        return tuple(value)
+    raise ConfigError(f"{key}: unsupported value {value!r}")  # pragma: no cover
+
+
+def _section(name: str, cls: type[Any], raw: Any) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"[{name}]: expected a table, got {raw!r}")
+    defaults = cls()
+    known = {f.name for f in fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        full = f"{name}.{key}"
+        if key not in known:
+            raise ConfigError(f"{full}: unknown key (secrets go in the environment, not here)")
+        coerced = _coerce(full, value, getattr(defaults, key))
+        if full in _CHOICES and coerced not in _CHOICES[full]:
+            choices = ", ".join(f'"{c}"' for c in _CHOICES[full])
+            raise ConfigError(f"{full}: must be one of {choices}, got {coerced!r}")
+        kwargs[key] = coerced
+    return cls(**kwargs)
+
+
+def _check_bind(addr: str) -> None:
+    host, sep, port = addr.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"server.bind: {addr!r} is not host:port")
+    if host.startswith("[") != host.endswith("]"):
+        raise ConfigError(f"server.bind: {addr!r} is not host:port")
+
+
+def _check_networks(key: str, values: tuple[str, ...]) -> None:
+    for v in values:
+        try:
+            ipaddress.ip_network(v, strict=False)
+        except ValueError:
+            raise ConfigError(f"{key}: {v!r} is not an IP address or CIDR") from None
+
+
+def _check_url(key: str, url: str, schemes: tuple[str, ...], *, allow_empty: bool = False) -> None:
+    if allow_empty and url == "":
+        return
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in schemes or not rest or rest.startswith("/"):
+        raise ConfigError(f"{key}: {url!r} is not a {'/'.join(schemes)} URL")
+
+
+def _validate(s: Settings) -> None:
+    if not s.server.bind:
+        raise ConfigError("server.bind: needs at least one host:port")
+    for b in s.server.bind:
+        _check_bind(b)
+    _check_url("server.public_url", s.server.public_url, ("http", "https"))
+    _check_networks("server.trusted_proxies", s.server.trusted_proxies)
+    _check_networks("server.metrics_allow", s.server.metrics_allow)
+    for o in s.auth.allowed_origins:
+        _check_url("auth.allowed_origins", o, ("http", "https"))
+    _check_url("openai.realtime_url", s.openai.realtime_url, ("ws", "wss"))
+    _check_url("openai.api_base", s.openai.api_base, ("http", "https"))
+    _check_url("twilio.api_base", s.twilio.api_base, ("http", "https"), allow_empty=True)
+    if not s.openai.models:
+        raise ConfigError("openai.models: needs at least one model")
+    if s.openai.model not in s.openai.models:
+        raise ConfigError(f"openai.model: {s.openai.model!r} is not in openai.models")
+    if not s.openai.voices:
+        raise ConfigError("openai.voices: needs at least one voice")
+    if s.openai.default_voice not in s.openai.voices:
+        raise ConfigError(f"openai.default_voice: {s.openai.default_voice!r} is not in openai.voices")
+    positive = {
+        "server.drain_seconds": s.server.drain_seconds,
+        "auth.token_max_ttl_seconds": s.auth.token_max_ttl_seconds,
+        "openai.connect_timeout_seconds": s.openai.connect_timeout_seconds,
+        "limits.session_seconds": s.limits.session_seconds,
+        "limits.http_per_minute": s.limits.http_per_minute,
+        "limits.ws_upgrades_per_minute": s.limits.ws_upgrades_per_minute,
+        "limits.convo_events": s.limits.convo_events,
+        "limits.convo_window_seconds": s.limits.convo_window_seconds,
+        "limits.dedupe_seconds": s.limits.dedupe_seconds,
+        "limits.max_message_bytes": s.limits.max_message_bytes,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}: must be greater than 0, got {value!r}")
+    if s.auth.clock_skew_seconds < 0:
+        raise ConfigError("auth.clock_skew_seconds: must not be negative")
+    if s.limits.goodbye_seconds < 0 or s.limits.goodbye_seconds >= s.limits.session_seconds:
+        raise ConfigError("limits.goodbye_seconds: must be at least 0 and below session_seconds")
+
+
+def decode_encryption_key(text: str) -> bytes:
+    """Accept base64 or base64url, padded or not; the key must be 16, 24 or 32 bytes."""
+    cleaned = text.strip().replace("-", "+").replace("_", "/").rstrip("=")
+    try:
+        key = base64.b64decode(cleaned + "=" * (-len(cleaned) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise ConfigError(
+            "ENCRYPTION_KEY is malformed: expected base64 or base64url "
+            "(make one with `relay keygen`)"
+        ) from None
+    if len(key) not in (16, 24, 32):
+        raise ConfigError(
+            f"ENCRYPTION_KEY is {len(key)} bytes; it must be 16, 24 or 32 "
+            "(make one with `relay keygen`)"
+        )
+    return key
+
+
+def read_secret(name: str, env: Mapping[str, str]) -> str | None:
+    """The environment wins; else ``$CREDENTIALS_DIRECTORY/<name>``, one trailing newline off."""
+    value = env.get(name)
+    if value:
+        return value
+    cred_dir = env.get("CREDENTIALS_DIRECTORY")
+    if not cred_dir:
+        return None
+    path = Path(cred_dir) / name
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{name}: cannot read {path}: {exc.__class__.__name__}") from None
+    if text.endswith("\n"):
+        text = text[:-1]
+        if text.endswith("\r"):
+            text = text[:-1]
+    return text or None
+
+
+def load_secrets(env: Mapping[str, str] | None = None) -> Secrets:
+    env = os.environ if env is None else env
+    raw_key = read_secret("ENCRYPTION_KEY", env)
+    return Secrets(
+        openai_api_key=read_secret("OPENAI_API_KEY", env),
+        encryption_key=decode_encryption_key(raw_key) if raw_key is not None else None,
+        twilio_account_sid=read_secret("TWILIO_ACCOUNT_SID", env),
+        twilio_auth_token=read_secret("TWILIO_AUTH_TOKEN", env),
+    )
+
+
+def parse_settings(data: Mapping[str, Any], secrets: Secrets | None = None) -> Settings:
+    """Build settings from a parsed TOML document; raises ConfigError naming the key."""
+    kwargs: dict[str, Any] = {}
+    for name, raw in data.items():
+        if name not in SECTIONS:
+            raise ConfigError(f"[{name}]: unknown section")
+        kwargs[name] = _section(name, SECTIONS[name], raw)
+    settings = Settings(**kwargs, secrets=secrets or Secrets())
+    _validate(settings)
+    return settings
+
+
+def load_settings(path: str | Path | None, env: Mapping[str, str] | None = None) -> Settings:
+    """Read the TOML file (None = all defaults) and the secrets."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {p} does not exist") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {p}: cannot read it ({exc.__class__.__name__})") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {p}: not valid TOML ({exc})") from None
+    return parse_settings(data, load_secrets(env))
+
+
+def describe(settings: Settings) -> str:
+    """The effective config as TOML-ish text, each secret shown only as set/unset."""
+    lines: list[str] = []
+    for name in SECTIONS:
+        section = getattr(settings, name)
+        lines.append(f"[{name}]")
+        for f in fields(section):
+            lines.append(f"{f.name} = {_toml_value(getattr(section, f.name))}")
+        lines.append("")
+    lines.append("# secrets (environment or $CREDENTIALS_DIRECTORY)")
+    for secret, present in settings.secrets.status().items():
+        lines.append(f"{secret} {'set' if present else 'unset'}")
+    return "\n".join(lines)
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_toml_value(v) for v in cast(tuple[object, ...], value)) + "]"
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{text}"'

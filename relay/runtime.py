@@ -1,0 +1,112 @@
+"""The daemon's shared state, created once in :func:`relay.server.run` and passed down.
+
+Holds the settings, the store, the metrics, the drain signals and the registry
+of live sessions and background jobs. Nothing here starts tasks of its own;
+the server owns every nursery.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+
+import trio
+
+from relay.config import Settings
+from relay.guards import OriginPolicy
+from relay.metrics import Metrics
+from relay.refusal_log import RefusalLog
+from relay.store.base import Store
+
+log = logging.getLogger("relay")
+
+
+class Runtime:
+    def __init__(self, settings: Settings, store: Store) -> None:
+        self.settings = settings
+        self.store = store
+        self.metrics = Metrics()
+        self.origins = OriginPolicy(settings.auth)
+        self.refusal_log = RefusalLog()
+        # Set on the first SIGTERM/SIGINT: readiness turns 503, upgrades are refused.
+        self.draining = trio.Event()
+        # Set drain_seconds later (or at once on a second signal): sessions close 1001.
+        self.drain_expired = trio.Event()
+        self.active: dict[str, int] = {"client": 0, "twilio": 0}
+        self.jobs_in_flight = 0
+        self._idle = trio.Event()
+        self._idle.set()
+        self._ids = itertools.count(1)
+        self._jobs: trio.Nursery | None = None
+        self.max_jobs = 256
+        self.on_change: Callable[[], None] | None = None
+
+    # -- sessions -------------------------------------------------------------
+    def new_session_id(self, kind: str) -> str:
+        return f"{kind[0]}{next(self._ids)}"
+
+    @contextmanager
+    def session(self, kind: str) -> Iterator[None]:
+        """Count a live session for metrics, sd_notify STATUS and the drain."""
+        self.active[kind] += 1
+        self.metrics.sessions_active.labels(kind=kind).inc()
+        self._busy()
+        try:
+            yield
+        finally:
+            self.active[kind] -= 1
+            self.metrics.sessions_active.labels(kind=kind).dec()
+            self._maybe_idle()
+
+    # -- background jobs ------------------------------------------------------
+    def attach_jobs(self, nursery: trio.Nursery | None) -> None:
+        self._jobs = nursery
+
+    def spawn_job(self, name: str, job: Callable[[], Awaitable[None]]) -> bool:
+        """Run ``job`` in the background nursery; False when the bound is reached.
+
+        The bound keeps a flood from growing the task set without limit. The job
+        is wrapped so that a failure is logged and counted, never propagated
+        (one bad job must not take down the server's nursery).
+        """
+        if self._jobs is None or self.jobs_in_flight >= self.max_jobs:
+            return False
+        self.jobs_in_flight += 1
+        self._busy()
+
+        async def wrapped() -> None:
+            try:
+                await job()
+            except Exception:
+                self.metrics.jobs_failed_total.labels(stage=name).inc()
+                log.exception("background job %s failed", name)
+            finally:
+                self.jobs_in_flight -= 1
+                self._maybe_idle()
+
+        self._jobs.start_soon(wrapped, name=name)
+        return True
+
+    # -- drain ----------------------------------------------------------------
+    @property
+    def busy(self) -> bool:
+        return bool(self.active["client"] or self.active["twilio"] or self.jobs_in_flight)
+
+    async def wait_idle(self) -> None:
+        """Return once no session and no job is left."""
+        while self.busy:
+            await self._idle.wait()
+
+    def _busy(self) -> None:
+        if self._idle.is_set():
+            self._idle = trio.Event()
+        if self.on_change is not None:
+            self.on_change()
+
+    def _maybe_idle(self) -> None:
+        if not self.busy:
+            self._idle.set()
+        if self.on_change is not None:
+            self.on_change()

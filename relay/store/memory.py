@@ -1,0 +1,76 @@
+"""Per-process token buckets and dedupe, pruned so idle keys do not accumulate."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from relay.store.base import ALLOWED, Verdict
+
+
+class Bucket:
+    """A token bucket: ``capacity`` tokens, refilled at ``capacity / window`` per second."""
+
+    __slots__ = ("capacity", "rate", "stamp", "tokens")
+
+    def __init__(self, capacity: int, window_seconds: float, now: float) -> None:
+        self.capacity = float(capacity)
+        self.rate = capacity / window_seconds
+        self.tokens = float(capacity)
+        self.stamp = now
+
+    def take(self, now: float) -> Verdict:
+        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return ALLOWED
+        return Verdict(False, (1.0 - self.tokens) / self.rate)
+
+    def idle_full(self, now: float) -> bool:
+        """A bucket that would be full again is indistinguishable from a fresh one."""
+        return self.tokens + (now - self.stamp) * self.rate >= self.capacity
+
+
+class MemoryStore:
+    """The single-process store. ``clock`` is injectable so tests can drive time."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._buckets: dict[str, Bucket] = {}
+        self._seen: dict[str, float] = {}
+
+    async def take(self, key: str, capacity: int, window_seconds: float) -> Verdict:
+        return self.take_now(key, capacity, window_seconds)
+
+    def take_now(self, key: str, capacity: int, window_seconds: float) -> Verdict:
+        now = self._clock()
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = Bucket(capacity, window_seconds, now)
+        return bucket.take(now)
+
+    async def first_seen(self, key: str, ttl_seconds: float) -> bool:
+        now = self._clock()
+        expires = self._seen.get(key)
+        if expires is not None and expires > now:
+            return False
+        self._seen[key] = now + ttl_seconds
+        return True
+
+    def prune(self) -> int:
+        now = self._clock()
+        idle = [k for k, b in self._buckets.items() if b.idle_full(now)]
+        for k in idle:
+            del self._buckets[k]
+        expired = [k for k, t in self._seen.items() if t <= now]
+        for k in expired:
+            del self._seen[k]
+        return len(idle) + len(expired)
+
+    def __len__(self) -> int:
+        return len(self._buckets) + len(self._seen)
+
+    @property
+    def degraded(self) -> bool:
+        return False

@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+import math
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from relay.store.memory import MemoryStore
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    capacity=st.integers(1, 20),
+    window=st.floats(1, 120),
+    gaps=st.lists(st.floats(0, 10), min_size=1, max_size=200),
+)
+def test_never_more_than_capacity_plus_refill(capacity: int, window: float, gaps: list[float]) -> None:
+    clock = Clock()
+    store = MemoryStore(clock)
+    allowed_at: list[float] = []
+    for gap in gaps:
+        clock.t += gap
+        if store.take_now("k", capacity, window).allowed:
+            allowed_at.append(clock.t)
+    # In any interval of length L, at most capacity + L * rate tokens can be taken.
+    rate = capacity / window
+    for i, start in enumerate(allowed_at):
+        for j in range(i, len(allowed_at)):
+            span = allowed_at[j] - start
+            assert j - i + 1 <= capacity + span * rate + 1e-6
+
+
+@given(capacity=st.integers(1, 50), window=st.floats(1, 120))
+def test_burst_then_retry_after(capacity: int, window: float) -> None:
+    clock = Clock()
+    store = MemoryStore(clock)
+    for _ in range(capacity):
+        assert store.take_now("k", capacity, window).allowed
+    verdict = store.take_now("k", capacity, window)
+    assert not verdict.allowed
+    assert math.isclose(verdict.retry_after, window / capacity, rel_tol=1e-6)
+    clock.t += verdict.retry_after + 1e-9
+    assert store.take_now("k", capacity, window).allowed
+
+
+def test_refill_is_continuous() -> None:
+    clock = Clock()
+    store = MemoryStore(clock)
+    for _ in range(60):
+        assert store.take_now("k", 60, 60).allowed
+    assert not store.take_now("k", 60, 60).allowed
+    clock.t += 1.0  # one token per second
+    assert store.take_now("k", 60, 60).allowed
+    assert not store.take_now("k", 60, 60).allowed
+
+
+async def test_prune_forgets_idle_keys() -> None:
+    clock = Clock()
+    store = MemoryStore(clock)
+    for i in range(1000):
+        store.take_now(f"ip{i}", 10, 60)
+        assert await store.first_seen(f"m{i}", 5)
+    assert len(store) == 2000
+    clock.t += 3
+    assert store.prune() == 0
+    assert not await store.first_seen("m1", 5)
+    clock.t += 60
+    assert store.prune() == 2000
+    assert len(store) == 0
+    assert await store.first_seen("m1", 5)
