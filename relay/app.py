@@ -55,41 +55,8 @@ def create_http_app(rt: Runtime, twilio_routes: dict[str, Handler], signed: Call
             return refusal_response(refusal)
         return None
 
-    @app.route("/healthz", methods=["GET", "HEAD"])
-    async def healthz() -> Response:
-        return text("ok")
-
-    @app.route("/readyz", methods=["GET", "HEAD"])
-    async def readyz() -> Response:
-        return text("draining", 503) if rt.draining.is_set() else text("ready")
-
-    @app.route("/metrics", methods=["GET"])
-    async def metrics() -> Response:
-        if not ip_allowed(g.client_ip, settings.server.metrics_networks):
-            rt.metrics.reject("metrics_forbidden")
-            return text("forbidden", 403)
-        return Response(rt.metrics.render(), content_type=CONTENT_TYPE)
-
-    async def ping(rest: str = "") -> Response:
-        # Health ping for clients that probe the token URL over plain HTTP;
-        # the token is deliberately not checked (SPEC §3).
-        return text("ok")
-
-    for prefix in ("/token", "/auth"):
-        app.add_url_rule(prefix, f"{prefix}_bare", ping, methods=ALL_METHODS)
-        app.add_url_rule(f"{prefix}/<path:rest>", f"{prefix}_ping", ping, methods=ALL_METHODS)
-
     for path, handler in twilio_routes.items():
         app.add_url_rule(path, path, _post_only(handler), methods=ALL_METHODS)
-
-    async def upgrade_required(path: str = "") -> Response:
-        response = text("this endpoint speaks WebSocket", 426)
-        response.headers["Upgrade"] = "websocket"
-        response.headers["Connection"] = "Upgrade"
-        return response
-
-    app.add_url_rule("/", "root", upgrade_required, methods=ALL_METHODS)
-    app.add_url_rule("/<path:path>", "other", upgrade_required, methods=ALL_METHODS)
 
     @app.errorhandler(413)
     async def too_large(_: Any) -> Response:
@@ -113,13 +80,79 @@ def _post_only(handler: Handler) -> Handler:
     return route
 
 
-def combine(http_app: QuartTrio, websocket: Callable[[Scope, Receive, Send], Awaitable[None]]) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
-    """One ASGI callable: WebSocket scopes to ``websocket``, the rest (HTTP, lifespan) to Quart."""
+def combine(
+    rt: Runtime,
+    http_app: QuartTrio,
+    websocket: Callable[[Scope, Receive, Send], Awaitable[None]],
+) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+    """One ASGI callable: WebSocket scopes to ``websocket``; the Twilio webhooks and
+    lifespan to Quart; every other HTTP route answered right here.
+
+    The plain routes (health, readiness, metrics, token pings, 426) skip Quart
+    because they are what a flood hits: answering them in a few lines of ASGI
+    costs a fraction of a framework request.
+    """
+    settings = rt.settings
+    quart_paths = frozenset(rule.rule for rule in http_app.url_map.iter_rules())
 
     async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "websocket":
+        kind = scope["type"]
+        if kind == "websocket":
             await websocket(scope, receive, send)
-        else:
+            return
+        if kind != "http" or scope["path"] in quart_paths:
             await http_app(scope, receive, send)
+            return
+        peer = scope.get("client") or ("", 0)
+        forwarded = None
+        for name, value in scope["headers"]:
+            if name == b"x-forwarded-for":
+                forwarded = value.decode("latin-1")
+        ip = client_ip(str(peer[0]), forwarded, settings.server.trusted_networks)
+        refusal = await rate_limit(rt.store, f"http:{ip}", settings.limits.http_per_minute)
+        if refusal is not None:
+            rt.metrics.reject("http_rate")
+            rt.refusal_log.note("http_rate", ip, refusal.reason)
+            await _plain(scope, send, refusal.status, refusal.reason, refusal.headers)
+            return
+        await _route(rt, ip, scope, send)
 
     return asgi
+
+
+async def _route(rt: Runtime, ip: str, scope: Scope, send: Send) -> None:
+    path: str = scope["path"]
+    method: str = scope["method"]
+    first = path.split("/", 2)[1] if path.startswith("/") else ""
+    if path == "/healthz" and method in ("GET", "HEAD"):
+        await _plain(scope, send, 200, "ok")
+    elif path == "/readyz" and method in ("GET", "HEAD"):
+        draining = rt.draining.is_set()
+        await _plain(scope, send, 503 if draining else 200, "draining" if draining else "ready")
+    elif path == "/metrics" and method == "GET":
+        if not ip_allowed(ip, rt.settings.server.metrics_networks):
+            rt.metrics.reject("metrics_forbidden")
+            await _plain(scope, send, 403, "forbidden")
+        else:
+            await _send(send, 200, rt.metrics.render(), CONTENT_TYPE, ())
+    elif first in ("token", "auth"):
+        # Health ping for clients that probe the token URL over plain HTTP;
+        # the token is deliberately not checked (SPEC §3).
+        await _plain(scope, send, 200, "ok")
+    else:
+        await _plain(scope, send, 426, "this endpoint speaks WebSocket",
+                     (("Upgrade", "websocket"), ("Connection", "Upgrade")))
+
+
+async def _plain(scope: Scope, send: Send, status: int, reason: str,
+                 headers: tuple[tuple[str, str], ...] = ()) -> None:
+    body = b"" if scope.get("method") == "HEAD" else (reason + "\n").encode()
+    await _send(send, status, body, "text/plain; charset=utf-8", headers)
+
+
+async def _send(send: Send, status: int, body: bytes, content_type: str,
+                headers: tuple[tuple[str, str], ...]) -> None:
+    raw = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]
+    raw += [(k.lower().encode(), v.encode()) for k, v in headers]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})

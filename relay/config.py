@@ -17,6 +17,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -64,11 +65,11 @@ class ServerSettings:
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
-    @property
+    @cached_property
     def trusted_networks(self) -> tuple[IPNetwork, ...]:
         return tuple(ipaddress.ip_network(p, strict=False) for p in self.trusted_proxies)
 
-    @property
+    @cached_property
     def metrics_networks(self) -> tuple[IPNetwork, ...]:
         return tuple(ipaddress.ip_network(p, strict=False) for p in self.metrics_allow)
 

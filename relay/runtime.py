@@ -42,6 +42,8 @@ class Runtime:
         self._jobs: trio.Nursery | None = None
         self.max_jobs = 256
         self.on_change: Callable[[], None] | None = None
+        # Async cleanups (HTTP client pools) the server runs once it has stopped serving.
+        self.closers: list[Callable[[], Awaitable[None]]] = []
 
     # -- sessions -------------------------------------------------------------
     def new_session_id(self, kind: str) -> str:

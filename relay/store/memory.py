@@ -7,6 +7,8 @@ from collections.abc import Callable
 
 from relay.store.base import ALLOWED, Verdict
 
+MIN_PRUNE_SIZE = 4096
+
 
 class Bucket:
     """A token bucket: ``capacity`` tokens, refilled at ``capacity / window`` per second."""
@@ -39,6 +41,10 @@ class MemoryStore:
         self._clock = clock
         self._buckets: dict[str, Bucket] = {}
         self._seen: dict[str, float] = {}
+        # Besides the server's periodic prune, prune whenever the tables double:
+        # a flood of distinct keys then costs amortised O(1) per take and the
+        # tables never hold much more than twice the keys that are really live.
+        self._prune_above = MIN_PRUNE_SIZE
 
     async def take(self, key: str, capacity: int, window_seconds: float) -> Verdict:
         return self.take_now(key, capacity, window_seconds)
@@ -47,6 +53,8 @@ class MemoryStore:
         now = self._clock()
         bucket = self._buckets.get(key)
         if bucket is None:
+            if len(self._buckets) + len(self._seen) >= self._prune_above:
+                self.prune()
             bucket = self._buckets[key] = Bucket(capacity, window_seconds, now)
         return bucket.take(now)
 
@@ -55,6 +63,8 @@ class MemoryStore:
         expires = self._seen.get(key)
         if expires is not None and expires > now:
             return False
+        if expires is None and len(self._buckets) + len(self._seen) >= self._prune_above:
+            self.prune()
         self._seen[key] = now + ttl_seconds
         return True
 
@@ -66,6 +76,7 @@ class MemoryStore:
         expired = [k for k, t in self._seen.items() if t <= now]
         for k in expired:
             del self._seen[k]
+        self._prune_above = max(MIN_PRUNE_SIZE, 2 * (len(self._buckets) + len(self._seen)))
         return len(idle) + len(expired)
 
     def __len__(self) -> int:

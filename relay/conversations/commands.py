@@ -1,0 +1,163 @@
+"""Parse SMS bodies into bot commands: ``@call``, ``@group`` and the ``@ai`` mention.
+
+Pure: no I/O, no trio. Guarantees:
+
+- A command word is recognised only at the start of the body (after optional
+  whitespace), case-insensitively, and only as a whole word (``@callme`` is not
+  ``@call``).
+- Every phone number comes back in E.164 (``+`` and 8-15 digits); ten digits
+  mean a North American number (``+1``).
+- Nothing the sender typed is silently dropped: text that is not a readable
+  number is returned verbatim in ``unreadable``. Only separators (commas,
+  semicolons, new lines, the word ``and``, ``&``) are discarded.
+- ``numbers`` and ``unreadable`` keep first-seen order, without duplicates.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = ["Command", "mentions_ai", "normalize_number", "parse_command"]
+
+_COMMAND = re.compile(r"\A\s*@(call|group)(?![\w@])\s*:?(.*)\Z", re.IGNORECASE | re.DOTALL)
+_AI_MENTION = re.compile(r"(?<![\w@.])@ai(?![\w@])", re.IGNORECASE)
+_SEPARATORS = re.compile(r"[,;\n\r]|&|\band\b", re.IGNORECASE)
+_TOKEN = re.compile(r"\S+")
+# Hyphens as phones and word processors type them: ASCII, Unicode dashes, minus sign.
+_PUNCT = "-.()\u2010\u2011\u2012\u2013\u2014\u2015\u2212"
+_NUMBERISH = re.compile(rf"\A\+?[0-9{re.escape(_PUNCT)}]*\Z")
+_SPACING = re.compile(rf"[\s{re.escape(_PUNCT)}]+")
+_DIGITS = re.compile(r"[0-9]")
+
+
+@dataclass(frozen=True)
+class Command:
+    """A parsed ``@call``/``@group``: E.164 numbers plus whatever could not be read."""
+
+    kind: Literal["call", "group"]
+    numbers: tuple[str, ...] = ()
+    unreadable: tuple[str, ...] = ()
+
+
+def parse_command(body: str) -> Command | None:
+    """Return the command at the start of ``body``, or ``None`` when there is none.
+
+    An empty argument list (``"@call"``) is still a command, with no numbers,
+    so the caller can answer with usage help rather than an AI reply.
+    """
+    match = _COMMAND.match(body)
+    if match is None:
+        return None
+    kind: Literal["call", "group"] = "call" if match.group(1).lower() == "call" else "group"
+    numbers: list[str] = []
+    unreadable: list[str] = []
+    for chunk in _SEPARATORS.split(match.group(2)):
+        for number, text in _scan_chunk(chunk):
+            if number is not None:
+                _append_unique(numbers, number)
+            else:
+                _append_unique(unreadable, text)
+    return Command(kind, tuple(numbers), tuple(unreadable))
+
+
+def mentions_ai(body: str) -> bool:
+    """True when ``body`` mentions ``@ai`` as a word (not ``@aide``, not ``me@ai.com``)."""
+    return _AI_MENTION.search(body) is not None
+
+
+def normalize_number(text: str) -> str | None:
+    """E.164 for one phone number as people type it, or ``None`` if it is not one.
+
+    Accepted: 10 digits with a valid North American area code (first digit
+    2-9) → ``+1``; 11 digits starting ``1`` likewise → ``+``; ``+`` then 8-15
+    digits (``+1`` numbers must then be 11 digits). Spaces, dots, dashes and
+    parentheses between digits are ignored; anything else makes it unreadable.
+    """
+    stripped = text.strip()
+    plus = stripped.startswith("+")
+    rest = _SPACING.sub("", stripped[1:] if plus else stripped)
+    if not rest.isascii() or not rest.isdigit():
+        return None
+    if plus:
+        if rest.startswith("1"):
+            return "+" + rest if _is_nanp(rest[1:]) else None
+        return "+" + rest if 8 <= len(rest) <= 15 and rest[0] != "0" else None
+    if _is_nanp(rest):
+        return "+1" + rest
+    if len(rest) == 11 and rest.startswith("1") and _is_nanp(rest[1:]):
+        return "+" + rest
+    return None
+
+
+def _is_nanp(digits: str) -> bool:
+    return len(digits) == 10 and digits[0] in "23456789"
+
+
+@dataclass
+class _Group:
+    """Consecutive tokens of one chunk being gathered into one number (or one piece of junk)."""
+
+    start: int
+    end: int
+    digits: str = ""
+    plus: bool = False
+    numberish: bool = True
+
+    def capacity(self) -> int:
+        """How many digits this group may still grow to before it must be cut."""
+        if self.plus:
+            return 11 if self.digits.startswith("1") else 15
+        if not self.digits:
+            return 15
+        return 11 if self.digits.startswith("1") else 10
+
+    def complete(self) -> bool:
+        return len(self.digits) == self.capacity()
+
+
+def _scan_chunk(chunk: str) -> list[tuple[str | None, str]]:
+    """Split one separator-free chunk into ``(number, text)`` pieces, in order.
+
+    Digit groups are gathered greedily (``+1 415 555 0000`` is one number):
+    a group ends when it reaches a full number's length, when the next token
+    would overflow it, or when the next token starts with ``+``. Runs of
+    words that are not numbers stay together as one unreadable piece.
+    """
+    pieces: list[tuple[str | None, str]] = []
+    group: _Group | None = None
+
+    def flush() -> None:
+        nonlocal group
+        if group is not None:
+            text = chunk[group.start : group.end]
+            number = normalize_number(text) if group.numberish else None
+            pieces.append((number, text))
+            group = None
+
+    for match in _TOKEN.finditer(chunk):
+        token = match.group()
+        numberish = _NUMBERISH.match(token) is not None
+        digits = "".join(_DIGITS.findall(token)) if numberish else ""
+        if group is not None and (
+            group.numberish != numberish
+            or (numberish and token.startswith("+"))
+            or (numberish and len(group.digits) + len(digits) > group.capacity())
+        ):
+            flush()
+        if group is None:
+            group = _Group(
+                match.start(), match.end(), plus=token.startswith("+"), numberish=numberish
+            )
+        group.end = match.end()
+        group.digits += digits
+        if group.numberish and group.complete():
+            flush()
+    flush()
+    return pieces
+
+
+def _append_unique(items: list[str], item: str) -> None:
+    if item not in items:
+        items.append(item)

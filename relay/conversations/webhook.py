@@ -1,0 +1,196 @@
+"""``POST /twilio/convo``: the Conversations webhook (SPEC §7).
+
+The route only decides: signature, event type, author, dedupe, per-conversation
+limit. It answers ``200 ok`` at once and hands the work (Twilio REST, OpenAI)
+to the server's background nursery, which the drain waits for.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+import httpx
+from quart import Response, request
+from twilio.base.exceptions import TwilioException
+
+from relay.app import refusal_response, text
+from relay.conversations.assistant import AssistantError, sms_reply
+from relay.conversations.commands import Command, mentions_ai, normalize_number, parse_command
+from relay.conversations.twilio_rest import (
+    TwilioRest,
+    create_group,
+    ensure_participant,
+    list_participants,
+    place_call,
+    post_message,
+    recent_messages,
+)
+from relay.runtime import Runtime
+from relay.twilio_auth import TwilioGate, public_http_url
+
+log = logging.getLogger("relay.convo")
+
+CHAT_TIMEOUT = 30.0
+REST_TIMEOUT = 10.0
+HISTORY = 20
+# Conversations known to have the bot; bounded so a flood of new ones cannot grow it.
+KNOWN_BOT_CACHE = 10_000
+
+
+class ConvoJobs:
+    """The background work of one webhook event, with the clients it shares."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        s = rt.settings
+        self.rest = TwilioRest(s.secrets.twilio_account_sid or "", s.secrets.twilio_auth_token or "",
+                               api_base=s.twilio.api_base, timeout=REST_TIMEOUT)
+        self.http = httpx.AsyncClient(timeout=httpx.Timeout(CHAT_TIMEOUT, connect=REST_TIMEOUT))
+        self.has_bot: set[str] = set()
+        rt.closers.append(self.aclose)
+
+    async def aclose(self) -> None:
+        await self.rest.aclose()
+        await self.http.aclose()
+
+    async def handle(self, form: dict[str, str]) -> None:
+        convo = form["ConversationSid"]
+        body = form.get("Body", "")
+        author = form.get("Author", "")
+        s = self.rt.settings
+        client = self.rest.client
+        try:
+            if convo not in self.has_bot:
+                await ensure_participant(client, convo, s.twilio.bot_identity, s.twilio.projected_address)
+                if len(self.has_bot) >= KNOWN_BOT_CACHE:
+                    self.has_bot.clear()
+                self.has_bot.add(convo)
+            command = parse_command(body)
+            if command is not None:
+                reply = await self._command(command, author)
+            else:
+                reply = await self._ai_reply(convo, body)
+            if reply:
+                await post_message(client, convo, s.twilio.bot_identity, reply)
+        except TwilioException as exc:
+            self._failed("twilio", convo, f"{exc.__class__.__name__} {getattr(exc, 'status', '')}")
+            return
+        except AssistantError as exc:
+            self._failed("openai", convo, str(exc))
+            return
+        except httpx.HTTPError as exc:
+            self._failed("http", convo, exc.__class__.__name__)
+            return
+        self.rt.metrics.convo_events_total.labels(outcome="done").inc()
+
+    def _failed(self, stage: str, convo: str, why: str) -> None:
+        self.rt.metrics.jobs_failed_total.labels(stage=stage).inc()
+        self.rt.metrics.convo_events_total.labels(outcome="failed").inc()
+        log.warning("conversation job failed at %s: %s", stage, why, extra={"conversation": convo})
+
+    async def _command(self, command: Command, author: str) -> str:
+        s = self.rt.settings
+        unreadable = ", ".join(command.unreadable)
+        if not command.numbers:
+            note = f" I could not read: {unreadable}." if unreadable else ""
+            return f"Usage: @{command.kind} followed by phone numbers, e.g. @{command.kind} 415-555-0100.{note}"
+        if command.kind == "call":
+            called: list[str] = []
+            failed: list[str] = []
+            for number in command.numbers:
+                try:
+                    await place_call(self.rest.client, number, s.twilio.caller_id, s.twilio.voice_url)
+                    called.append(number)
+                except TwilioException as exc:
+                    log.warning("call failed: %s", getattr(exc, "code", ""), extra={"to": number})
+                    failed.append(number)
+            parts = []
+            if called:
+                parts.append(f"Calling {', '.join(called)}.")
+            if failed:
+                parts.append(f"Could not call {', '.join(failed)}.")
+            if unreadable:
+                parts.append(f"I could not read: {unreadable}.")
+            return " ".join(parts)
+        author_number = normalize_number(author)
+        if author_number is None:
+            return "I can start a group only from a text message sent from a phone number."
+        await create_group(
+            self.rest.client,
+            author_address=author_number,
+            numbers=[n for n in command.numbers if n != author_number],
+            bot_identity=s.twilio.bot_identity,
+            projected_address=s.twilio.projected_address,
+            intro=s.twilio.intro_message,
+        )
+        reply = f"Started a group text with {', '.join(command.numbers)}."
+        if unreadable:
+            reply += f" I could not read: {unreadable}."
+        return reply
+
+    async def _ai_reply(self, convo: str, body: str) -> str | None:
+        s = self.rt.settings
+        participants = await list_participants(self.rest.client, convo)
+        if len(participants) > 2 and not mentions_ai(body):
+            return None
+        history = await recent_messages(self.rest.client, convo, HISTORY)
+        return await sms_reply(
+            self.http, api_base=s.openai.api_base, api_key=s.secrets.openai_api_key or "",
+            model=s.openai.chat_model, system_prompt=s.prompts.sms, history=history,
+            bot_identity=s.twilio.bot_identity, timeout=CHAT_TIMEOUT)
+
+
+def convo_handler(
+    rt: Runtime,
+    gate: TwilioGate,
+    signed: Callable[[], Awaitable[bool]],
+    form_pairs: Callable[[], Awaitable[list[tuple[str, str]]]],
+) -> Callable[[], Awaitable[Response]]:
+    jobs = ConvoJobs(rt)
+    s = rt.settings
+    counted = rt.metrics.convo_events_total
+
+    def ok(outcome: str) -> Response:
+        counted.labels(outcome=outcome).inc()
+        return text("ok")
+
+    async def handle() -> Response:
+        try:
+            pairs = await form_pairs()
+        except Exception:  # undecodable body: nothing Twilio would send
+            counted.labels(outcome="malformed").inc()
+            return text("malformed form", 400)
+        url = public_http_url(s, request.path, request.query_string.decode("latin-1"))
+        refusal = gate.check(url, pairs, request.headers.get("X-Twilio-Signature"))
+        if refusal is not None:
+            counted.labels(outcome="forbidden").inc()
+            rt.metrics.reject("twilio_signature")
+            return refusal_response(refusal)
+        form = dict(pairs)  # Twilio sends each key once; with repeats, the last wins
+        if form.get("EventType") != "onMessageAdded":
+            return ok("ignored_event")
+        if form.get("Author") == s.twilio.bot_identity:
+            return ok("ignored_bot")
+        convo = form.get("ConversationSid", "")
+        if not convo:
+            counted.labels(outcome="malformed").inc()
+            return text("missing ConversationSid", 400)
+        dedupe = form.get("MessageSid") or f"{convo}:{form.get('Index', '')}"
+        if not await rt.store.first_seen(f"dedupe:{dedupe}", s.limits.dedupe_seconds):
+            return ok("duplicate")
+        verdict = await rt.store.take(f"convo:{convo}", s.limits.convo_events,
+                                      s.limits.convo_window_seconds)
+        if not verdict.allowed:
+            return ok("rate_limited")
+
+        async def job() -> None:
+            await jobs.handle(form)
+
+        if not rt.spawn_job("convo", job):
+            log.warning("webhook job refused: background work is at its bound",
+                        extra={"conversation": convo})
+            return ok("overloaded")
+        return ok("accepted")
+
+    return handle

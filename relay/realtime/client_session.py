@@ -1,0 +1,178 @@
+"""Browser client ⇄ OpenAI Realtime: one nursery, two pumps, a drain watcher, a deadline.
+
+Guarantees (SPEC §5): the client is accepted only once the upstream is open;
+every message is relayed unchanged and in order both ways; the session ends
+with the close codes of the contract; when this coroutine returns, both
+sockets are closed and no task of the session is left.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import orjson
+import trio
+import trio_websocket
+
+from relay.asgi_ws import AsgiWebSocket, Disconnected
+from relay.realtime.closing import Ending, clip_reason, client_code_for_upstream, close_upstream
+from relay.realtime.dialect import dialect_for, voice_update
+from relay.realtime.upstream import UpstreamError, open_upstream
+from relay.runtime import Runtime
+
+log = logging.getLogger("relay.client")
+
+
+def _too_big(message: str | bytes, limit: int) -> bool:
+    if isinstance(message, bytes):
+        return len(message) > limit
+    # A str of n chars is between n and 4n UTF-8 bytes: encode only when it matters.
+    if len(message) * 4 <= limit:
+        return False
+    return len(message) > limit or len(message.encode("utf-8")) > limit
+
+
+class ClientSession:
+    def __init__(self, rt: Runtime, ws: AsgiWebSocket, ip: str, model: str, voice: str | None) -> None:
+        self.rt = rt
+        self.ws = ws
+        self.ip = ip
+        self.model = model
+        self.voice = voice
+        self.id = rt.new_session_id("client")
+        self.limit = rt.settings.limits.max_message_bytes
+        self.ending: Ending | None = None
+        self.up_count = 0
+        self.down_count = 0
+
+    def _end(self, ending: Ending, scope: trio.CancelScope) -> None:
+        if self.ending is None:
+            self.ending = ending
+        scope.cancel()
+
+    async def run(self) -> None:
+        s = self.rt.settings
+        async with trio.open_nursery() as conn:  # owns the upstream socket's reader task
+            started = trio.current_time()
+            try:
+                up = await open_upstream(
+                    conn,
+                    realtime_url=s.openai.realtime_url,
+                    model=self.model,
+                    api_key=s.secrets.openai_api_key or "",
+                    dialect=dialect_for(s.openai.dialect),
+                    timeout=s.openai.connect_timeout_seconds,
+                    # One byte of slack so that our own check, not trio-websocket's,
+                    # sees a just-oversized message and can close upstream with 1000.
+                    max_message_size=self.limit + 1,
+                )
+            except UpstreamError as exc:
+                self.rt.metrics.reject("upstream")
+                log.warning("client upgrade refused: %s", exc.reason, extra={"client_ip": self.ip})
+                await self.ws.reject(502, exc.reason)
+                return
+            self.rt.metrics.upstream_connect_seconds.observe(trio.current_time() - started)
+            try:
+                if self.voice is not None:
+                    await up.send_message(orjson.dumps(voice_update(dialect_for(s.openai.dialect), self.voice)).decode())
+                offered = self.ws.subprotocols
+                await self.ws.accept("realtime" if "realtime" in offered else None)
+            except (trio_websocket.ConnectionClosed, Disconnected, OSError):
+                await close_upstream(up, 1000)
+                await self.ws.reject(502, "upstream closed during setup")
+                return
+            with self.rt.session("client"):
+                log.info("session start", extra={"session": self.id, "kind": "client",
+                                                  "client_ip": self.ip, "model": self.model})
+                await self._relay(up)
+                await self._finish(up)
+                self._log_end(trio.current_time() - started)
+            conn.cancel_scope.cancel()
+
+    async def _relay(self, up: trio_websocket.WebSocketConnection) -> None:
+        s = self.rt.settings
+        async with trio.open_nursery() as nursery:
+            scope = nursery.cancel_scope
+            scope.deadline = trio.current_time() + s.limits.session_seconds
+            nursery.start_soon(self._client_to_upstream, up, scope)
+            nursery.start_soon(self._upstream_to_client, up, scope)
+            nursery.start_soon(self._drain_watch, scope)
+        if self.ending is None:  # only the deadline ends a session without a pump saying why
+            self.ending = Ending("time_limit", 1000, "session time limit", 1000, "session time limit")
+
+    async def _client_to_upstream(self, up: trio_websocket.WebSocketConnection, scope: trio.CancelScope) -> None:
+        counter = self.rt.metrics.messages("client", "upstream")
+        limit = self.limit
+        while True:
+            try:
+                message = await self.ws.receive()
+            except Disconnected as gone:
+                oversize = gone.code == 1009
+                outcome = "oversize" if oversize else "client_closed"
+                self._end(Ending(outcome, None, upstream_code=1000), scope)
+                return
+            if _too_big(message, limit):
+                self._end(Ending("oversize", 1009, "message too big", 1000), scope)
+                return
+            try:
+                await up.send_message(message)
+            except trio_websocket.ConnectionClosed as closed:
+                self._end(self._upstream_gone(closed), scope)
+                return
+            counter.inc()
+            self.up_count += 1
+
+    async def _upstream_to_client(self, up: trio_websocket.WebSocketConnection, scope: trio.CancelScope) -> None:
+        counter = self.rt.metrics.messages("client", "downstream")
+        limit = self.limit
+        while True:
+            try:
+                message = await up.get_message()
+            except trio_websocket.ConnectionClosed as closed:
+                self._end(self._upstream_gone(closed), scope)
+                return
+            if _too_big(message, limit):
+                self._end(Ending("oversize", 1009, "message too big", 1000), scope)
+                return
+            try:
+                await self.ws.send(message)
+            except Exception:  # the client's transport is gone mid-send
+                self._end(Ending("client_closed", None, upstream_code=1000), scope)
+                return
+            counter.inc()
+            self.down_count += 1
+
+    def _upstream_gone(self, closed: trio_websocket.ConnectionClosed) -> Ending:
+        reason = closed.reason
+        code = reason.code if reason is not None else None
+        if code == 1009:  # trio-websocket refused an oversized upstream message itself
+            return Ending("oversize", 1009, "message too big", None)
+        text = (reason.reason or "") if reason is not None else ""
+        outcome = "upstream_closed" if code not in (None, 1005, 1006) else "upstream_failed"
+        return Ending(outcome, client_code_for_upstream(code), text, None)
+
+    async def _drain_watch(self, scope: trio.CancelScope) -> None:
+        await self.rt.drain_expired.wait()
+        self._end(Ending("drain", 1001, "server shutting down", 1001, "server shutting down"), scope)
+
+    async def _finish(self, up: trio_websocket.WebSocketConnection) -> None:
+        ending = self.ending
+        assert ending is not None
+        with trio.CancelScope(shield=True):
+            if ending.client_code is not None:
+                await self.ws.close(ending.client_code, clip_reason(ending.client_reason))
+            if ending.upstream_code is not None:
+                await close_upstream(up, ending.upstream_code, ending.upstream_reason)
+            else:
+                await close_upstream(up, 1000)  # already closed: this only releases the socket
+        self.rt.metrics.sessions_total.labels(kind="client", outcome=ending.outcome).inc()
+
+    def _log_end(self, duration: float) -> None:
+        ending = self.ending
+        assert ending is not None
+        log.info("session end", extra={
+            "session": self.id, "kind": "client", "client_ip": self.ip, "model": self.model,
+            "duration_s": round(duration, 3), "outcome": ending.outcome,
+            "close_code": ending.client_code, "close_reason": ending.client_reason,
+            "messages_up": self.up_count, "messages_down": self.down_count,
+        })

@@ -1,0 +1,343 @@
+"""Twilio Media Streams ⇄ OpenAI Realtime: one phone call as one Trio nursery.
+
+Guarantees (SPEC §6):
+
+- the upstream opens as soon as the stream is accepted; on ``start`` exactly one
+  ``session.update`` and one ``response.create`` go up, so the assistant speaks first;
+- caller audio goes up unchanged and in order (never in voicemail or goodbye);
+- each assistant audio delta becomes one Twilio ``media`` and one ``mark``;
+- on ``speech_started`` with unplayed audio: ``clear`` at once, then exactly one
+  ``conversation.item.truncate`` at the played position (see ``playback``);
+- voicemail and the time-limit goodbye close the call (1000) only once Twilio
+  has confirmed the audio played, or at ``session_seconds`` at the latest;
+- when :meth:`TwilioSession.run` returns, both sockets are closed and no task
+  of the call is left.
+
+Barge-in is handled inside the upstream pump rather than by a separate task:
+it must be ordered with the deltas around it (a delta that arrives after the
+truncate belongs to audio the caller will never hear, and is dropped), and a
+task hop would only add latency to the ``clear``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+import trio
+import trio_websocket
+
+from relay.asgi_ws import AsgiWebSocket, Disconnected
+from relay.realtime import dialect as rt_dialect
+from relay.realtime.closing import Ending, close_upstream
+from relay.realtime.playback import Playback
+from relay.realtime.upstream import UpstreamError, open_upstream
+from relay.runtime import Runtime
+
+log = logging.getLogger("relay.twilio")
+
+MACHINE_ANSWERS = frozenset(
+    {"machine_start", "machine_end_beep", "machine_end_silence", "machine_end_other", "fax"}
+)
+OUTBOUND = frozenset({"outbound", "outbound-api", "outbound-dial"})
+# Bigger than any message OpenAI or Twilio sends on a call; guards memory only.
+MAX_UPSTREAM_MESSAGE = 4 * 1024 * 1024
+
+
+def b64_len(payload: str) -> int:
+    """Decoded size of a base64 string, without decoding it."""
+    n = len(payload)
+    if n < 4:
+        return (n * 3) // 4
+    return (n * 3) // 4 - payload.count("=", n - 2)
+
+
+class TwilioSession:
+    def __init__(self, rt: Runtime, ws: AsgiWebSocket, ip: str) -> None:
+        self.rt = rt
+        self.ws = ws
+        self.ip = ip
+        s = rt.settings
+        self.id = rt.new_session_id("twilio")
+        self.dialect = rt_dialect.dialect_for(s.openai.dialect)
+        self.playback = Playback()
+        self.stream_sid: str | None = None
+        self.call_sid: str | None = None
+        self.voicemail = False
+        # "closing": a final response (voicemail or goodbye) was asked for; the call
+        # ends once it has been played. No caller audio, no barge-in meanwhile.
+        self.closing = False
+        self.final_response_done = False
+        self.response_active = False
+        self.ending: Ending | None = None
+        self.up_count = 0
+        self.down_count = 0
+        self.bargeins = 0
+        self._up: trio_websocket.WebSocketConnection | None = None
+        self._scope: trio.CancelScope | None = None
+        self._send_lock = trio.Lock()
+
+    # -- lifecycle ------------------------------------------------------------
+    async def run(self) -> None:
+        s = self.rt.settings
+        started = trio.current_time()
+        await self.ws.accept()
+        with self.rt.session("twilio"):
+            async with trio.open_nursery() as conn:  # owns the upstream reader task
+                try:
+                    self._up = await open_upstream(
+                        conn,
+                        realtime_url=s.openai.realtime_url,
+                        model=s.openai.model,
+                        api_key=s.secrets.openai_api_key or "",
+                        dialect=self.dialect,
+                        timeout=s.openai.connect_timeout_seconds,
+                        max_message_size=MAX_UPSTREAM_MESSAGE,
+                        # Deep enough for a burst of deltas while Twilio's socket is busy.
+                        message_queue_size=64,
+                    )
+                except UpstreamError as exc:
+                    log.warning("call upstream failed: %s", exc.reason, extra={"session": self.id})
+                    self.ending = Ending("upstream_failed", 1011, "upstream unavailable", None)
+                    await self.ws.close(1011, "upstream unavailable")
+                    self.rt.metrics.sessions_total.labels(kind="twilio", outcome="upstream_failed").inc()
+                    return
+                self.rt.metrics.upstream_connect_seconds.observe(trio.current_time() - started)
+                log.info("session start", extra={"session": self.id, "kind": "twilio",
+                                                  "client_ip": self.ip, "model": s.openai.model})
+                await self._call(started)
+                await self._finish()
+                conn.cancel_scope.cancel()
+        self._log_end(trio.current_time() - started)
+
+    async def _call(self, started: float) -> None:
+        limits = self.rt.settings.limits
+        async with trio.open_nursery() as nursery:
+            self._scope = nursery.cancel_scope
+            nursery.cancel_scope.deadline = started + limits.session_seconds
+            nursery.start_soon(self._twilio_to_upstream)
+            nursery.start_soon(self._upstream_to_twilio)
+            nursery.start_soon(self._goodbye_timer, started + limits.session_seconds - limits.goodbye_seconds)
+            nursery.start_soon(self._drain_watch)
+        if self.ending is None:
+            self.ending = Ending("time_limit", 1000, "session time limit", 1000, "session time limit")
+
+    def _end(self, ending: Ending) -> None:
+        if self.ending is None:
+            self.ending = ending
+        if self._scope is not None:
+            self._scope.cancel()
+
+    async def _finish(self) -> None:
+        ending = self.ending
+        assert ending is not None and self._up is not None
+        with trio.CancelScope(shield=True):
+            if ending.client_code is not None:
+                await self.ws.close(ending.client_code, ending.client_reason)
+            await close_upstream(self._up, ending.upstream_code or 1000, ending.upstream_reason)
+        self.rt.metrics.sessions_total.labels(kind="twilio", outcome=ending.outcome).inc()
+
+    # -- Twilio → OpenAI ------------------------------------------------------
+    async def _twilio_to_upstream(self) -> None:
+        counter = self.rt.metrics.messages("twilio", "upstream")
+        up = self._up
+        assert up is not None
+        while True:
+            try:
+                raw = await self.ws.receive()
+            except Disconnected:
+                self._end(Ending("twilio_closed", None))
+                return
+            try:
+                event = orjson.loads(raw)
+                kind = event["event"]
+            except (orjson.JSONDecodeError, TypeError, KeyError):
+                continue  # not a Twilio message: ignore it, keep the call
+            try:
+                if kind == "media":
+                    if self.stream_sid is None or self.voicemail or self.closing:
+                        continue
+                    payload = event["media"]["payload"]
+                    if not isinstance(payload, str):
+                        continue
+                    await up.send_message(orjson.dumps(rt_dialect.append_audio(payload)).decode())
+                    counter.inc()
+                    self.up_count += 1
+                elif kind == "mark":
+                    self.playback.on_mark(str(event["mark"]["name"]), trio.current_time() * 1000)
+                    self._maybe_close()
+                elif kind == "start":
+                    await self._on_start(event)
+                elif kind == "stop":
+                    self._end(Ending("twilio_stop", 1000, "", 1000))
+                    return
+                # connected, dtmf and unknown events do not disturb the call.
+            except (KeyError, TypeError, AttributeError):
+                continue
+            except trio_websocket.ConnectionClosed as closed:
+                self._end(self._upstream_gone(closed))
+                return
+
+    async def _on_start(self, event: dict[str, Any]) -> None:
+        if self.stream_sid is not None:
+            return  # Twilio sends one start per stream; a second is noise
+        start = event["start"]
+        sid = event.get("streamSid") or start.get("streamSid")
+        if not isinstance(sid, str) or not sid:
+            return
+        params = start.get("customParameters") or {}
+        if not isinstance(params, dict):
+            params = {}
+        self.stream_sid = sid
+        call_sid = start.get("callSid")
+        self.call_sid = call_sid if isinstance(call_sid, str) else None
+        s = self.rt.settings
+        amd = str(params.get("amd") or "")
+        direction = str(params.get("direction") or "inbound")
+        voice = params.get("voice")
+        if voice not in s.openai.voices:
+            voice = s.openai.default_voice
+        self.voicemail = amd in MACHINE_ANSWERS
+        if self.voicemail:
+            instructions = s.prompts.voicemail
+            self.closing = True
+        else:
+            instructions = s.prompts.outbound if direction in OUTBOUND else s.prompts.inbound
+        log.info("call started", extra={"session": self.id, "call_sid": self.call_sid,
+                                        "stream_sid": sid, "direction": direction,
+                                        "amd": amd or None, "voice": voice})
+        update = rt_dialect.phone_session_update(
+            self.dialect, voice=str(voice), instructions=instructions,
+            turn_detection=not self.voicemail)
+        await self._upstream(update)
+        await self._upstream(rt_dialect.response_create(self.dialect))
+
+    async def _upstream(self, event: dict[str, object]) -> None:
+        assert self._up is not None
+        await self._up.send_message(orjson.dumps(event).decode())
+
+    # -- OpenAI → Twilio ------------------------------------------------------
+    async def _upstream_to_twilio(self) -> None:
+        up = self._up
+        assert up is not None
+        d = self.dialect
+        counter = self.rt.metrics.messages("twilio", "downstream")
+        while True:
+            try:
+                raw = await up.get_message()
+            except trio_websocket.ConnectionClosed as closed:
+                self._end(self._upstream_gone(closed))
+                return
+            try:
+                event = orjson.loads(raw)
+                kind = event["type"]
+            except (orjson.JSONDecodeError, TypeError, KeyError):
+                continue
+            try:
+                if kind == d.audio_delta:
+                    if await self._on_delta(event):
+                        counter.inc()
+                        self.down_count += 1
+                elif kind == d.speech_started:
+                    await self._barge_in()
+                elif kind == "response.created":
+                    self.response_active = True
+                elif kind == d.response_done:
+                    self.response_active = False
+                    if self.closing:
+                        self.final_response_done = True
+                        self._maybe_close()
+                elif kind == "error":
+                    err = event.get("error") or {}
+                    log.warning("upstream error: %s", str(err.get("message", ""))[:200],
+                                extra={"session": self.id, "code": err.get("code")})
+            except (KeyError, TypeError, AttributeError):
+                continue
+            except Disconnected:
+                self._end(Ending("twilio_closed", None))
+                return
+            except trio_websocket.ConnectionClosed as closed:
+                self._end(self._upstream_gone(closed))
+                return
+
+    async def _on_delta(self, event: dict[str, Any]) -> bool:
+        sid = self.stream_sid
+        payload = event["delta"]
+        item_id = event.get("item_id") or ""
+        if sid is None or not isinstance(payload, str) or not isinstance(item_id, str):
+            return False
+        if self.playback.was_truncated(item_id):
+            return False  # audio of an interrupted answer still in flight: never play it
+        mark = self.playback.on_delta(item_id, b64_len(payload), trio.current_time() * 1000)
+        async with self._send_lock:
+            await self.ws.send(orjson.dumps(
+                {"event": "media", "streamSid": sid, "media": {"payload": payload}}).decode())
+            await self.ws.send(orjson.dumps(
+                {"event": "mark", "streamSid": sid, "mark": {"name": mark}}).decode())
+        return True
+
+    async def _barge_in(self) -> None:
+        if self.closing or self.stream_sid is None:
+            return  # voicemail and goodbye are not interrupted
+        cut = self.playback.barge_in(trio.current_time() * 1000)
+        if cut is None:
+            return
+        async with self._send_lock:
+            await self.ws.send(orjson.dumps({"event": "clear", "streamSid": self.stream_sid}).decode())
+        await self._upstream(rt_dialect.truncate(cut.item_id, cut.audio_end_ms))
+        self.bargeins += 1
+        self.rt.metrics.bargeins_total.inc()
+
+    # -- endings --------------------------------------------------------------
+    def _maybe_close(self) -> None:
+        """A final response (voicemail, goodbye) ends the call once Twilio has played it."""
+        if self.closing and self.final_response_done and self.playback.all_played():
+            outcome = "voicemail" if self.voicemail else "goodbye"
+            self._end(Ending(outcome, 1000, "", 1000))
+
+    async def _begin_goodbye(self) -> None:
+        if self.closing or self.stream_sid is None:
+            return
+        self.closing = True
+        if self.response_active:
+            await self._upstream({"type": "response.cancel"})
+        await self._upstream(rt_dialect.response_create(
+            self.dialect, instructions=self.rt.settings.prompts.goodbye))
+
+    async def _goodbye_timer(self, at: float) -> None:
+        await trio.sleep_until(at)
+        try:
+            await self._begin_goodbye()
+        except trio_websocket.ConnectionClosed as closed:
+            self._end(self._upstream_gone(closed))
+
+    async def _drain_watch(self) -> None:
+        await self.rt.draining.wait()
+        # Say goodbye if the drain leaves time for it; close with 1001 when it is up.
+        if self.rt.settings.server.drain_seconds >= 3:
+            try:
+                await self._begin_goodbye()
+            except trio_websocket.ConnectionClosed:
+                pass
+        await self.rt.drain_expired.wait()
+        self._end(Ending("drain", 1001, "server shutting down", 1001, "server shutting down"))
+
+    def _upstream_gone(self, closed: trio_websocket.ConnectionClosed) -> Ending:
+        code = closed.reason.code if closed.reason is not None else None
+        failed = code in (None, 1005, 1006, 1011)
+        return Ending("upstream_failed" if failed else "upstream_closed",
+                      1011 if failed else 1000, "upstream closed", None)
+
+    def _log_end(self, duration: float) -> None:
+        ending = self.ending
+        log.info("session end", extra={
+            "session": self.id, "kind": "twilio", "client_ip": self.ip,
+            "call_sid": self.call_sid, "stream_sid": self.stream_sid,
+            "model": self.rt.settings.openai.model, "duration_s": round(duration, 3),
+            "outcome": ending.outcome if ending else None,
+            "close_code": ending.client_code if ending else None,
+            "close_reason": ending.client_reason if ending else None,
+            "messages_up": self.up_count, "messages_down": self.down_count,
+            "bargeins": self.bargeins,
+        })

@@ -1,0 +1,137 @@
+"""The daemon's whole lifecycle, top to bottom: start, serve, drain, stop.
+
+    trio.run(main)
+    ├── signal watcher     first SIGTERM/SIGINT drains, a second stops at once
+    ├── sd_notify watchdog WATCHDOG=1 from the main loop, so a wedged loop misses it
+    ├── store pruner       idle rate-limit and dedupe keys are forgotten
+    └── background jobs    webhook work after its 200 ok; waited for on drain
+        └── hypercorn      the ASGI app; one task per connection, one nursery per session
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from functools import partial
+
+import hypercorn.trio
+import trio
+from hypercorn.config import Config as HypercornConfig
+
+from relay.app import combine, create_http_app
+from relay.config import Settings
+from relay.runtime import Runtime
+from relay.sd_notify import Notifier
+from relay.store.memory import MemoryStore
+from relay.upgrades import FrontDoor
+from relay.wiring import client_runner, twilio_routes, twilio_runner
+
+log = logging.getLogger("relay.server")
+
+PRUNE_INTERVAL = 10.0
+# After drain_seconds, sessions close themselves with 1001; this is how long the
+# closes (and any job still finishing) get before everything is cancelled.
+CLOSE_GRACE = 3.0
+
+
+def hypercorn_config(settings: Settings) -> HypercornConfig:
+    config = HypercornConfig()
+    config.bind = list(settings.server.bind)
+    config.accesslog = None  # a client token can sit in the path: never log request lines
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.websocket_max_message_size = settings.limits.max_message_bytes
+    config.graceful_timeout = CLOSE_GRACE
+    config.keep_alive_timeout = 5
+    config.websocket_ping_interval = None
+    return config
+
+
+async def main(settings: Settings, *, notifier: Notifier | None = None) -> None:
+    """Serve until a signal; return once drained (exit status 0)."""
+    notifier = notifier or Notifier()
+    rt = Runtime(settings, MemoryStore())
+    shutdown = trio.Event()
+    rt.on_change = partial(_status, notifier, rt)
+    gate_app = FrontDoor(rt, client_runner, twilio_runner)
+    http_app = create_http_app(rt, *twilio_routes(rt, gate_app.gate))
+    asgi = combine(rt, http_app, gate_app)
+    try:
+        async with trio.open_nursery() as root:
+            root.start_soon(_watch_signals, rt, notifier, shutdown)
+            root.start_soon(_prune, rt)
+            if notifier.watchdog_interval is not None:
+                root.start_soon(_watchdog, notifier, notifier.watchdog_interval)
+            async with trio.open_nursery() as jobs:
+                rt.attach_jobs(jobs)
+                binds = await jobs.start(partial(
+                    hypercorn.trio.serve, asgi, hypercorn_config(settings),
+                    shutdown_trigger=shutdown.wait))
+                for bind in binds:
+                    log.info("listening on %s", bind)
+                notifier.send("READY=1", _status_line(rt))
+                await shutdown.wait()
+                # hypercorn is stopping; jobs still in flight had their drain time.
+                rt.attach_jobs(None)
+                jobs.cancel_scope.deadline = trio.current_time() + CLOSE_GRACE
+            root.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_GRACE):
+            for close in rt.closers:
+                await close()
+        notifier.close()
+    log.info("stopped")
+
+
+async def _watch_signals(rt: Runtime, notifier: Notifier, shutdown: trio.Event) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            first = await signals.__anext__()
+            log.info("received %s: draining for up to %ss", signal.Signals(first).name,
+                     rt.settings.server.drain_seconds)
+            rt.draining.set()
+            notifier.send("STOPPING=1", "STATUS=draining")
+            nursery.start_soon(_drain, rt, shutdown)
+            await signals.__anext__()
+            log.warning("second signal: stopping now")
+            rt.drain_expired.set()
+            shutdown.set()
+            nursery.cancel_scope.cancel()
+
+
+async def _drain(rt: Runtime, shutdown: trio.Event) -> None:
+    with trio.move_on_after(rt.settings.server.drain_seconds):
+        await rt.wait_idle()
+    if rt.busy:
+        log.info("drain time is up: closing what is left", extra={
+            "client": rt.active["client"], "twilio": rt.active["twilio"], "jobs": rt.jobs_in_flight})
+    rt.drain_expired.set()
+    with trio.move_on_after(CLOSE_GRACE):
+        await rt.wait_idle()
+    shutdown.set()
+
+
+async def _prune(rt: Runtime) -> None:
+    while True:
+        await trio.sleep(PRUNE_INTERVAL)
+        rt.store.prune()
+
+
+async def _watchdog(notifier: Notifier, interval: float) -> None:
+    while True:
+        notifier.send("WATCHDOG=1")
+        await trio.sleep(interval)
+
+
+def _status_line(rt: Runtime) -> str:
+    state = "draining" if rt.draining.is_set() else "serving"
+    return (f"STATUS={state}: {rt.active['client']} client, {rt.active['twilio']} twilio sessions, "
+            f"{rt.jobs_in_flight} jobs")
+
+
+def _status(notifier: Notifier, rt: Runtime) -> None:
+    if notifier.enabled:
+        notifier.send(_status_line(rt))
+
+
+def run(settings: Settings) -> None:
+    trio.run(main, settings)

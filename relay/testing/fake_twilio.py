@@ -1,0 +1,608 @@
+"""A fake Twilio REST API (Conversations v1, Calls) and OpenAI chat completions, over real HTTP.
+
+In process::
+
+    async with fake_twilio(account_sid="AC…", auth_token="…", openai_key="sk-…") as fake:
+        fake.base_url      # http://127.0.0.1:PORT — Twilio api_base
+        fake.openai_base   # http://127.0.0.1:PORT/v1 — OpenAI api_base
+
+As a process: ``python -m relay.testing.fake_twilio --port N`` prints its base
+URL on stdout and serves until killed; credentials come from flags or from
+``TWILIO_ACCOUNT_SID``, ``TWILIO_AUTH_TOKEN`` and ``OPENAI_API_KEY``. A test
+driving the process reads state at ``GET /_fake/state``, sets knobs with
+``POST /_fake/config`` and preloads with ``POST /_fake/conversations`` (JSON).
+
+Answers are shaped like Twilio's and OpenAI's so the real client libraries
+parse them; errors carry Twilio's error JSON (``code``, ``message``,
+``more_info``, ``status``). Every request is recorded in :attr:`FakeTwilio.requests`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import itertools
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, urlencode
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve
+
+__all__ = [
+    "FakeCall",
+    "FakeConversation",
+    "FakeMessage",
+    "FakeParticipant",
+    "FakeTwilio",
+    "RecordedRequest",
+    "fake_twilio",
+]
+
+Reply = tuple[int, Any]
+_E164 = re.compile(r"\A\+[1-9][0-9]{7,14}\Z")
+_CONVO_HOST = "https://conversations.twilio.com"
+_EPOCH_ISO = "2024-01-01T00:00:00Z"
+_EPOCH_RFC2822 = "Mon, 01 Jan 2024 00:00:00 +0000"
+
+
+def twilio_error(code: int, message: str, status: int) -> dict[str, Any]:
+    """Twilio's (legacy) error body, which the library turns into ``TwilioRestException``."""
+    return {
+        "code": code,
+        "message": message,
+        "status": status,
+        "more_info": f"https://www.twilio.com/docs/errors/{code}",
+    }
+
+
+@dataclass
+class RecordedRequest:
+    """One request as the fake received it, and the ``status`` it was answered with
+    (0 while still in progress). ``headers`` keys are lower-case."""
+
+    method: str
+    path: str
+    query: list[tuple[str, str]]
+    headers: dict[str, str]
+    form: list[tuple[str, str]]
+    json: Any
+    status: int = 0
+
+    @classmethod
+    def from_asgi(cls, scope: Mapping[str, Any], body: bytes) -> RecordedRequest:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        content_type = headers.get("content-type", "")
+        text = body.decode("utf-8", "replace")
+        form = parse_qsl(text, keep_blank_values=True) if "form-urlencoded" in content_type else []
+        try:
+            parsed = json.loads(text) if "json" in content_type else None
+        except ValueError:
+            parsed = None
+        query = parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True)
+        return cls(scope["method"], scope["path"], query, headers, form, parsed)
+
+    def field(self, name: str) -> str | None:
+        """The first form value called ``name``."""
+        return next((v for k, v in self.form if k == name), None)
+
+    def param(self, name: str) -> str | None:
+        """The first query parameter called ``name``."""
+        return next((v for k, v in self.query if k == name), None)
+
+
+@dataclass
+class FakeParticipant:
+    sid: str
+    identity: str | None = None
+    address: str | None = None
+    proxy_address: str | None = None
+    projected_address: str | None = None
+
+    def to_json(self, conversation_sid: str, account_sid: str) -> dict[str, Any]:
+        binding: dict[str, Any] | None = None
+        if self.address:
+            binding = {"type": "sms", "address": self.address, "proxy_address": self.proxy_address}
+        elif self.projected_address:
+            binding = {"type": "sms", "projected_address": self.projected_address}
+        return {
+            "account_sid": account_sid,
+            "conversation_sid": conversation_sid,
+            "sid": self.sid,
+            "identity": self.identity,
+            "attributes": "{}",
+            "messaging_binding": binding,
+            "role_sid": None,
+            "date_created": _EPOCH_ISO,
+            "date_updated": _EPOCH_ISO,
+            "url": f"{_CONVO_HOST}/v1/Conversations/{conversation_sid}/Participants/{self.sid}",
+            "last_read_message_index": None,
+            "last_read_timestamp": None,
+        }
+
+
+@dataclass
+class FakeMessage:
+    sid: str
+    index: int
+    author: str
+    body: str | None
+    participant_sid: str | None = None
+
+    def to_json(self, conversation_sid: str, account_sid: str) -> dict[str, Any]:
+        url = f"{_CONVO_HOST}/v1/Conversations/{conversation_sid}/Messages/{self.sid}"
+        return {
+            "account_sid": account_sid,
+            "conversation_sid": conversation_sid,
+            "sid": self.sid,
+            "index": self.index,
+            "author": self.author,
+            "body": self.body,
+            "media": None,
+            "attributes": "{}",
+            "participant_sid": self.participant_sid,
+            "date_created": _EPOCH_ISO,
+            "date_updated": _EPOCH_ISO,
+            "url": url,
+            "delivery": None,
+            "links": {"delivery_receipts": url + "/Receipts"},
+            "content_sid": None,
+        }
+
+
+@dataclass
+class FakeConversation:
+    sid: str
+    friendly_name: str | None = None
+    participants: list[FakeParticipant] = field(default_factory=list)
+    messages: list[FakeMessage] = field(default_factory=list)
+
+    def to_json(self, account_sid: str) -> dict[str, Any]:
+        url = f"{_CONVO_HOST}/v1/Conversations/{self.sid}"
+        return {
+            "account_sid": account_sid,
+            "chat_service_sid": "IS" + "0" * 32,
+            "messaging_service_sid": "MG" + "0" * 32,
+            "sid": self.sid,
+            "friendly_name": self.friendly_name,
+            "unique_name": None,
+            "attributes": "{}",
+            "state": "active",
+            "date_created": _EPOCH_ISO,
+            "date_updated": _EPOCH_ISO,
+            "timers": {},
+            "url": url,
+            "bindings": None,
+            "links": {
+                "participants": url + "/Participants",
+                "messages": url + "/Messages",
+                "webhooks": url + "/Webhooks",
+            },
+        }
+
+
+@dataclass
+class FakeCall:
+    sid: str
+    to: str
+    from_: str
+    url: str | None
+    machine_detection: str | None
+    async_amd: str | None
+    form: list[tuple[str, str]]
+
+    def to_json(self, account_sid: str) -> dict[str, Any]:
+        uri = f"/2010-04-01/Accounts/{account_sid}/Calls/{self.sid}"
+        return {
+            "sid": self.sid,
+            "account_sid": account_sid,
+            "api_version": "2010-04-01",
+            "to": self.to,
+            "to_formatted": self.to,
+            "from": self.from_,
+            "from_formatted": self.from_,
+            "status": "queued",
+            "direction": "outbound-api",
+            "answered_by": None,
+            "annotation": None,
+            "caller_name": None,
+            "duration": None,
+            "date_created": _EPOCH_RFC2822,
+            "date_updated": _EPOCH_RFC2822,
+            "start_time": None,
+            "end_time": None,
+            "forwarded_from": None,
+            "group_sid": None,
+            "parent_call_sid": None,
+            "phone_number_sid": "PN" + "0" * 32,
+            "price": None,
+            "price_unit": "USD",
+            "queue_time": "0",
+            "trunk_sid": None,
+            "uri": uri + ".json",
+            "subresource_uris": {
+                "notifications": uri + "/Notifications.json",
+                "recordings": uri + "/Recordings.json",
+            },
+        }
+
+
+class FakeTwilio:
+    """State and knobs of the fake; an ASGI app. Create with :func:`fake_twilio`."""
+
+    def __init__(self, *, account_sid: str, auth_token: str, openai_key: str = "") -> None:
+        self.account_sid = account_sid
+        self.auth_token = auth_token
+        self.openai_key = openai_key
+        self.base_url = ""
+        self.requests: list[RecordedRequest] = []
+        self.conversations: dict[str, FakeConversation] = {}
+        self.calls: list[FakeCall] = []
+        # Knobs. Twilio routes: the next `fail_next` requests whose path contains
+        # `fail_match` (any, if None) answer `fail_status`; each answer waits `delay`.
+        self.fail_status = 500
+        self.fail_next = 0
+        self.fail_match: str | None = None
+        self.delay = 0.0
+        # Chat completions: reply text, wait before answering, or fail with a status.
+        self.chat_reply = "Hello from the fake assistant."
+        self.chat_delay = 0.0
+        self.chat_status: int | None = None
+        self._sids = itertools.count(1)
+
+    @property
+    def openai_base(self) -> str:
+        """The ``openai.api_base`` that points at this fake."""
+        return self.base_url + "/v1"
+
+    @property
+    def chat_requests(self) -> list[RecordedRequest]:
+        return [r for r in self.requests if r.path == "/v1/chat/completions"]
+
+    def new_sid(self, prefix: str) -> str:
+        return f"{prefix}{next(self._sids):032x}"
+
+    def add_conversation(
+        self,
+        sid: str | None = None,
+        *,
+        participants: Iterable[str | Mapping[str, str]] = (),
+        messages: Iterable[tuple[str, str]] = (),
+        friendly_name: str | None = None,
+    ) -> FakeConversation:
+        """Preload a conversation.
+
+        A participant is a mapping with any of ``identity``, ``address``,
+        ``proxy_address``, ``projected_address``, or a string: ``+…`` is an
+        SMS address, anything else an identity. Messages are ``(author, body)``.
+        """
+        convo = FakeConversation(sid or self.new_sid("CH"), friendly_name)
+        self.conversations[convo.sid] = convo
+        for p in participants:
+            spec: Mapping[str, str] = (
+                p if not isinstance(p, str) else {"address" if p.startswith("+") else "identity": p}
+            )
+            convo.participants.append(FakeParticipant(sid=self.new_sid("MB"), **spec))
+        for author, body in messages:
+            self.add_message(convo.sid, author, body)
+        return convo
+
+    def add_message(self, conversation_sid: str, author: str, body: str | None) -> FakeMessage:
+        """Append a message (``body=None``: media only) as if ``author`` had sent it."""
+        convo = self.conversations[conversation_sid]
+        sender = next((p for p in convo.participants if author in (p.identity, p.address)), None)
+        message = FakeMessage(
+            sid=self.new_sid("IM"),
+            index=len(convo.messages),
+            author=author,
+            body=body,
+            participant_sid=sender.sid if sender else None,
+        )
+        convo.messages.append(message)
+        return message
+
+    # -- ASGI ---------------------------------------------------------------------------
+
+    async def __call__(
+        self,
+        scope: Any,
+        receive: Callable[[], Awaitable[Any]],
+        send: Callable[[Any], Awaitable[None]],
+    ) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                event = await receive()
+                if event["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif event["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        body = b""
+        while True:
+            event = await receive()
+            body += event.get("body", b"")
+            if not event.get("more_body", False):
+                break
+        request = RecordedRequest.from_asgi(scope, body)
+        self.requests.append(request)
+        status, payload = await self._route(request)
+        request.status = status
+        headers = [(b"content-type", b"application/json")] if payload is not None else []
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        data = json.dumps(payload).encode() if payload is not None else b""
+        await send({"type": "http.response.body", "body": data})
+
+    async def _route(self, req: RecordedRequest) -> Reply:
+        path, method = req.path, req.method
+        if path.startswith("/_fake/"):
+            return self._control(req)
+        if path == "/v1/chat/completions" and method == "POST":
+            return await self._chat(req)
+        if not self._authorized(req):
+            return 401, twilio_error(20003, "Authentication Error - invalid username", 401)
+        if self.fail_next > 0 and (self.fail_match is None or self.fail_match in path):
+            self.fail_next -= 1
+            await trio.sleep(self.delay)
+            code = {429: 20429, 500: 20500, 503: 20503}.get(self.fail_status, self.fail_status)
+            return self.fail_status, twilio_error(code, "Fake failure", self.fail_status)
+        await trio.sleep(self.delay)
+        parts = path.strip("/").split("/")
+        if parts[:2] == ["v1", "Conversations"]:
+            return self._conversations(req, parts[2:])
+        if len(parts) == 4 and parts[0] == "2010-04-01" and parts[3] == "Calls.json":
+            if parts[2] != self.account_sid:
+                return _not_found(path)
+            return self._create_call(req) if method == "POST" else _not_allowed()
+        return _not_found(path)
+
+    def _authorized(self, req: RecordedRequest) -> bool:
+        scheme, _, encoded = req.headers.get("authorization", "").partition(" ")
+        try:
+            decoded = base64.b64decode(encoded, validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            return False
+        return scheme.lower() == "basic" and decoded == f"{self.account_sid}:{self.auth_token}"
+
+    # -- Conversations ------------------------------------------------------------------
+
+    def _conversations(self, req: RecordedRequest, rest: list[str]) -> Reply:
+        if not rest:
+            if req.method != "POST":
+                return _not_allowed()
+            created = self.add_conversation(friendly_name=req.field("FriendlyName"))
+            return 201, created.to_json(self.account_sid)
+        convo = self.conversations.get(rest[0])
+        if convo is None:
+            return _not_found(req.path)
+        if len(rest) == 1:
+            if req.method == "DELETE":
+                del self.conversations[convo.sid]
+                return 204, None
+            return (200, convo.to_json(self.account_sid)) if req.method == "GET" else _not_allowed()
+        if len(rest) == 2 and rest[1] == "Participants":
+            if req.method == "POST":
+                return self._create_participant(req, convo)
+            records = [p.to_json(convo.sid, self.account_sid) for p in convo.participants]
+            return 200, _page(req, records, "participants", convo.sid)
+        if len(rest) == 2 and rest[1] == "Messages":
+            if req.method == "POST":
+                message = self.add_message(
+                    convo.sid, req.field("Author") or "system", req.field("Body")
+                )
+                return 201, message.to_json(convo.sid, self.account_sid)
+            records = [m.to_json(convo.sid, self.account_sid) for m in convo.messages]
+            if req.param("Order") == "desc":
+                records.reverse()
+            return 200, _page(req, records, "messages", convo.sid)
+        return _not_found(req.path)
+
+    def _create_participant(self, req: RecordedRequest, convo: FakeConversation) -> Reply:
+        identity = req.field("Identity")
+        address = req.field("MessagingBinding.Address")
+        projected = req.field("MessagingBinding.ProjectedAddress")
+        for value in (address, projected):
+            if value is not None and not _E164.match(value):
+                return 400, twilio_error(50407, "Invalid messaging binding address", 400)
+        if identity is None and address is None:
+            return 400, twilio_error(50411, "Participant address is empty", 400)
+        for p in convo.participants:
+            if (identity and identity == p.identity) or (address and address == p.address):
+                return 409, twilio_error(50433, "Participant already exists", 409)
+        participant = FakeParticipant(
+            sid=self.new_sid("MB"),
+            identity=identity,
+            address=address,
+            proxy_address=req.field("MessagingBinding.ProxyAddress"),
+            projected_address=projected,
+        )
+        convo.participants.append(participant)
+        return 201, participant.to_json(convo.sid, self.account_sid)
+
+    # -- Voice ----------------------------------------------------------------------------
+
+    def _create_call(self, req: RecordedRequest) -> Reply:
+        to, from_, url = req.field("To"), req.field("From"), req.field("Url")
+        if to is None or not _E164.match(to):
+            return 400, twilio_error(21211, f"Invalid 'To' Phone Number: {to}", 400)
+        if not from_:
+            return 400, twilio_error(21603, "A 'From' phone number is required.", 400)
+        if not url and not req.field("Twiml") and not req.field("ApplicationSid"):
+            return 400, twilio_error(21205, "Url parameter is required.", 400)
+        call = FakeCall(
+            sid=self.new_sid("CA"),
+            to=to,
+            from_=from_,
+            url=url,
+            machine_detection=req.field("MachineDetection"),
+            async_amd=req.field("AsyncAmd"),
+            form=list(req.form),
+        )
+        self.calls.append(call)
+        return 201, call.to_json(self.account_sid)
+
+    # -- OpenAI ---------------------------------------------------------------------------
+
+    async def _chat(self, req: RecordedRequest) -> Reply:
+        if self.openai_key and req.headers.get("authorization") != f"Bearer {self.openai_key}":
+            return 401, _openai_error("Incorrect API key provided.", "invalid_api_key")
+        await trio.sleep(self.chat_delay)
+        if self.chat_status is not None:
+            return self.chat_status, _openai_error("Fake failure.", "fake_failure")
+        body = req.json if isinstance(req.json, dict) else {}
+        if not isinstance(body.get("messages"), list) or not body.get("model"):
+            return 400, _openai_error("'model' and 'messages' are required.", "invalid_request")
+        return 200, {
+            "id": self.new_sid("chatcmpl-"),
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body["model"],
+            "choices": [
+                {
+                    "index": 0,
+                    "finish_reason": "stop",
+                    "message": {"role": "assistant", "content": self.chat_reply},
+                }
+            ],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+        }
+
+    # -- control (process mode) --------------------------------------------------------
+
+    def _control(self, req: RecordedRequest) -> Reply:
+        if req.path == "/_fake/state" and req.method == "GET":
+            return 200, {
+                "requests": [asdict(r) for r in self.requests if not r.path.startswith("/_fake/")],
+                "calls": [asdict(c) for c in self.calls],
+                "conversations": {sid: asdict(c) for sid, c in self.conversations.items()},
+            }
+        body = req.json if isinstance(req.json, dict) else {}
+        if req.path == "/_fake/config" and req.method == "POST":
+            for knob in (
+                "fail_status",
+                "fail_next",
+                "fail_match",
+                "delay",
+                "chat_reply",
+                "chat_delay",
+                "chat_status",
+            ):
+                if knob in body:
+                    setattr(self, knob, body[knob])
+            return 200, {"ok": True}
+        if req.path == "/_fake/conversations" and req.method == "POST":
+            convo = self.add_conversation(
+                body.get("sid"),
+                participants=body.get("participants", []),
+                messages=[tuple(m) for m in body.get("messages", [])],
+            )
+            return 201, {"sid": convo.sid}
+        return _not_found(req.path)
+
+
+def _page(
+    req: RecordedRequest, records: list[dict[str, Any]], key: str, sid: str
+) -> dict[str, Any]:
+    """One page in Twilio's v1 shape: the records under ``key`` plus ``meta`` with page URLs."""
+    size = max(1, min(int(req.param("PageSize") or 50), 1000))
+    number = max(0, int(req.param("Page") or 0))
+    extra = [("Order", req.param("Order"))] if req.param("Order") else []
+
+    def url(page: int) -> str:
+        query = urlencode([*extra, ("PageSize", size), ("Page", page)])
+        return f"{_CONVO_HOST}/v1/Conversations/{sid}/{key.capitalize()}?{query}"
+
+    has_next = (number + 1) * size < len(records)
+    return {
+        key: records[number * size : (number + 1) * size],
+        "meta": {
+            "page": number,
+            "page_size": size,
+            "key": key,
+            "url": url(number),
+            "first_page_url": url(0),
+            "previous_page_url": url(number - 1) if number > 0 else None,
+            "next_page_url": url(number + 1) if has_next else None,
+        },
+    }
+
+
+def _not_found(path: str) -> Reply:
+    return 404, twilio_error(20404, f"The requested resource {path} was not found", 404)
+
+
+def _not_allowed() -> Reply:
+    return 405, twilio_error(20004, "Method not allowed", 405)
+
+
+def _openai_error(message: str, code: str) -> dict[str, Any]:
+    return {
+        "error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}
+    }
+
+
+@asynccontextmanager
+async def fake_twilio(
+    *,
+    account_sid: str,
+    auth_token: str,
+    openai_key: str = "",
+    host: str = "127.0.0.1",
+    port: int = 0,
+) -> AsyncIterator[FakeTwilio]:
+    """Serve a :class:`FakeTwilio` on ``host:port`` (0 = any free port) for the block's duration."""
+    fake = FakeTwilio(account_sid=account_sid, auth_token=auth_token, openai_key=openai_key)
+    config = Config()
+    config.bind = [f"{host}:{port}"]
+    config.loglevel = "WARNING"
+    config.accesslog = None
+    async with trio.open_nursery() as nursery:
+        binds: list[str] = await nursery.start(serve, fake, config)
+        fake.base_url = binds[0]
+        try:
+            yield fake
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m relay.testing.fake_twilio``: serve until killed, base URL on stdout."""
+    parser = argparse.ArgumentParser(prog="python -m relay.testing.fake_twilio")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument(
+        "--account-sid", default=os.environ.get("TWILIO_ACCOUNT_SID", "AC" + "0" * 32)
+    )
+    parser.add_argument("--auth-token", default=os.environ.get("TWILIO_AUTH_TOKEN", "test-token"))
+    parser.add_argument("--openai-key", default=os.environ.get("OPENAI_API_KEY", ""))
+    args = parser.parse_args(argv)
+
+    async def run() -> None:
+        async with fake_twilio(
+            account_sid=args.account_sid,
+            auth_token=args.auth_token,
+            openai_key=args.openai_key,
+            host=args.host,
+            port=args.port,
+        ) as fake:
+            print(fake.base_url, flush=True)
+            await trio.sleep_forever()
+
+    try:
+        trio.run(run)
+    except KeyboardInterrupt:
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""``POST /twilio/voice``: TwiML that connects a call to this relay's media stream (SPEC §6)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from quart import Response, request
+from twilio.twiml.voice_response import Connect, Stream, VoiceResponse
+
+from relay.app import refusal_response
+from relay.runtime import Runtime
+from relay.twilio_auth import TwilioGate, public_http_url, public_ws_url
+
+MEDIA_PATH = "/twilio/media"
+
+
+def connect_twiml(stream_url: str, direction: str, amd: str | None) -> str:
+    """``<Response><Connect><Stream url=…>`` with the call's direction and AMD result."""
+    response = VoiceResponse()
+    connect = Connect()
+    stream = Stream(url=stream_url)
+    stream.parameter(name="direction", value=direction)
+    if amd:
+        stream.parameter(name="amd", value=amd)
+    connect.append(stream)
+    response.append(connect)
+    return str(response.to_xml(xml_declaration=True))
+
+
+def voice_handler(
+    rt: Runtime,
+    gate: TwilioGate,
+    signed: Callable[[], Awaitable[bool]],
+    form_pairs: Callable[[], Awaitable[list[tuple[str, str]]]],
+) -> Callable[[], Awaitable[Response]]:
+    async def handle() -> Response:
+        pairs = await form_pairs()
+        url = public_http_url(rt.settings, request.path, request.query_string.decode("latin-1"))
+        refusal = gate.check(url, pairs, request.headers.get("X-Twilio-Signature"))
+        if refusal is not None:
+            rt.metrics.reject("twilio_signature")
+            return refusal_response(refusal)
+        form = dict(pairs)
+        direction = form.get("Direction", "inbound") or "inbound"
+        amd = form.get("AnsweredBy") or None
+        xml = connect_twiml(public_ws_url(rt.settings, MEDIA_PATH), direction, amd)
+        return Response(xml, content_type="text/xml; charset=utf-8")
+
+    return handle

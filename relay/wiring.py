@@ -1,0 +1,57 @@
+"""Binds the session and webhook implementations to the front door and the HTTP app.
+
+Kept apart from ``app.py`` so that the app holds no protocol logic, and from
+``realtime``/``conversations`` so that neither imports the other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from quart import Response, g, request
+
+from relay.asgi_ws import AsgiWebSocket
+from relay.conversations.webhook import convo_handler
+from relay.realtime.client_session import ClientSession
+from relay.realtime.twilio_session import TwilioSession
+from relay.runtime import Runtime
+from relay.twiml import voice_handler
+from relay.twilio_auth import TwilioGate, public_http_url
+
+Handler = Callable[[], Awaitable[Response]]
+
+
+async def client_runner(rt: Runtime, ws: AsgiWebSocket, ip: str, model: str, voice: str | None) -> None:
+    await ClientSession(rt, ws, ip, model, voice).run()
+
+
+async def twilio_runner(rt: Runtime, ws: AsgiWebSocket, ip: str) -> None:
+    await TwilioSession(rt, ws, ip).run()
+
+
+def twilio_routes(rt: Runtime, gate: TwilioGate) -> tuple[dict[str, Handler], Callable[[], Awaitable[bool]]]:
+    """The signed Twilio webhooks, and the check that exempts signed requests from the HTTP bucket."""
+
+    async def form_pairs() -> list[tuple[str, str]]:
+        form = await request.form
+        return [(k, v) for k in form for v in form.getlist(k)]
+
+    async def signed() -> bool:
+        """Valid signature for this request? Cached on ``g`` so routes need not redo it."""
+        if "twilio_signed" not in g:
+            signature = request.headers.get("X-Twilio-Signature")
+            ok = False
+            if signature:
+                url = public_http_url(rt.settings, request.path, request.query_string.decode("latin-1"))
+                try:
+                    ok = gate.valid(url, await form_pairs(), signature)
+                except Exception:  # a body that is not a form cannot be signed by Twilio
+                    ok = False
+            g.twilio_signed = ok
+        return bool(g.twilio_signed)
+
+    routes = {
+        "/twilio/convo": convo_handler(rt, gate, signed, form_pairs),
+        "/twilio/voice": voice_handler(rt, gate, signed, form_pairs),
+    }
+    return routes, signed
