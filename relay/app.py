@@ -6,7 +6,7 @@ Routes only: every decision lives in the module a route hands to.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 from quart import Response, g, request
 from quart_trio import QuartTrio
@@ -23,15 +23,21 @@ MAX_BODY_BYTES = 256 * 1024
 
 
 def refusal_response(refusal: Refusal) -> Response:
-    return Response(refusal.reason + "\n", status=refusal.status, headers=dict(refusal.headers),
-                    content_type="text/plain; charset=utf-8")
+    return Response(
+        refusal.reason + "\n",
+        status=refusal.status,
+        headers=dict(refusal.headers),
+        content_type="text/plain; charset=utf-8",
+    )
 
 
 def text(body: str, status: int = 200) -> Response:
     return Response(body + "\n", status=status, content_type="text/plain; charset=utf-8")
 
 
-def create_http_app(rt: Runtime, twilio_routes: dict[str, Handler], signed: Callable[[], Awaitable[bool]]) -> QuartTrio:
+def create_http_app(
+    rt: Runtime, twilio_routes: dict[str, Handler], signed: Callable[[], Awaitable[bool]]
+) -> QuartTrio:
     """``twilio_routes`` maps ``/twilio/...`` paths to POST handlers; ``signed`` tells
     whether the current request carries a valid Twilio signature (such requests
     are exempt from the per-IP bucket, SPEC §3)."""
@@ -44,8 +50,9 @@ def create_http_app(rt: Runtime, twilio_routes: dict[str, Handler], signed: Call
     @app.before_request
     async def guard() -> Response | None:
         peer = request.scope.get("client") or ("", 0)
-        g.client_ip = client_ip(str(peer[0]), request.headers.get("X-Forwarded-For"),
-                                settings.server.trusted_networks)
+        g.client_ip = client_ip(
+            str(peer[0]), request.headers.get("X-Forwarded-For"), settings.server.trusted_networks
+        )
         if request.path in twilio_routes and request.method == "POST" and await signed():
             return None
         refusal = await rate_limit(rt.store, f"http:{g.client_ip}", settings.limits.http_per_minute)
@@ -101,7 +108,7 @@ def combine(
             await websocket(scope, receive, send)
             return
         if kind != "http" or scope["path"] in quart_paths:
-            await http_app(scope, receive, send)
+            await http_app(cast(Any, scope), cast(Any, receive), cast(Any, send))
             return
         peer = scope.get("client") or ("", 0)
         forwarded = None
@@ -140,18 +147,25 @@ async def _route(rt: Runtime, ip: str, scope: Scope, send: Send) -> None:
         # the token is deliberately not checked (SPEC §3).
         await _plain(scope, send, 200, "ok")
     else:
-        await _plain(scope, send, 426, "this endpoint speaks WebSocket",
-                     (("Upgrade", "websocket"), ("Connection", "Upgrade")))
+        await _plain(
+            scope,
+            send,
+            426,
+            "this endpoint speaks WebSocket",
+            (("Upgrade", "websocket"), ("Connection", "Upgrade")),
+        )
 
 
-async def _plain(scope: Scope, send: Send, status: int, reason: str,
-                 headers: tuple[tuple[str, str], ...] = ()) -> None:
+async def _plain(
+    scope: Scope, send: Send, status: int, reason: str, headers: tuple[tuple[str, str], ...] = ()
+) -> None:
     body = b"" if scope.get("method") == "HEAD" else (reason + "\n").encode()
     await _send(send, status, body, "text/plain; charset=utf-8", headers)
 
 
-async def _send(send: Send, status: int, body: bytes, content_type: str,
-                headers: tuple[tuple[str, str], ...]) -> None:
+async def _send(
+    send: Send, status: int, body: bytes, content_type: str, headers: tuple[tuple[str, str], ...]
+) -> None:
     raw = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]
     raw += [(k.lower().encode(), v.encode()) for k, v in headers]
     await send({"type": "http.response.start", "status": status, "headers": raw})

@@ -9,6 +9,7 @@ ASGI directly. HTTP routes stay on Quart-Trio.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 from urllib.parse import parse_qsl
@@ -68,15 +69,19 @@ class AsgiWebSocket:
     async def wait_connect(self) -> bool:
         """Consume ``websocket.connect``; False if the client left before it."""
         message = await self._receive()
-        return message["type"] == "websocket.connect"
+        return bool(message["type"] == "websocket.connect")
 
-    async def reject(self, status: int, reason: str, headers: tuple[tuple[str, str], ...] = ()) -> None:
+    async def reject(
+        self, status: int, reason: str, headers: tuple[tuple[str, str], ...] = ()
+    ) -> None:
         """A real HTTP refusal of the upgrade (ASGI websocket.http.response)."""
         body = (reason + "\n").encode()
         raw_headers = [(b"content-type", b"text/plain; charset=utf-8")]
         raw_headers += [(k.lower().encode(), v.encode()) for k, v in headers]
         raw_headers.append((b"content-length", str(len(body)).encode()))
-        await self._send({"type": "websocket.http.response.start", "status": status, "headers": raw_headers})
+        await self._send(
+            {"type": "websocket.http.response.start", "status": status, "headers": raw_headers}
+        )
         await self._send({"type": "websocket.http.response.body", "body": body, "more_body": False})
         self.closed = True
 
@@ -109,7 +114,6 @@ class AsgiWebSocket:
         if self.closed:
             return
         self.closed = True
-        try:
+        # The transport may already be gone; then there is nobody left to tell.
+        with contextlib.suppress(Exception):
             await self._send({"type": "websocket.close", "code": code, "reason": reason})
-        except Exception:  # the transport is already gone; nothing left to tell
-            pass

@@ -19,14 +19,18 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = sub.add_parser("serve", help="run the daemon in the foreground until SIGTERM/SIGINT")
     serve.add_argument("--config", required=True, help="path to config.toml")
-    check = sub.add_parser("check-config", help="validate the config and secrets; print the effective config")
+    check = sub.add_parser(
+        "check-config", help="validate the config and secrets; print the effective config"
+    )
     check.add_argument("--config", required=True, help="path to config.toml")
     token = sub.add_parser("token", help="print one fresh client token")
     token.add_argument("--config", help="path to config.toml (default: built-in defaults)")
-    token.add_argument("--ttl", type=int, default=None,
-                       help="lifetime in seconds (default and maximum: auth.token_max_ttl_seconds)")
-    bench = sub.add_parser("bench", help="measure throughput and latency against the built-in fakes")
-    bench.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    token.add_argument(
+        "--ttl",
+        type=int,
+        default=None,
+        help="lifetime in seconds (default and maximum: auth.token_max_ttl_seconds)",
+    )
     sub.add_parser("keygen", help="print a new random ENCRYPTION_KEY (32 bytes, base64url)")
     return parser
 
@@ -56,15 +60,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             from relay.server import run
 
             secrets = settings.secrets
-            setup_logging(settings.server.log_format, settings.server.log_level,
-                          [v for v in (secrets.openai_api_key, secrets.twilio_auth_token,
-                                       secrets.twilio_account_sid) if v])
+            setup_logging(
+                settings.server.log_format,
+                settings.server.log_level,
+                [
+                    v
+                    for v in (
+                        secrets.openai_api_key,
+                        secrets.twilio_auth_token,
+                        secrets.twilio_account_sid,
+                    )
+                    if v
+                ],
+            )
             run(settings)
             return EXIT_OK
-        if args.command == "bench":
-            from relay.bench import bench_main
-
-            return bench_main(args.rest)
     except ConfigError as exc:
         print(f"relay: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -83,8 +93,9 @@ def _token(settings: object, ttl: int | None) -> int:
     assert isinstance(settings, Settings)
     key = settings.secrets.encryption_key
     if key is None:
-        raise ConfigError("ENCRYPTION_KEY is not set: export ENCRYPTION_KEY=... "
-                          "(make one with `relay keygen`)")
+        raise ConfigError(
+            "ENCRYPTION_KEY is not set: export ENCRYPTION_KEY=... (make one with `relay keygen`)"
+        )
     max_ttl = settings.auth.token_max_ttl_seconds
     ttl = max_ttl if ttl is None else ttl
     if not 0 < ttl <= max_ttl:

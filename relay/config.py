@@ -96,7 +96,16 @@ class OpenAISettings:
     api_base: str = "https://api.openai.com/v1"
     chat_model: str = "gpt-4o-mini"
     voices: tuple[str, ...] = (
-        "alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar",
+        "alloy",
+        "ash",
+        "ballad",
+        "coral",
+        "echo",
+        "sage",
+        "shimmer",
+        "verse",
+        "marin",
+        "cedar",
     )
     default_voice: str = "ash"
     connect_timeout_seconds: float = 10.0
@@ -296,7 +305,9 @@ def _validate(s: Settings) -> None:
     if not s.openai.voices:
         raise ConfigError("openai.voices: needs at least one voice")
     if s.openai.default_voice not in s.openai.voices:
-        raise ConfigError(f"openai.default_voice: {s.openai.default_voice!r} is not in openai.voices")
+        raise ConfigError(
+            f"openai.default_voice: {s.openai.default_voice!r} is not in openai.voices"
+        )
     positive = {
         "server.drain_seconds": s.server.drain_seconds,
         "auth.token_max_ttl_seconds": s.auth.token_max_ttl_seconds,
@@ -391,7 +402,9 @@ def load_settings(path: str | Path | None, env: Mapping[str, str] | None = None)
         except FileNotFoundError:
             raise ConfigError(f"config file {p} does not exist") from None
         except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"config file {p}: cannot read it ({exc.__class__.__name__})") from None
+            raise ConfigError(
+                f"config file {p}: cannot read it ({exc.__class__.__name__})"
+            ) from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {p}: not valid TOML ({exc})") from None
     return parse_settings(data, load_secrets(env))

@@ -15,8 +15,9 @@ log = logging.getLogger("relay.refusals")
 
 
 class RefusalLog:
-    def __init__(self, burst: int = 20, interval: float = 60.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, burst: int = 20, interval: float = 60.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._burst = burst
         self._interval = interval
         self._clock = clock
@@ -39,6 +40,9 @@ class RefusalLog:
     def _flush(self) -> None:
         if self._suppressed:
             total = sum(self._suppressed.values())
-            log.warning("refused %d more requests (not logged one by one)", total,
-                        extra={"by_reason": dict(self._suppressed)})
+            log.warning(
+                "refused %d more requests (not logged one by one)",
+                total,
+                extra={"by_reason": dict(self._suppressed)},
+            )
             self._suppressed.clear()

@@ -1,11 +1,11 @@
 """The daemon's whole lifecycle, top to bottom: start, serve, drain, stop.
 
-    trio.run(main)
-    ├── signal watcher     first SIGTERM/SIGINT drains, a second stops at once
-    ├── sd_notify watchdog WATCHDOG=1 from the main loop, so a wedged loop misses it
-    ├── store pruner       idle rate-limit and dedupe keys are forgotten
-    └── background jobs    webhook work after its 200 ok; waited for on drain
-        └── hypercorn      the ASGI app; one task per connection, one nursery per session
+trio.run(main)
+├── signal watcher     first SIGTERM/SIGINT drains, a second stops at once
+├── sd_notify watchdog WATCHDOG=1 from the main loop, so a wedged loop misses it
+├── store pruner       idle rate-limit and dedupe keys are forgotten
+└── background jobs    webhook work after its 200 ok; waited for on drain
+    └── hypercorn      the ASGI app; one task per connection, one nursery per session
 """
 
 from __future__ import annotations
@@ -13,10 +13,12 @@ from __future__ import annotations
 import logging
 import signal
 from functools import partial
+from typing import Any, cast
 
 import hypercorn.trio
 import trio
 from hypercorn.config import Config as HypercornConfig
+from prometheus_client import Gauge
 
 from relay.app import combine, create_http_app
 from relay.config import Settings
@@ -52,6 +54,10 @@ async def main(settings: Settings, *, notifier: Notifier | None = None) -> None:
     rt = Runtime(settings, MemoryStore())
     shutdown = trio.Event()
     rt.on_change = partial(_status, notifier, rt)
+    # Live Trio tasks, read at scrape time: a leak of session tasks shows up here.
+    Gauge(
+        "relay_trio_tasks", "Live Trio tasks in the process", registry=rt.metrics.registry
+    ).set_function(_count_tasks)
     gate_app = FrontDoor(rt, client_runner, twilio_runner)
     http_app = create_http_app(rt, *twilio_routes(rt, gate_app.gate))
     asgi = combine(rt, http_app, gate_app)
@@ -63,9 +69,14 @@ async def main(settings: Settings, *, notifier: Notifier | None = None) -> None:
                 root.start_soon(_watchdog, notifier, notifier.watchdog_interval)
             async with trio.open_nursery() as jobs:
                 rt.attach_jobs(jobs)
-                binds = await jobs.start(partial(
-                    hypercorn.trio.serve, asgi, hypercorn_config(settings),
-                    shutdown_trigger=shutdown.wait))
+                binds = await jobs.start(
+                    partial(
+                        hypercorn.trio.serve,
+                        cast(Any, asgi),
+                        hypercorn_config(settings),
+                        shutdown_trigger=shutdown.wait,
+                    )
+                )
                 for bind in binds:
                     log.info("listening on %s", bind)
                 notifier.send("READY=1", _status_line(rt))
@@ -86,8 +97,11 @@ async def _watch_signals(rt: Runtime, notifier: Notifier, shutdown: trio.Event) 
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             first = await signals.__anext__()
-            log.info("received %s: draining for up to %ss", signal.Signals(first).name,
-                     rt.settings.server.drain_seconds)
+            log.info(
+                "received %s: draining for up to %ss",
+                signal.Signals(first).name,
+                rt.settings.server.drain_seconds,
+            )
             rt.draining.set()
             notifier.send("STOPPING=1", "STATUS=draining")
             nursery.start_soon(_drain, rt, shutdown)
@@ -102,8 +116,14 @@ async def _drain(rt: Runtime, shutdown: trio.Event) -> None:
     with trio.move_on_after(rt.settings.server.drain_seconds):
         await rt.wait_idle()
     if rt.busy:
-        log.info("drain time is up: closing what is left", extra={
-            "client": rt.active["client"], "twilio": rt.active["twilio"], "jobs": rt.jobs_in_flight})
+        log.info(
+            "drain time is up: closing what is left",
+            extra={
+                "client": rt.active["client"],
+                "twilio": rt.active["twilio"],
+                "jobs": rt.jobs_in_flight,
+            },
+        )
     rt.drain_expired.set()
     with trio.move_on_after(CLOSE_GRACE):
         await rt.wait_idle()
@@ -124,13 +144,27 @@ async def _watchdog(notifier: Notifier, interval: float) -> None:
 
 def _status_line(rt: Runtime) -> str:
     state = "draining" if rt.draining.is_set() else "serving"
-    return (f"STATUS={state}: {rt.active['client']} client, {rt.active['twilio']} twilio sessions, "
-            f"{rt.jobs_in_flight} jobs")
+    return (
+        f"STATUS={state}: {rt.active['client']} client, {rt.active['twilio']} twilio sessions, "
+        f"{rt.jobs_in_flight} jobs"
+    )
 
 
 def _status(notifier: Notifier, rt: Runtime) -> None:
     if notifier.enabled:
         notifier.send(_status_line(rt))
+
+
+def _count_tasks() -> int:
+    count, stack = 0, [trio.lowlevel.current_root_task()]
+    while stack:
+        task = stack.pop()
+        if task is None:
+            continue
+        count += 1
+        for nursery in task.child_nurseries:
+            stack.extend(nursery.child_tasks)
+    return count
 
 
 def run(settings: Settings) -> None:

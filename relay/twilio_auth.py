@@ -64,7 +64,9 @@ class TwilioGate:
         except (UnicodeError, ValueError):
             return False
 
-    def check(self, url: str, form: Sequence[tuple[str, str]], signature: str | None) -> Refusal | None:
+    def check(
+        self, url: str, form: Sequence[tuple[str, str]], signature: str | None
+    ) -> Refusal | None:
         """None when the request may proceed; else 503 (no secrets, fail closed) or 403."""
         if not self.enforcing:
             return None

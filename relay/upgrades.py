@@ -69,7 +69,9 @@ class FrontDoor:
             return
         await self._client(self.rt, ws, ip, model, voice)
 
-    async def _client_checks(self, ws: AsgiWebSocket, ip: str) -> tuple[Refusal | None, str, str, str | None]:
+    async def _client_checks(
+        self, ws: AsgiWebSocket, ip: str
+    ) -> tuple[Refusal | None, str, str, str | None]:
         s = self.rt.settings
         refusal = await rate_limit(self.rt.store, f"ws:{ip}", s.limits.ws_upgrades_per_minute)
         if refusal is not None:
@@ -78,9 +80,16 @@ class FrontDoor:
             return Refusal(403, "origin not allowed"), "origin", "", None
         key = s.secrets.encryption_key
         token = token_from(ws)
-        problem = "token missing" if token is None or key is None else verify(
-            key, token, max_ttl_seconds=s.auth.token_max_ttl_seconds,
-            skew_seconds=s.auth.clock_skew_seconds)
+        problem = (
+            "token missing"
+            if token is None or key is None
+            else verify(
+                key,
+                token,
+                max_ttl_seconds=s.auth.token_max_ttl_seconds,
+                skew_seconds=s.auth.clock_skew_seconds,
+            )
+        )
         if problem is not None:
             return Refusal(401, problem), "token", "", None
         model = ws.query.get("model", s.openai.model)

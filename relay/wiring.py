@@ -15,13 +15,15 @@ from relay.conversations.webhook import convo_handler
 from relay.realtime.client_session import ClientSession
 from relay.realtime.twilio_session import TwilioSession
 from relay.runtime import Runtime
-from relay.twiml import voice_handler
 from relay.twilio_auth import TwilioGate, public_http_url
+from relay.twiml import voice_handler
 
 Handler = Callable[[], Awaitable[Response]]
 
 
-async def client_runner(rt: Runtime, ws: AsgiWebSocket, ip: str, model: str, voice: str | None) -> None:
+async def client_runner(
+    rt: Runtime, ws: AsgiWebSocket, ip: str, model: str, voice: str | None
+) -> None:
     await ClientSession(rt, ws, ip, model, voice).run()
 
 
@@ -29,8 +31,11 @@ async def twilio_runner(rt: Runtime, ws: AsgiWebSocket, ip: str) -> None:
     await TwilioSession(rt, ws, ip).run()
 
 
-def twilio_routes(rt: Runtime, gate: TwilioGate) -> tuple[dict[str, Handler], Callable[[], Awaitable[bool]]]:
-    """The signed Twilio webhooks, and the check that exempts signed requests from the HTTP bucket."""
+def twilio_routes(
+    rt: Runtime, gate: TwilioGate
+) -> tuple[dict[str, Handler], Callable[[], Awaitable[bool]]]:
+    """The signed Twilio webhooks, and the check that exempts signed requests
+    from the per-IP HTTP bucket."""
 
     async def form_pairs() -> list[tuple[str, str]]:
         form = await request.form
@@ -42,7 +47,9 @@ def twilio_routes(rt: Runtime, gate: TwilioGate) -> tuple[dict[str, Handler], Ca
             signature = request.headers.get("X-Twilio-Signature")
             ok = False
             if signature:
-                url = public_http_url(rt.settings, request.path, request.query_string.decode("latin-1"))
+                url = public_http_url(
+                    rt.settings, request.path, request.query_string.decode("latin-1")
+                )
                 try:
                     ok = gate.valid(url, await form_pairs(), signature)
                 except Exception:  # a body that is not a form cannot be signed by Twilio

@@ -22,7 +22,9 @@ class Clock:
     window=st.floats(1, 120),
     gaps=st.lists(st.floats(0, 10), min_size=1, max_size=200),
 )
-def test_never_more_than_capacity_plus_refill(capacity: int, window: float, gaps: list[float]) -> None:
+def test_never_more_than_capacity_plus_refill(
+    capacity: int, window: float, gaps: list[float]
+) -> None:
     clock = Clock()
     store = MemoryStore(clock)
     allowed_at: list[float] = []

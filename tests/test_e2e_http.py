@@ -14,7 +14,7 @@ import pytest
 import trio
 import trio_websocket
 
-from relay.testing.daemon import Daemon, running_daemon
+from relay.testing.daemon import Daemon
 from relay.tokens import mint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,7 +56,10 @@ async def test_routes(daemon: Daemon) -> None:
 
 
 async def test_http_rate_limit_61st_request(start_daemon) -> None:  # type: ignore[no-untyped-def]
-    async with start_daemon({"limits": {"http_per_minute": 60}}) as d, httpx.AsyncClient(base_url=d.http_url) as http:
+    async with (
+        start_daemon({"limits": {"http_per_minute": 60}}) as d,
+        httpx.AsyncClient(base_url=d.http_url) as http,
+    ):
         statuses = [(await http.get("/healthz")).status_code for _ in range(60)]
         assert statuses == [200] * 60
         r = await http.get("/healthz")
@@ -88,9 +91,16 @@ async def test_retry_after_header_on_upgrade(start_daemon) -> None:  # type: ign
     async with start_daemon({"limits": {"ws_upgrades_per_minute": 1}}) as d:
         await upgrade_status(d.ws_url, ORIGIN)
         async with httpx.AsyncClient() as http:
-            r = await http.get(d.http_url + "/x", headers={
-                "Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
-                "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==", "Origin": "https://gateframes.com"})
+            r = await http.get(
+                d.http_url + "/x",
+                headers={
+                    "Connection": "Upgrade",
+                    "Upgrade": "websocket",
+                    "Sec-WebSocket-Version": "13",
+                    "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+                    "Origin": "https://gateframes.com",
+                },
+            )
         assert r.status_code == 429
         assert int(r.headers["retry-after"]) >= 1
 
@@ -113,8 +123,9 @@ def recipe(marker: str) -> str:
 async def test_python_recipe_token_accepted(daemon: Daemon, tmp_path: Path) -> None:
     script = tmp_path / "mint.py"
     script.write_text(recipe("python-recipe"))
-    out = subprocess.run([sys.executable, str(script)], env=daemon.env, capture_output=True,
-                         text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, str(script)], env=daemon.env, capture_output=True, text=True, check=True
+    )
     token = out.stdout.strip()
     assert await upgrade_status(f"{daemon.ws_url}/token/{token}", ORIGIN) == 502  # past 401
 
@@ -125,7 +136,9 @@ async def test_node_recipe_token_accepted(daemon: Daemon, tmp_path: Path) -> Non
         pytest.skip("node is not installed on this machine: the Node.js token recipe was not run")
     script = tmp_path / "mint.js"
     script.write_text(recipe("node-recipe"))
-    out = subprocess.run([node, str(script)], env=daemon.env, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [node, str(script)], env=daemon.env, capture_output=True, text=True, check=True
+    )
     token = out.stdout.strip()
     assert await upgrade_status(f"{daemon.ws_url}/token/{token}", ORIGIN) == 502
     assert await upgrade_status(f"{daemon.ws_url}/token/{token[:-2]}", ORIGIN) == 401
@@ -145,10 +158,13 @@ async def _flood(port: int, count: int, first: int) -> int:
         async with stream:
             for start in range(conn_start, conn_end, batch):
                 n = min(batch, conn_end - start)
-                await stream.send_all(b"".join(
-                    f"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: "
-                    f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}\r\n\r\n".encode()
-                    for i in range(start, start + n)))
+                await stream.send_all(
+                    b"".join(
+                        f"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: "
+                        f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}\r\n\r\n".encode()
+                        for i in range(start, start + n)
+                    )
+                )
                 seen, tail = 0, b""
                 while seen < n:
                     chunk = await stream.receive_some(65536)
@@ -162,8 +178,7 @@ async def _flood(port: int, count: int, first: int) -> int:
 
 
 async def test_distinct_ip_flood_keeps_memory_flat(start_daemon) -> None:  # type: ignore[no-untyped-def]
-    config = {"server": {"trusted_proxies": ["127.0.0.1/32"]},
-              "limits": {"http_per_minute": 60}}
+    config = {"server": {"trusted_proxies": ["127.0.0.1/32"]}, "limits": {"http_per_minute": 60}}
     async with start_daemon(config) as d:
         await _flood(d.port, 5000, 0)  # warm up: imports, caches, allocator arenas
         before = d.rss_kib()
@@ -178,6 +193,8 @@ async def test_distinct_ip_flood_keeps_memory_flat(start_daemon) -> None:  # typ
         assert sum(results) == 100_000  # every IP is new: none is limited
         await trio.sleep(11)  # one periodic prune
         after = d.rss_kib()
-        print(f"\nRSS before flood {before} KiB, after 100000 distinct IPs + prune {after} KiB "
-              f"(+{after - before} KiB)")
+        print(
+            f"\nRSS before flood {before} KiB, after 100000 distinct IPs + prune {after} KiB "
+            f"(+{after - before} KiB)"
+        )
         assert after - before < 8 * 1024

@@ -15,7 +15,7 @@ import trio
 import trio_websocket
 
 from relay.asgi_ws import AsgiWebSocket, Disconnected
-from relay.realtime.closing import Ending, clip_reason, client_code_for_upstream, close_upstream
+from relay.realtime.closing import Ending, client_code_for_upstream, clip_reason, close_upstream
 from relay.realtime.dialect import dialect_for, voice_update
 from relay.realtime.upstream import UpstreamError, open_upstream
 from relay.runtime import Runtime
@@ -33,7 +33,9 @@ def _too_big(message: str | bytes, limit: int) -> bool:
 
 
 class ClientSession:
-    def __init__(self, rt: Runtime, ws: AsgiWebSocket, ip: str, model: str, voice: str | None) -> None:
+    def __init__(
+        self, rt: Runtime, ws: AsgiWebSocket, ip: str, model: str, voice: str | None
+    ) -> None:
         self.rt = rt
         self.ws = ws
         self.ip = ip
@@ -74,7 +76,11 @@ class ClientSession:
             self.rt.metrics.upstream_connect_seconds.observe(trio.current_time() - started)
             try:
                 if self.voice is not None:
-                    await up.send_message(orjson.dumps(voice_update(dialect_for(s.openai.dialect), self.voice)).decode())
+                    await up.send_message(
+                        orjson.dumps(
+                            voice_update(dialect_for(s.openai.dialect), self.voice)
+                        ).decode()
+                    )
                 offered = self.ws.subprotocols
                 await self.ws.accept("realtime" if "realtime" in offered else None)
             except (trio_websocket.ConnectionClosed, Disconnected, OSError):
@@ -82,8 +88,15 @@ class ClientSession:
                 await self.ws.reject(502, "upstream closed during setup")
                 return
             with self.rt.session("client"):
-                log.info("session start", extra={"session": self.id, "kind": "client",
-                                                  "client_ip": self.ip, "model": self.model})
+                log.info(
+                    "session start",
+                    extra={
+                        "session": self.id,
+                        "kind": "client",
+                        "client_ip": self.ip,
+                        "model": self.model,
+                    },
+                )
                 await self._relay(up)
                 await self._finish(up)
                 self._log_end(trio.current_time() - started)
@@ -98,9 +111,13 @@ class ClientSession:
             nursery.start_soon(self._upstream_to_client, up, scope)
             nursery.start_soon(self._drain_watch, scope)
         if self.ending is None:  # only the deadline ends a session without a pump saying why
-            self.ending = Ending("time_limit", 1000, "session time limit", 1000, "session time limit")
+            self.ending = Ending(
+                "time_limit", 1000, "session time limit", 1000, "session time limit"
+            )
 
-    async def _client_to_upstream(self, up: trio_websocket.WebSocketConnection, scope: trio.CancelScope) -> None:
+    async def _client_to_upstream(
+        self, up: trio_websocket.WebSocketConnection, scope: trio.CancelScope
+    ) -> None:
         counter = self.rt.metrics.messages("client", "upstream")
         limit = self.limit
         while True:
@@ -122,7 +139,9 @@ class ClientSession:
             counter.inc()
             self.up_count += 1
 
-    async def _upstream_to_client(self, up: trio_websocket.WebSocketConnection, scope: trio.CancelScope) -> None:
+    async def _upstream_to_client(
+        self, up: trio_websocket.WebSocketConnection, scope: trio.CancelScope
+    ) -> None:
         counter = self.rt.metrics.messages("client", "downstream")
         limit = self.limit
         while True:
@@ -153,7 +172,9 @@ class ClientSession:
 
     async def _drain_watch(self, scope: trio.CancelScope) -> None:
         await self.rt.drain_expired.wait()
-        self._end(Ending("drain", 1001, "server shutting down", 1001, "server shutting down"), scope)
+        self._end(
+            Ending("drain", 1001, "server shutting down", 1001, "server shutting down"), scope
+        )
 
     async def _finish(self, up: trio_websocket.WebSocketConnection) -> None:
         ending = self.ending
@@ -170,9 +191,18 @@ class ClientSession:
     def _log_end(self, duration: float) -> None:
         ending = self.ending
         assert ending is not None
-        log.info("session end", extra={
-            "session": self.id, "kind": "client", "client_ip": self.ip, "model": self.model,
-            "duration_s": round(duration, 3), "outcome": ending.outcome,
-            "close_code": ending.client_code, "close_reason": ending.client_reason,
-            "messages_up": self.up_count, "messages_down": self.down_count,
-        })
+        log.info(
+            "session end",
+            extra={
+                "session": self.id,
+                "kind": "client",
+                "client_ip": self.ip,
+                "model": self.model,
+                "duration_s": round(duration, 3),
+                "outcome": ending.outcome,
+                "close_code": ending.client_code,
+                "close_reason": ending.client_reason,
+                "messages_up": self.up_count,
+                "messages_down": self.down_count,
+            },
+        )

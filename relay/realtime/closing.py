@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import trio
@@ -38,10 +39,14 @@ def clip_reason(reason: str) -> str:
     return data[:MAX_REASON_BYTES].decode("utf-8", "ignore")
 
 
-async def close_upstream(up: trio_websocket.WebSocketConnection, code: int, reason: str = "") -> None:
+async def close_upstream(
+    up: trio_websocket.WebSocketConnection, code: int, reason: str = ""
+) -> None:
     """Send a close and wait briefly for the peer's; never hang on a stalled peer."""
-    with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
-        try:
-            await up.aclose(code, clip_reason(reason))
-        except (trio_websocket.ConnectionClosed, trio.BrokenResourceError, OSError):
-            pass
+    gone = (trio_websocket.ConnectionClosed, trio.BrokenResourceError, OSError)
+    with (
+        trio.CancelScope(shield=True),
+        trio.move_on_after(CLOSE_TIMEOUT),
+        contextlib.suppress(*gone),
+    ):
+        await up.aclose(code, clip_reason(reason))

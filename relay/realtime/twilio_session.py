@@ -21,6 +21,7 @@ task hop would only add latency to the ``clear``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -101,11 +102,20 @@ class TwilioSession:
                     log.warning("call upstream failed: %s", exc.reason, extra={"session": self.id})
                     self.ending = Ending("upstream_failed", 1011, "upstream unavailable", None)
                     await self.ws.close(1011, "upstream unavailable")
-                    self.rt.metrics.sessions_total.labels(kind="twilio", outcome="upstream_failed").inc()
+                    self.rt.metrics.sessions_total.labels(
+                        kind="twilio", outcome="upstream_failed"
+                    ).inc()
                     return
                 self.rt.metrics.upstream_connect_seconds.observe(trio.current_time() - started)
-                log.info("session start", extra={"session": self.id, "kind": "twilio",
-                                                  "client_ip": self.ip, "model": s.openai.model})
+                log.info(
+                    "session start",
+                    extra={
+                        "session": self.id,
+                        "kind": "twilio",
+                        "client_ip": self.ip,
+                        "model": s.openai.model,
+                    },
+                )
                 await self._call(started)
                 await self._finish()
                 conn.cancel_scope.cancel()
@@ -118,10 +128,14 @@ class TwilioSession:
             nursery.cancel_scope.deadline = started + limits.session_seconds
             nursery.start_soon(self._twilio_to_upstream)
             nursery.start_soon(self._upstream_to_twilio)
-            nursery.start_soon(self._goodbye_timer, started + limits.session_seconds - limits.goodbye_seconds)
+            nursery.start_soon(
+                self._goodbye_timer, started + limits.session_seconds - limits.goodbye_seconds
+            )
             nursery.start_soon(self._drain_watch)
         if self.ending is None:
-            self.ending = Ending("time_limit", 1000, "session time limit", 1000, "session time limit")
+            self.ending = Ending(
+                "time_limit", 1000, "session time limit", 1000, "session time limit"
+            )
 
     def _end(self, ending: Ending) -> None:
         if self.ending is None:
@@ -204,12 +218,23 @@ class TwilioSession:
             self.closing = True
         else:
             instructions = s.prompts.outbound if direction in OUTBOUND else s.prompts.inbound
-        log.info("call started", extra={"session": self.id, "call_sid": self.call_sid,
-                                        "stream_sid": sid, "direction": direction,
-                                        "amd": amd or None, "voice": voice})
+        log.info(
+            "call started",
+            extra={
+                "session": self.id,
+                "call_sid": self.call_sid,
+                "stream_sid": sid,
+                "direction": direction,
+                "amd": amd or None,
+                "voice": voice,
+            },
+        )
         update = rt_dialect.phone_session_update(
-            self.dialect, voice=str(voice), instructions=instructions,
-            turn_detection=not self.voicemail)
+            self.dialect,
+            voice=str(voice),
+            instructions=instructions,
+            turn_detection=not self.voicemail,
+        )
         await self._upstream(update)
         await self._upstream(rt_dialect.response_create(self.dialect))
 
@@ -250,8 +275,11 @@ class TwilioSession:
                         self._maybe_close()
                 elif kind == "error":
                     err = event.get("error") or {}
-                    log.warning("upstream error: %s", str(err.get("message", ""))[:200],
-                                extra={"session": self.id, "code": err.get("code")})
+                    log.warning(
+                        "upstream error: %s",
+                        str(err.get("message", ""))[:200],
+                        extra={"session": self.id, "code": err.get("code")},
+                    )
             except (KeyError, TypeError, AttributeError):
                 continue
             except Disconnected:
@@ -271,10 +299,14 @@ class TwilioSession:
             return False  # audio of an interrupted answer still in flight: never play it
         mark = self.playback.on_delta(item_id, b64_len(payload), trio.current_time() * 1000)
         async with self._send_lock:
-            await self.ws.send(orjson.dumps(
-                {"event": "media", "streamSid": sid, "media": {"payload": payload}}).decode())
-            await self.ws.send(orjson.dumps(
-                {"event": "mark", "streamSid": sid, "mark": {"name": mark}}).decode())
+            await self.ws.send(
+                orjson.dumps(
+                    {"event": "media", "streamSid": sid, "media": {"payload": payload}}
+                ).decode()
+            )
+            await self.ws.send(
+                orjson.dumps({"event": "mark", "streamSid": sid, "mark": {"name": mark}}).decode()
+            )
         return True
 
     async def _barge_in(self) -> None:
@@ -284,7 +316,9 @@ class TwilioSession:
         if cut is None:
             return
         async with self._send_lock:
-            await self.ws.send(orjson.dumps({"event": "clear", "streamSid": self.stream_sid}).decode())
+            await self.ws.send(
+                orjson.dumps({"event": "clear", "streamSid": self.stream_sid}).decode()
+            )
         await self._upstream(rt_dialect.truncate(cut.item_id, cut.audio_end_ms))
         self.bargeins += 1
         self.rt.metrics.bargeins_total.inc()
@@ -302,8 +336,9 @@ class TwilioSession:
         self.closing = True
         if self.response_active:
             await self._upstream({"type": "response.cancel"})
-        await self._upstream(rt_dialect.response_create(
-            self.dialect, instructions=self.rt.settings.prompts.goodbye))
+        await self._upstream(
+            rt_dialect.response_create(self.dialect, instructions=self.rt.settings.prompts.goodbye)
+        )
 
     async def _goodbye_timer(self, at: float) -> None:
         await trio.sleep_until(at)
@@ -316,28 +351,38 @@ class TwilioSession:
         await self.rt.draining.wait()
         # Say goodbye if the drain leaves time for it; close with 1001 when it is up.
         if self.rt.settings.server.drain_seconds >= 3:
-            try:
+            with contextlib.suppress(trio_websocket.ConnectionClosed):
                 await self._begin_goodbye()
-            except trio_websocket.ConnectionClosed:
-                pass
         await self.rt.drain_expired.wait()
         self._end(Ending("drain", 1001, "server shutting down", 1001, "server shutting down"))
 
     def _upstream_gone(self, closed: trio_websocket.ConnectionClosed) -> Ending:
         code = closed.reason.code if closed.reason is not None else None
         failed = code in (None, 1005, 1006, 1011)
-        return Ending("upstream_failed" if failed else "upstream_closed",
-                      1011 if failed else 1000, "upstream closed", None)
+        return Ending(
+            "upstream_failed" if failed else "upstream_closed",
+            1011 if failed else 1000,
+            "upstream closed",
+            None,
+        )
 
     def _log_end(self, duration: float) -> None:
         ending = self.ending
-        log.info("session end", extra={
-            "session": self.id, "kind": "twilio", "client_ip": self.ip,
-            "call_sid": self.call_sid, "stream_sid": self.stream_sid,
-            "model": self.rt.settings.openai.model, "duration_s": round(duration, 3),
-            "outcome": ending.outcome if ending else None,
-            "close_code": ending.client_code if ending else None,
-            "close_reason": ending.client_reason if ending else None,
-            "messages_up": self.up_count, "messages_down": self.down_count,
-            "bargeins": self.bargeins,
-        })
+        log.info(
+            "session end",
+            extra={
+                "session": self.id,
+                "kind": "twilio",
+                "client_ip": self.ip,
+                "call_sid": self.call_sid,
+                "stream_sid": self.stream_sid,
+                "model": self.rt.settings.openai.model,
+                "duration_s": round(duration, 3),
+                "outcome": ending.outcome if ending else None,
+                "close_code": ending.client_code if ending else None,
+                "close_reason": ending.client_reason if ending else None,
+                "messages_up": self.up_count,
+                "messages_down": self.down_count,
+                "bargeins": self.bargeins,
+            },
+        )

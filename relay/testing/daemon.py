@@ -31,6 +31,7 @@ TEST_TWILIO_TOKEN = "twilio-auth-token-for-tests-0123"
 
 def toml_dumps(data: Mapping[str, Mapping[str, Any]]) -> str:
     """Enough TOML for relay configs: tables of strings, numbers, bools and string lists."""
+
     def value(v: Any) -> str:
         if isinstance(v, bool):
             return "true" if v else "false"
@@ -49,7 +50,9 @@ def toml_dumps(data: Mapping[str, Mapping[str, Any]]) -> str:
     return "\n".join(out)
 
 
-def daemon_config(overrides: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+def daemon_config(
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> dict[str, dict[str, Any]]:
     """A config for tests: port 0, generous limits, short drain; ``overrides`` win per key."""
     base: dict[str, dict[str, Any]] = {
         "server": {"bind": ["127.0.0.1:0"], "drain_seconds": 2, "log_level": "info"},
@@ -62,12 +65,26 @@ def daemon_config(overrides: Mapping[str, Mapping[str, Any]] | None = None) -> d
 
 
 def daemon_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("OPENAI_API_KEY", "ENCRYPTION_KEY", "TWILIO_ACCOUNT_SID",
-                        "TWILIO_AUTH_TOKEN", "CREDENTIALS_DIRECTORY", "NOTIFY_SOCKET")}
-    env.update(OPENAI_API_KEY=TEST_OPENAI_KEY, ENCRYPTION_KEY=new_key(),
-               TWILIO_ACCOUNT_SID=TEST_TWILIO_SID, TWILIO_AUTH_TOKEN=TEST_TWILIO_TOKEN,
-               PYTHONUNBUFFERED="1")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in (
+            "OPENAI_API_KEY",
+            "ENCRYPTION_KEY",
+            "TWILIO_ACCOUNT_SID",
+            "TWILIO_AUTH_TOKEN",
+            "CREDENTIALS_DIRECTORY",
+            "NOTIFY_SOCKET",
+        )
+    }
+    env.update(
+        OPENAI_API_KEY=TEST_OPENAI_KEY,
+        ENCRYPTION_KEY=new_key(),
+        TWILIO_ACCOUNT_SID=TEST_TWILIO_SID,
+        TWILIO_AUTH_TOKEN=TEST_TWILIO_TOKEN,
+        PYTHONUNBUFFERED="1",
+    )
     env.update(extra)
     return env
 
@@ -119,7 +136,7 @@ async def _wait_for_port(proc: trio.Process, log_path: Path, timeout: float) -> 
             text = log_path.read_text(errors="replace")
             idx = text.find(marker)
             if idx >= 0:
-                rest = text[idx + len(marker):].split()[0]
+                rest = text[idx + len(marker) :].split()[0]
                 return int(rest.rsplit(":", 1)[1])
             if proc.returncode is not None:
                 raise RuntimeError(f"relay serve exited with {proc.returncode}:\n{text}")
@@ -143,7 +160,10 @@ async def running_daemon(
     with open(log_path, "wb") as log_file:
         proc = await trio.lowlevel.open_process(
             [sys.executable, "-m", "relay", "serve", "--config", str(config_path)],
-            stdout=log_file, stderr=subprocess.STDOUT, env=env_map)
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=env_map,
+        )
     try:
         port = await _wait_for_port(proc, log_path, startup_timeout)
         yield Daemon(proc, port, log_path, env_map, config_path)

@@ -1,0 +1,590 @@
+"""A fake OpenAI Realtime server: a real WebSocket server on 127.0.0.1.
+
+For tests and benchmarks, in process (``async with fake_realtime() as fake``) or
+as a process (``python -m relay.testing.fake_realtime --port N``, which prints
+its URL and serves until killed). It speaks either dialect, records everything
+a peer sends, and enforces the rules of the real service that a relay could
+break, answering each breach with the real ``error`` event (also kept in
+``FakeConnection.errors``, so a test can assert there were none).
+
+Guarantees: every task it starts lives in the context manager's nursery and is
+cancelled when the ``async with`` exits; every accepted socket is closed by
+then. Audio is G.711 μ-law: 8 bytes per millisecond.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import itertools
+import urllib.parse
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, ClassVar
+
+import orjson
+import trio
+import trio_websocket
+
+from relay.realtime.dialect import Dialect, dialect_for
+
+Event = dict[str, Any]
+Hook = Callable[["FakeConnection"], Awaitable[None]]
+
+BYTES_PER_MS = 8
+PATH = "/v1/realtime"
+CLOSE_TIMEOUT = 2.0
+_ids = itertools.count(1)
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}_{next(_ids):08x}"
+
+
+def chunk_audio(seq: int, size: int) -> bytes:
+    """Audio chunk number ``seq`` of a connection: its 4-byte big-endian sequence
+    number, then filler, so a test can check order and byte identity."""
+    head = (seq & 0xFFFFFFFF).to_bytes(4, "big")
+    return (head + bytes([seq % 251]) * max(0, size - 4))[:size]
+
+
+@dataclass
+class _Response:
+    response_id: str
+    item_id: str
+    stop: trio.Event = field(default_factory=trio.Event)
+
+
+class FakeConnection:
+    """One handshake the fake received, and (if accepted) its whole conversation."""
+
+    def __init__(self, fake: FakeRealtime, stream: trio.SocketStream, request: Any) -> None:
+        self.fake = fake
+        self.dialect = fake.dialect
+        self.path: str = request.path
+        self.query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(self.path).query))
+        self.headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers]
+        self.accepted = False
+        self.refused_status: int | None = None
+        self.received: list[str | bytes] = []  # every message, in order, as received
+        self.events: list[Event] = []  # the JSON objects among them (not in echo mode)
+        self.sent: list[Event] = []  # every event the fake sent (not echoes)
+        self.errors: list[Event] = []  # the "error" object of every error event sent
+        self.input_audio = bytearray()  # decoded audio of every valid append, concatenated
+        self.item_audio: dict[str, int] = {}  # assistant item id -> audio bytes sent
+        self.truncations: list[tuple[str, int]] = []  # accepted (item_id, audio_end_ms)
+        self.close_code: int | None = None  # of a close the peer started; None: no frame
+        self.close_reason: str | None = None
+        self.server_close: tuple[int, str] | None = None  # a close the fake started
+        self.closed = trio.Event()
+        self.session = _initial_session(self.dialect, self.query.get("model", "gpt-realtime"))
+        self._stream = stream
+        self._ws: trio_websocket.WebSocketConnection | None = None
+        self._nursery: trio.Nursery | None = None
+        self._active: _Response | None = None
+        self._truncated_ms: dict[str, int] = {}
+        self._seq = 0
+        self._aborted = False
+        self._close_done = trio.Event()
+        self._activity = trio.Event()
+
+    def header(self, name: str) -> str | None:
+        """The first handshake header called ``name`` (any case), else None."""
+        return next((v for k, v in self.headers if k.lower() == name.lower()), None)
+
+    def item_ms(self, item_id: str) -> int:
+        """Milliseconds of audio the fake has sent for ``item_id``."""
+        return self.item_audio.get(item_id, 0) // BYTES_PER_MS
+
+    async def wait_for(self, event_type: str, count: int = 1) -> Event:
+        """Wait until ``count`` client events of ``event_type`` arrived; return the last."""
+        while True:
+            found = [e for e in self.events if e.get("type") == event_type]
+            if len(found) >= count:
+                return found[count - 1]
+            await self._activity.wait()
+
+    async def send_event(self, event: Event) -> None:
+        """Send one server event (an ``event_id`` is added if missing)."""
+        event = {"event_id": _new_id("event"), **event}
+        self.sent.append(event)
+        await self.send_raw(orjson.dumps(event).decode())
+
+    async def _emit(self, event_type: str, **fields: Any) -> None:
+        await self.send_event({"type": event_type, **fields})
+
+    async def send_raw(self, message: str | bytes) -> None:
+        """Send a message exactly as given."""
+        assert self._ws is not None, "the handshake was not accepted"
+        await self._ws.send_message(message)
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        """Start a close handshake; returns once the peer answered (or after a while)."""
+        if self.server_close is None:
+            self.server_close = (code, reason)
+        try:
+            assert self._ws is not None, "the handshake was not accepted"
+            with trio.move_on_after(CLOSE_TIMEOUT):
+                await self._ws.aclose(code, reason)
+        finally:
+            self._close_done.set()
+
+    def abort(self) -> None:
+        """Drop the TCP connection with no close frame."""
+        self._aborted = True
+        self._stream.socket.close()
+
+    async def emit_speech_started(
+        self, audio_start_ms: int, item_id: str | None = None, *, interrupt: bool = True
+    ) -> str:
+        """The caller started speaking; like server VAD, this also cancels the
+        response in progress unless ``interrupt`` is false. Returns the item id."""
+        item_id = item_id or _new_id("item")
+        started = self.dialect.speech_started
+        await self._emit(started, audio_start_ms=audio_start_ms, item_id=item_id)
+        if interrupt and self._active is not None:
+            self._active.stop.set()
+        return item_id
+
+    def respond(self, *, chunks: int | None = None) -> str:
+        """Start a spoken response now (as ``response.create`` would); returns its item id.
+
+        Raises ``RuntimeError`` if one is already in progress."""
+        if self._active is not None:
+            raise RuntimeError("a response is already in progress")
+        assert self._nursery is not None, "the handshake was not accepted"
+        self._active = _Response(_new_id("resp"), _new_id("item"))
+        self.item_audio[self._active.item_id] = 0
+        n = self.fake.response_chunks if chunks is None else chunks
+        self._nursery.start_soon(self._speak, self._active, n)
+        return self._active.item_id
+
+    async def _speak(self, resp: _Response, chunks: int) -> None:
+        d, fake = self.dialect, self.fake
+        ids = dict(response_id=resp.response_id, item_id=resp.item_id,
+                   output_index=0, content_index=0)  # fmt: skip
+        item = dict(id=resp.item_id, object="realtime.item", type="message", role="assistant",
+                    status="in_progress", content=[])  # fmt: skip
+        status = "cancelled"
+        try:
+            await self._emit("response.created", response=_response(resp, "in_progress"))
+            await self._emit("response.output_item.added", response_id=resp.response_id,
+                             output_index=0, item=item)  # fmt: skip
+            for _ in range(chunks):
+                if resp.stop.is_set():
+                    break
+                audio = chunk_audio(self._seq, fake.chunk_bytes)
+                self._seq += 1
+                # Counted before sending: the peer can never have seen more than this.
+                self.item_audio[resp.item_id] += len(audio)
+                await self._emit(d.audio_delta, **ids, delta=base64.b64encode(audio).decode())
+                # Wait on the stop event rather than cancel a send: a cancelled send
+                # could leave half a frame on the wire.
+                with trio.move_on_after(fake.chunk_interval):
+                    await resp.stop.wait()
+            if not resp.stop.is_set():
+                await self._emit(d.transcript_delta, **ids, delta="Hello.")
+                await self._emit(d.audio_done, **ids)
+                await self._emit(d.transcript_done, **ids, transcript="Hello.")
+                status = "completed"
+            self._active = None
+            await self._emit(d.response_done, response=_response(resp, status))
+        except trio_websocket.ConnectionClosed:
+            pass  # the receive loop sees the close and ends the connection
+        finally:
+            if self._active is resp:
+                self._active = None
+
+    async def _error(
+        self, code: str, message: str, *, param: str | None = None, cause: Event | None = None
+    ) -> None:
+        error = dict(type="invalid_request_error", code=code, message=message, param=param,
+                     event_id=(cause or {}).get("event_id"))  # fmt: skip
+        self.errors.append(error)
+        await self._emit("error", error=error)
+
+    async def _receive_loop(self) -> None:
+        assert self._ws is not None
+        while True:
+            try:
+                message = await self._ws.get_message()
+            except trio_websocket.ConnectionClosed as exc:
+                self._note_close(exc.reason)
+                return
+            self.received.append(message)
+            try:
+                if self.fake.echo:
+                    await self._ws.send_message(message)
+                else:
+                    await self._handle(message)
+            except trio_websocket.ConnectionClosed:
+                pass  # the next get_message reports how it closed
+            self._activity.set()
+            self._activity = trio.Event()
+
+    def _note_close(self, reason: trio_websocket.CloseReason | None) -> None:
+        # 1006 is trio-websocket's word for "no close frame": record that as None.
+        if self.server_close or self._aborted or reason is None or reason.code == 1006:
+            return
+        self.close_code, self.close_reason = reason.code, reason.reason or ""
+
+    async def _handle(self, message: str | bytes) -> None:
+        if isinstance(message, bytes):
+            await self._error("invalid_value", "Binary messages are not supported.")
+            return
+        try:
+            event = orjson.loads(message)
+        except orjson.JSONDecodeError:
+            await self._error("invalid_json", "The server could not parse the event as JSON.")
+            return
+        if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+            await self._error("invalid_value", "Expected an object with a 'type'.", param="type")
+            return
+        self.events.append(event)
+        handler = self._handlers.get(event["type"])
+        if handler is None:
+            message = f"Unknown event type: '{event['type']}'."
+            await self._error("unknown_event", message, param="type", cause=event)
+        else:
+            await handler(self, event)
+
+    async def _on_session_update(self, event: Event) -> None:
+        session = event.get("session")
+        if not isinstance(session, dict):
+            await self._error("invalid_type", "Expected an object.", param="session", cause=event)
+            return
+        if not self.dialect.beta_header and session.keys() & _BETA_ONLY_KEYS:
+            # What OpenAI does since the beta shut down: no error event, a close.
+            await self.close(4000, "beta_api_shape_disabled")
+            return
+        problem = _session_problem(self.dialect, session)
+        if problem is not None:
+            await self._error(problem[0], problem[2], param=problem[1], cause=event)
+            return
+        voice = _voice(session)
+        if voice is not None and any(self.item_audio.values()) and voice != _voice(self.session):
+            message = "Cannot update a conversation's voice if assistant audio is present."
+            await self._error("cannot_update_voice", message, param="session.voice", cause=event)
+            return
+        _merge(self.session, session)
+        await self._emit("session.updated", session=self.session)
+
+    async def _on_append(self, event: Event) -> None:
+        audio = event.get("audio")
+        try:
+            if not isinstance(audio, str):
+                raise ValueError
+            self.input_audio += base64.b64decode(audio, validate=True)
+        except (ValueError, binascii.Error):
+            message = "Invalid 'audio'. Expected base64-encoded audio bytes."
+            await self._error("invalid_value", message, param="audio", cause=event)
+
+    async def _on_response_create(self, event: Event) -> None:
+        if self._active is not None:
+            message = (f"Conversation already has an active response in progress: "
+                       f"{self._active.response_id}. Wait until the response is finished "
+                       "before creating a new one.")  # fmt: skip
+            await self._error("conversation_already_has_active_response", message, cause=event)
+        elif self.fake.auto_respond:
+            self.respond()
+
+    async def _on_response_cancel(self, event: Event) -> None:
+        if self._active is None:
+            message = "Cancellation failed: no active response found."
+            await self._error("response_cancel_not_active", message, cause=event)
+        else:
+            self._active.stop.set()
+
+    async def _on_truncate(self, event: Event) -> None:
+        item_id, end_ms = event.get("item_id"), event.get("audio_end_ms")
+        problem: tuple[str, str] | None = None  # (param, message)
+        if not isinstance(item_id, str) or item_id not in self.item_audio:
+            problem = "item_id", "Only model output audio messages can be truncated"
+        elif event.get("content_index") != 0:
+            problem = "content_index", "Invalid 'content_index'."
+        elif not isinstance(end_ms, int) or isinstance(end_ms, bool) or end_ms < 0:
+            problem = "audio_end_ms", "Invalid 'audio_end_ms'."
+        else:
+            # A truncated item keeps only the audio before the cut.
+            have = min(self.item_ms(item_id), self._truncated_ms.get(item_id, end_ms))
+            if end_ms > have:
+                message = f"Audio content of {have} ms is already shorter than {end_ms} ms"
+                problem = "audio_end_ms", message
+        if problem is not None:
+            await self._error("invalid_value", problem[1], param=problem[0], cause=event)
+            return
+        assert isinstance(item_id, str) and isinstance(end_ms, int)
+        self._truncated_ms[item_id] = end_ms
+        self.truncations.append((item_id, end_ms))
+        await self._emit("conversation.item.truncated", item_id=item_id, content_index=0,
+                         audio_end_ms=end_ms)  # fmt: skip
+
+    async def _on_item_create(self, event: Event) -> None:
+        item = {"id": _new_id("item"), **(event.get("item") or {})}
+        added = (
+            "conversation.item.created" if self.dialect.beta_header else "conversation.item.added"
+        )
+        await self._emit(added, previous_item_id=None, item=item)
+
+    async def _on_commit(self, event: Event) -> None:
+        await self._emit("input_audio_buffer.committed", item_id=_new_id("item"))
+
+    async def _on_clear(self, event: Event) -> None:
+        await self._emit("input_audio_buffer.cleared")
+
+    async def _ignore(self, event: Event) -> None:
+        pass
+
+    _handlers: ClassVar[dict[str, Callable[[FakeConnection, Event], Awaitable[None]]]] = {
+        "session.update": _on_session_update,
+        "input_audio_buffer.append": _on_append,
+        "input_audio_buffer.commit": _on_commit,
+        "input_audio_buffer.clear": _on_clear,
+        "response.create": _on_response_create,
+        "response.cancel": _on_response_cancel,
+        "conversation.item.truncate": _on_truncate,
+        "conversation.item.create": _on_item_create,
+        "conversation.item.retrieve": _ignore,
+        "conversation.item.delete": _ignore,
+    }
+
+
+class FakeRealtime:
+    """The server, its recorded connections, and the knobs a test may turn at any time."""
+
+    def __init__(self, dialect: Dialect, *, expected_key: str | None = None) -> None:
+        self.dialect = dialect
+        self.expected_key = expected_key  # None: any Authorization is accepted
+        self.port = 0
+        self.connections: list[FakeConnection] = []
+        self.refuse_status: int | None = None  # refuse every handshake with this status
+        self.accept_delay = 0.0  # stall this long before answering a handshake
+        self.on_connect: Hook | None = None  # runs beside the receive loop of each connection
+        self.response_chunks = 5
+        self.chunk_bytes = 160  # 20 ms of μ-law
+        self.chunk_interval = 0.02  # seconds between audio deltas; 0: as fast as possible
+        self.auto_respond = True  # answer response.create with a spoken response
+        self.echo = False  # send back every message unchanged; no protocol, no session.created
+        self.message_queue_size = 100_000
+        self.max_message_size = 64 * 1024 * 1024
+        self._activity = trio.Event()
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}{PATH}"
+
+    async def wait_connection(self, index: int = 0) -> FakeConnection:
+        """Wait until handshake number ``index`` (from 0) has arrived."""
+        while len(self.connections) <= index:
+            await self._activity.wait()
+        return self.connections[index]
+
+    async def _handle_stream(self, stream: trio.SocketStream) -> None:
+        conn: FakeConnection | None = None
+        try:
+            async with trio.open_nursery() as nursery:  # holds the connection's reader task
+                request = None
+                with trio.move_on_after(10):  # a peer that never sends a request
+                    request = await trio_websocket.wrap_server_stream(
+                        nursery, stream, self.message_queue_size, self.max_message_size
+                    )
+                if request is not None:
+                    conn = FakeConnection(self, stream, request)
+                    self.connections.append(conn)
+                    self._activity.set()
+                    self._activity = trio.Event()
+                    await self._serve(conn, request)
+                nursery.cancel_scope.cancel()
+        finally:
+            try:
+                await trio.aclose_forcefully(stream)
+            finally:  # closing checkpoints, and a cancelled checkpoint raises
+                if conn is not None:
+                    conn.closed.set()
+
+    async def _serve(self, conn: FakeConnection, request: Any) -> None:
+        try:
+            await trio.sleep(self.accept_delay)
+            status = self._refusal(conn)
+            if status is not None:
+                conn.refused_status = status
+                body = orjson.dumps({"error": {"message": f"refused with {status} by the fake"}})
+                headers = [(b"Content-Type", b"application/json")]
+                await request.reject(status, extra_headers=headers, body=body)
+                return
+            conn._ws = await request.accept()
+            conn.accepted = True
+            async with trio.open_nursery() as nursery:
+                conn._nursery = nursery
+                if not self.echo:
+                    await conn._emit("session.created", session=conn.session)
+                if self.on_connect is not None:
+                    nursery.start_soon(_run_hook, self.on_connect, conn)
+                await conn._receive_loop()
+                if conn.server_close is not None:
+                    with trio.move_on_after(CLOSE_TIMEOUT):
+                        await conn._close_done.wait()
+                nursery.cancel_scope.cancel()
+        except (trio_websocket.ConnectionClosed, trio.BrokenResourceError,
+                trio.ClosedResourceError):
+            pass  # the peer left mid-handshake or mid-send; nothing left to record
+
+    def _refusal(self, conn: FakeConnection) -> int | None:
+        if self.refuse_status is not None:
+            return self.refuse_status
+        if urllib.parse.urlsplit(conn.path).path != PATH:
+            return 404
+        key = self.expected_key
+        if key is not None and conn.header("Authorization") != f"Bearer {key}":
+            return 401
+        return None
+
+
+async def _run_hook(hook: Hook, conn: FakeConnection) -> None:
+    # The peer going away while the test's script talks to it is not the script's fault.
+    with suppress(trio_websocket.ConnectionClosed):
+        await hook(conn)
+
+
+def _initial_session(d: Dialect, model: str) -> Event:
+    vad = dict(type="server_vad", threshold=0.5, prefix_padding_ms=300, silence_duration_ms=200)
+    common = dict(id=_new_id("sess"), object="realtime.session", model=model, instructions="")
+    if d.beta_header:
+        return {**common, "modalities": ["text", "audio"], "voice": "alloy", "turn_detection": vad,
+                "input_audio_format": "pcm16", "output_audio_format": "pcm16"}  # fmt: skip
+    pcm = {"type": "audio/pcm", "rate": 24000}
+    audio = {"input": {"format": pcm, "turn_detection": vad},
+             "output": {"format": pcm, "voice": "alloy"}}  # fmt: skip
+    return {"type": "realtime", **common, "output_modalities": ["audio"], "audio": audio}
+
+
+# What each dialect's session.update accepts (openai.types.realtime / .beta.realtime).
+_COMMON_KEYS = {"model", "instructions", "tools", "tool_choice", "tracing"}
+_GA_KEYS = frozenset({*_COMMON_KEYS, "type", "output_modalities", "audio", "max_output_tokens",
+                      "truncation", "prompt", "include"})  # fmt: skip
+_BETA_KEYS = frozenset({*_COMMON_KEYS, "modalities", "voice", "input_audio_format",
+                        "output_audio_format", "input_audio_transcription", "turn_detection",
+                        "input_audio_noise_reduction", "temperature", "speed",
+                        "max_response_output_tokens"})  # fmt: skip
+_BETA_ONLY_KEYS = _BETA_KEYS - _GA_KEYS
+_GA_AUDIO_KEYS = {
+    "input": {"format", "turn_detection", "transcription", "noise_reduction"},
+    "output": {"format", "voice", "speed"},
+}
+_GA_FORMATS = {"audio/pcm", "audio/pcmu", "audio/pcma"}
+_BETA_FORMATS = {"pcm16", "g711_ulaw", "g711_alaw"}
+_VADS = {"server_vad", "semantic_vad"}
+VOICES = frozenset({"alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse",
+                    "marin", "cedar"})  # fmt: skip
+
+
+def _session_problem(d: Dialect, s: Event) -> tuple[str, str, str] | None:
+    """(code, param, message) of the first thing in ``s`` the real service refuses."""
+    for key in s:
+        if key not in (_BETA_KEYS if d.beta_header else _GA_KEYS):
+            return "unknown_parameter", f"session.{key}", f"Unknown parameter: 'session.{key}'."
+    if d.beta_header:
+        if sorted(s.get("modalities", ["text"])) not in (["text"], ["audio", "text"]):
+            return _invalid("session.modalities")
+        for key in ("input_audio_format", "output_audio_format"):
+            if key in s and s[key] not in _BETA_FORMATS:
+                return _invalid(f"session.{key}")
+        vad = s.get("turn_detection")
+    else:
+        if s.get("type") != "realtime":
+            return "missing_required_parameter", "session.type", "Missing 'session.type'."
+        if s.get("output_modalities", ["audio"]) not in (["audio"], ["text"]):
+            return _invalid("session.output_modalities")
+        audio = s.get("audio", {})
+        if not isinstance(audio, dict):
+            return _invalid("session.audio")
+        for side, part in audio.items():
+            if side not in _GA_AUDIO_KEYS or not isinstance(part, dict):
+                return "unknown_parameter", f"session.audio.{side}", "Unknown parameter."
+            if unknown := part.keys() - _GA_AUDIO_KEYS[side]:
+                param = f"session.audio.{side}.{min(unknown)}"
+                return "unknown_parameter", param, f"Unknown parameter: '{param}'."
+            fmt = part.get("format")
+            fmt = fmt.get("type") if isinstance(fmt, dict) else fmt
+            if fmt is not None and fmt not in _GA_FORMATS:
+                return _invalid(f"session.audio.{side}.format.type")
+        vad = audio.get("input", {}).get("turn_detection")
+    if vad is not None and (not isinstance(vad, dict) or vad.get("type") not in _VADS):
+        return _invalid("session.turn_detection")
+    voice = _voice(s)
+    if voice is not None and voice not in VOICES:
+        return _invalid("session.voice")
+    return None
+
+
+def _invalid(param: str) -> tuple[str, str, str]:
+    return "invalid_value", param, f"Invalid value for '{param}'."
+
+
+def _voice(session: Event) -> Any:
+    audio = session.get("audio")
+    output = audio.get("output") if isinstance(audio, dict) else None
+    return session.get("voice", output.get("voice") if isinstance(output, dict) else None)
+
+
+def _merge(into: Event, update: Event) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def _response(resp: _Response, status: str) -> Event:
+    output = [{"id": resp.item_id, "type": "message", "role": "assistant"}]
+    return dict(id=resp.response_id, object="realtime.response", status=status, output=output)
+
+
+@asynccontextmanager
+async def fake_realtime(
+    dialect: str = "ga", *, expected_key: str | None = None, port: int = 0, echo: bool = False
+) -> AsyncIterator[FakeRealtime]:
+    """Serve a :class:`FakeRealtime` on 127.0.0.1 (``port`` 0: any free port).
+
+    Every connection, task and socket of the fake ends when the block exits."""
+    fake = FakeRealtime(dialect_for(dialect), expected_key=expected_key)
+    fake.echo = echo
+    async with trio.open_nursery() as nursery:
+        serve = partial(trio.serve_tcp, fake._handle_stream, port, host="127.0.0.1",
+                        handler_nursery=nursery)  # fmt: skip
+        listeners: list[trio.SocketListener] = await nursery.start(serve)
+        fake.port = listeners[0].socket.getsockname()[1]
+        try:
+            yield fake
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+async def _serve_forever(args: argparse.Namespace) -> None:
+    key, port = args.expected_key, args.port
+    async with fake_realtime(args.dialect, expected_key=key, port=port, echo=args.echo) as fake:
+        fake.response_chunks = args.chunks
+        fake.chunk_bytes = args.chunk_bytes
+        fake.chunk_interval = args.chunk_interval
+        print(fake.url, flush=True)
+        await trio.sleep_forever()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Fake OpenAI Realtime server on 127.0.0.1.")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--dialect", choices=("ga", "beta"), default="ga")
+    parser.add_argument("--expected-key", default=None)
+    parser.add_argument("--echo", action="store_true")
+    parser.add_argument("--chunks", type=int, default=5)
+    parser.add_argument("--chunk-bytes", type=int, default=160)
+    parser.add_argument("--chunk-interval", type=float, default=0.02)
+    with suppress(KeyboardInterrupt):  # Ctrl-C is how an interactive user stops it
+        trio.run(_serve_forever, parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

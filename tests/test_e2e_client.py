@@ -1,0 +1,349 @@
+"""Client relay (SPEC §5), end to end: `relay serve` as a subprocess, the fake Realtime server."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import orjson
+import pytest
+import trio
+import trio_websocket
+
+from relay.config import decode_encryption_key
+from relay.testing.daemon import TEST_OPENAI_KEY, Daemon, running_daemon
+from relay.testing.fake_realtime import FakeConnection, FakeRealtime, fake_realtime
+from relay.tokens import mint
+
+ORIGIN = [("Origin", "http://localhost:5173")]
+SMALL = 1000  # max_message_bytes for the oversize tests
+
+
+def daemon_config(fake: FakeRealtime, **limits: Any) -> dict[str, dict[str, Any]]:
+    return {
+        "openai": {
+            "realtime_url": f"ws://127.0.0.1:{fake.port}/v1/realtime",
+            "dialect": fake.dialect.name,
+        },
+        "limits": limits,
+    }
+
+
+def client_url(d: Daemon, query: str = "") -> str:
+    token = mint(decode_encryption_key(d.env["ENCRYPTION_KEY"]), 60)
+    return f"{d.ws_url}/token/{token}/realtime{query}"
+
+
+@asynccontextmanager
+async def client(
+    d: Daemon, query: str = "", **kw: Any
+) -> AsyncIterator[trio_websocket.WebSocketConnection]:
+    async with trio_websocket.open_websocket_url(
+        client_url(d, query), extra_headers=ORIGIN, max_message_size=64 * 2**20, **kw
+    ) as ws:
+        yield ws
+
+
+async def close_of(ws: trio_websocket.WebSocketConnection, timeout: float = 10) -> tuple[int, str]:
+    """Read until the relay closes the socket; the (code, reason) it sent."""
+    with trio.fail_after(timeout):
+        while True:
+            try:
+                await ws.get_message()
+            except trio_websocket.ConnectionClosed as closed:
+                assert closed.reason is not None
+                return closed.reason.code, closed.reason.reason or ""
+
+
+async def upstream_close(conn: FakeConnection) -> int | None:
+    with trio.fail_after(10):
+        await conn.closed.wait()
+    return conn.close_code
+
+
+@pytest.fixture
+async def echo_fake() -> AsyncIterator[FakeRealtime]:
+    async with fake_realtime(expected_key=TEST_OPENAI_KEY) as fake:
+        fake.echo = True
+        yield fake
+
+
+async def test_messages_pass_unchanged_both_ways(echo_fake: FakeRealtime) -> None:
+    async with running_daemon(daemon_config(echo_fake)) as d, client(d) as ws:
+        messages: list[str | bytes] = ["hello", b"\x00\xffbinary", "", b"", '{"type":"x"}', "é✓"]
+        for m in messages:
+            await ws.send_message(m)
+        got = [await ws.get_message() for _ in messages]
+        assert got == messages
+        assert [type(g) for g in got] == [type(m) for m in messages]
+        conn = echo_fake.connections[0]
+        assert conn.received == messages
+        assert conn.path == "/v1/realtime?model=gpt-realtime"
+        assert conn.header("Authorization") == f"Bearer {TEST_OPENAI_KEY}"
+        assert conn.header("OpenAI-Beta") is None
+
+
+async def test_model_choice_beta_header_and_voice_update() -> None:
+    async with fake_realtime("beta") as fake:
+        fake.echo = True
+        async with running_daemon(daemon_config(fake)) as d:
+            async with client(d, "?model=gpt-realtime-mini&voice=coral") as ws:
+                await ws.send_message("first")
+                echoed = orjson.loads(await ws.get_message())  # the relay's own update, echoed
+                assert await ws.get_message() == "first"
+            conn = fake.connections[0]
+            assert conn.path == "/v1/realtime?model=gpt-realtime-mini"
+            assert conn.header("OpenAI-Beta") == "realtime=v1"
+            assert echoed == {"type": "session.update", "session": {"voice": "coral"}}
+            assert conn.received[1] == "first"
+
+
+async def test_ga_voice_update_shape_and_subprotocol(echo_fake: FakeRealtime) -> None:
+    async with running_daemon(daemon_config(echo_fake)) as d:
+        async with client(
+            d, "?voice=marin", subprotocols=["realtime", "openai-beta.realtime-v1"]
+        ) as ws:
+            assert ws.subprotocol == "realtime"
+            update = orjson.loads(await ws.get_message())
+        assert update == {
+            "type": "session.update",
+            "session": {"type": "realtime", "audio": {"output": {"voice": "marin"}}},
+        }
+        async with client(d) as ws:
+            assert ws.subprotocol is None
+            await ws.send_message("x")
+            assert await ws.get_message() == "x"  # no relay message of its own without voice
+
+
+async def test_client_close_reaches_upstream_as_1000(echo_fake: FakeRealtime) -> None:
+    async with running_daemon(daemon_config(echo_fake)) as d:
+        async with client(d) as ws:
+            await ws.send_message("hi")
+            await ws.get_message()
+            await ws.aclose(4001, "bye")
+        assert await upstream_close(echo_fake.connections[0]) == 1000
+
+
+@pytest.mark.parametrize(
+    ("code", "reason", "expected"),
+    [
+        (1000, "done", 1000),
+        (4000, "beta_api_shape_disabled", 4000),
+        (1011, "oops", 1011),
+        (1001, "going away", 1001),
+        (3001, "", 3001),
+    ],
+)
+async def test_upstream_close_code_reaches_client(code: int, reason: str, expected: int) -> None:
+    async with fake_realtime() as fake:
+
+        async def hook(conn: FakeConnection) -> None:
+            await conn.wait_for("go")
+            await conn.close(code, reason)
+
+        fake.on_connect = hook
+        fake.auto_respond = False
+        async with running_daemon(daemon_config(fake)) as d, client(d) as ws:
+            await ws.send_message('{"type":"go"}')
+            assert await close_of(ws) == (expected, reason)
+
+
+async def test_upstream_drop_without_close_is_1011() -> None:
+    async with fake_realtime() as fake:
+
+        async def hook(conn: FakeConnection) -> None:
+            await conn.wait_for("go")
+            conn.abort()
+
+        fake.on_connect = hook
+        async with running_daemon(daemon_config(fake)) as d, client(d) as ws:
+            await ws.send_message('{"type":"go"}')
+            code, _ = await close_of(ws)
+            assert code == 1011
+
+
+async def test_oversize_from_client(echo_fake: FakeRealtime) -> None:
+    async with running_daemon(daemon_config(echo_fake, max_message_bytes=SMALL)) as d:
+        async with client(d) as ws:
+            await ws.send_message("a" * SMALL)  # exactly the limit: relayed
+            assert await ws.get_message() == "a" * SMALL
+            await ws.send_message(b"b" * SMALL)
+            assert await ws.get_message() == b"b" * SMALL
+            await ws.send_message(b"c" * (SMALL + 1))
+            assert (await close_of(ws))[0] == 1009
+        assert await upstream_close(echo_fake.connections[0]) == 1000
+        # Text is measured in UTF-8 bytes: 334 three-byte chars is 1002 bytes but 334 chars.
+        async with client(d) as ws:
+            await ws.send_message("€" * 333 + "a")  # 1000 bytes: relayed
+            assert await ws.get_message() == "€" * 333 + "a"
+            await ws.send_message("€" * 334)
+            assert (await close_of(ws))[0] == 1009
+        assert await upstream_close(echo_fake.connections[1]) == 1000
+
+
+async def test_oversize_from_upstream() -> None:
+    async with fake_realtime() as fake:
+
+        async def hook(conn: FakeConnection) -> None:
+            await conn.wait_for("go")
+            await conn.send_raw("x" * SMALL)
+            await conn.send_raw("y" * (SMALL + 1))
+
+        fake.on_connect = hook
+        async with running_daemon(daemon_config(fake, max_message_bytes=SMALL)) as d:
+            async with client(d) as ws:
+                await ws.send_message('{"type":"go"}')
+                # session.created and the fake's error for the unknown "go" come first.
+                with trio.fail_after(10):
+                    while await ws.get_message() != "x" * SMALL:
+                        pass
+                assert (await close_of(ws))[0] == 1009
+            assert await upstream_close(fake.connections[0]) == 1000
+
+
+async def test_session_time_limit(echo_fake: FakeRealtime) -> None:
+    async with running_daemon(daemon_config(echo_fake, session_seconds=2, goodbye_seconds=1)) as d:
+        async with client(d) as ws:
+            start = trio.current_time()
+            assert await close_of(ws) == (1000, "session time limit")
+            elapsed = trio.current_time() - start
+            assert 1.5 < elapsed < 4
+        assert await upstream_close(echo_fake.connections[0]) == 1000
+
+
+async def test_drain_closes_with_1001_then_exits(echo_fake: FakeRealtime) -> None:
+    async with running_daemon({**daemon_config(echo_fake), "server": {"drain_seconds": 1}}) as d:
+        async with client(d) as ws:
+            await ws.send_message("x")
+            await ws.get_message()
+            d.signal(signal.SIGTERM)
+            assert await close_of(ws) == (1001, "server shutting down")
+        assert await upstream_close(echo_fake.connections[0]) == 1001
+        assert await d.wait(10) == 0
+
+
+@pytest.mark.parametrize("status", [401, 429, 500])
+async def test_upstream_refusal_is_502(status: int) -> None:
+    async with fake_realtime() as fake:
+        fake.refuse_status = status
+        async with running_daemon(daemon_config(fake)) as d:
+            with pytest.raises(trio_websocket.ConnectionRejected) as refused:
+                async with client(d):
+                    pass
+            assert refused.value.status_code == 502
+
+
+async def test_upstream_unreachable_and_silent_are_502_within_timeout() -> None:
+    with trio.socket.socket() as unused:  # a port with nothing listening
+        await unused.bind(("127.0.0.1", 0))
+        dead_port = unused.getsockname()[1]
+    async with fake_realtime() as fake:
+        fake.accept_delay = 30
+        for port in (dead_port, fake.port):
+            config = {
+                "openai": {
+                    "realtime_url": f"ws://127.0.0.1:{port}/v1/realtime",
+                    "connect_timeout_seconds": 1,
+                }
+            }
+            async with running_daemon(config) as d:
+                start = trio.current_time()
+                with pytest.raises(trio_websocket.ConnectionRejected) as refused:
+                    async with client(d):
+                        pass
+                assert refused.value.status_code == 502
+                assert trio.current_time() - start < 2.5
+
+
+async def test_burst_of_10000_each_way_in_order(echo_fake: FakeRealtime) -> None:
+    async with (
+        running_daemon(daemon_config(echo_fake)) as d,
+        client(d, message_queue_size=20000) as ws,
+    ):
+        n = 10_000
+        start = trio.current_time()
+
+        async def sender() -> None:
+            for i in range(n):
+                await ws.send_message(f'{{"type":"seq","n":{i}}}')
+
+        received: list[int] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sender)
+            while len(received) < n:
+                received.append(orjson.loads(await ws.get_message())["n"])
+        elapsed = trio.current_time() - start
+        assert received == list(range(n))
+        assert [orjson.loads(m)["n"] for m in echo_fake.connections[0].received] == list(range(n))
+        print(
+            f"\n10000 messages each way through one session in {elapsed:.2f} s "
+            f"({n / elapsed:.0f} msg/s each way)"
+        )
+
+
+async def scrape(d: Daemon, name: str) -> float:
+    import httpx
+
+    # Connection: close, or Hypercorn keeps the socket until keep_alive_timeout.
+    async with httpx.AsyncClient(headers={"Connection": "close"}) as http:
+        text = (await http.get(d.http_url + "/metrics")).text
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+async def test_300_sessions_leave_no_fd_or_task_behind() -> None:
+    async with fake_realtime() as fake:
+
+        async def hook(conn: FakeConnection) -> None:
+            event = await conn.wait_for("end")
+            how = orjson.loads(conn.received[-1])["how"] if event else ""
+            if how == "upstream_close":
+                await conn.close(1000, "bye")
+            elif how == "upstream_abort":
+                conn.abort()
+            elif how == "upstream_big":
+                await conn.send_raw("z" * (SMALL + 1))
+
+        fake.on_connect = hook
+        config = daemon_config(fake, max_message_bytes=SMALL)
+        async with running_daemon(config) as d:
+
+            async def one(how: str) -> None:
+                async with client(d) as ws:
+                    await ws.get_message()  # session.created: the session is fully up
+                    if how == "client_close":
+                        await ws.aclose(1000)
+                        return
+                    if how == "client_big":
+                        await ws.send_message(b"q" * (SMALL + 1))
+                    else:
+                        await ws.send_message(orjson.dumps({"type": "end", "how": how}).decode())
+                    await close_of(ws)
+
+            ways = [
+                "client_close",
+                "client_big",
+                "upstream_close",
+                "upstream_abort",
+                "upstream_big",
+            ]
+            await one("client_close")  # warm-up: lazily created pools and caches
+            await trio.sleep(0.5)
+            fds, tasks = d.fd_count(), await scrape(d, "relay_trio_tasks")
+            for i in range(300):
+                await one(ways[i % len(ways)])
+            with trio.fail_after(10):  # sessions finish their closes asynchronously
+                while await scrape(d, 'relay_sessions_active{kind="client"}') != 0:
+                    await trio.sleep(0.05)
+            await trio.sleep(0.5)
+            fds_after, tasks_after = d.fd_count(), await scrape(d, "relay_trio_tasks")
+            print(
+                f"\nafter 300 sessions: fds {fds} -> {fds_after}, "
+                f"trio tasks {tasks} -> {tasks_after}"
+            )
+            assert fds_after <= fds
+            assert tasks_after <= tasks

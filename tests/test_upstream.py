@@ -1,0 +1,203 @@
+"""open_upstream against the fake Realtime server over real loopback sockets."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import AsyncIterator
+
+import orjson
+import pytest
+import trio
+import trio_websocket
+
+from relay.realtime.dialect import BETA, GA, Dialect
+from relay.realtime.upstream import UpstreamError, _endpoint, open_upstream, upstream_url
+from relay.testing.fake_realtime import FakeRealtime, fake_realtime
+
+KEY = "sk-test-secret-key"
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeRealtime]:
+    async with fake_realtime("ga", expected_key=KEY) as f:
+        yield f
+
+
+async def connect(
+    nursery: trio.Nursery,
+    url: str,
+    *,
+    dialect: Dialect = GA,
+    model: str = "gpt-realtime",
+    key: str = KEY,
+    limit: float = 5.0,
+) -> trio_websocket.WebSocketConnection:
+    return await open_upstream(
+        nursery,
+        realtime_url=url,
+        model=model,
+        api_key=key,
+        dialect=dialect,
+        timeout=limit,
+        max_message_size=1 << 20,
+    )
+
+
+async def settle(fake: FakeRealtime) -> None:
+    """Wait until the fake has finished with every connection (its side is closed)."""
+    for conn in fake.connections:
+        await conn.closed.wait()
+
+
+def test_url_has_only_the_model() -> None:
+    base = "wss://api.openai.com/v1/realtime"
+    assert upstream_url(base, "gpt-realtime") == f"{base}?model=gpt-realtime"
+    assert upstream_url(base, "a b/c&d") == f"{base}?model=a%20b%2Fc%26d"
+
+
+def test_endpoint_split() -> None:
+    assert _endpoint("wss://api.openai.com/v1/realtime?model=m") == (
+        "api.openai.com", 443, "/v1/realtime?model=m", True,
+    )  # fmt: skip
+    assert _endpoint("ws://127.0.0.1:9/x") == ("127.0.0.1", 9, "/x", False)
+    with pytest.raises(UpstreamError):
+        _endpoint("https://api.openai.com/v1/realtime")
+
+
+async def test_ga_handshake(fake: FakeRealtime, nursery: trio.Nursery) -> None:
+    ws = await connect(nursery, fake.url)
+    created = orjson.loads(await ws.get_message())
+    assert created["type"] == "session.created"
+    assert created["session"]["type"] == "realtime"
+    conn = fake.connections[0]
+    assert conn.path == "/v1/realtime?model=gpt-realtime"
+    assert conn.header("authorization") == f"Bearer {KEY}"
+    assert conn.header("OpenAI-Beta") is None
+    await ws.aclose()
+    await conn.closed.wait()
+    assert conn.close_code == 1000
+
+
+async def test_beta_handshake_sends_beta_header(nursery: trio.Nursery) -> None:
+    async with fake_realtime("beta") as fake:
+        ws = await connect(nursery, fake.url, dialect=BETA, model="gpt-4o-realtime-preview")
+        assert orjson.loads(await ws.get_message())["type"] == "session.created"
+        conn = fake.connections[0]
+        assert conn.path == "/v1/realtime?model=gpt-4o-realtime-preview"
+        assert conn.header("OpenAI-Beta") == "realtime=v1"
+        assert conn.header("Authorization") == f"Bearer {KEY}"
+        await ws.aclose()
+
+
+@pytest.mark.parametrize("status", [401, 429, 500])
+async def test_refusal_is_upstream_error_and_leaks_nothing(fake: FakeRealtime, status: int) -> None:
+    fake.refuse_status = status
+    async with trio.open_nursery() as nursery:
+        with pytest.raises(UpstreamError) as info:
+            await connect(nursery, fake.url)
+    assert info.value.reason == f"upstream refused handshake: {status}"
+    assert info.value.status == status
+    await settle(fake)
+    before = open_fds()
+    # Kept alive on purpose: their tracebacks would otherwise let the garbage
+    # collector close a leaked socket and hide the leak.
+    kept: list[UpstreamError] = []
+    async with trio.open_nursery() as nursery:  # a refusal must not disturb the caller's nursery
+        for _ in range(150):
+            with pytest.raises(UpstreamError) as info:
+                await connect(nursery, fake.url)
+            kept.append(info.value)
+    await settle(fake)
+    assert open_fds() <= before
+
+
+async def test_wrong_key_is_refused_and_key_never_in_error(fake: FakeRealtime) -> None:
+    async with trio.open_nursery() as nursery:
+        with pytest.raises(UpstreamError) as info:
+            await connect(nursery, fake.url, key="sk-wrong-secret")
+    assert info.value.status == 401
+    assert "secret" not in str(info.value) and "secret" not in repr(info.value.__cause__)
+
+
+async def test_unreachable_port() -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    before = open_fds()
+    async with trio.open_nursery() as nursery:
+        with pytest.raises(UpstreamError, match="unreachable"):
+            await connect(nursery, f"ws://127.0.0.1:{port}/v1/realtime")
+    assert open_fds() <= before
+
+
+async def test_stalled_handshake_times_out(fake: FakeRealtime) -> None:
+    fake.accept_delay = 5.0
+    before = open_fds()
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        with pytest.raises(UpstreamError, match="timed out"):
+            await connect(nursery, fake.url, limit=0.3)
+    assert 0.25 < trio.current_time() - start < 1.5
+    fake.accept_delay = 0
+    assert open_fds() <= before + 1  # at most the fake's own end, still stalling
+
+
+async def test_peer_closing_mid_handshake_fails_fast() -> None:
+    async def hang_up(stream: trio.SocketStream) -> None:
+        await stream.receive_some()
+        await stream.aclose()
+
+    async def garbage(stream: trio.SocketStream) -> None:
+        await stream.receive_some()
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        await trio.sleep(10)
+
+    for handler in (hang_up, garbage):
+        async with trio.open_nursery() as server:
+            listeners = await server.start(trio.serve_tcp, handler, 0)
+            port = listeners[0].socket.getsockname()[1]
+            start = trio.current_time()
+            with pytest.raises(UpstreamError):
+                await connect(server, f"ws://127.0.0.1:{port}/v1/realtime", limit=5)
+            assert trio.current_time() - start < 1.0  # not the timeout
+            server.cancel_scope.cancel()
+
+
+async def test_wss_speaks_tls(fake: FakeRealtime) -> None:
+    # The fake speaks plain HTTP; a wss:// URL must attempt TLS and fail as such.
+    async with trio.open_nursery() as nursery:
+        with pytest.raises(UpstreamError, match="TLS"):
+            await connect(nursery, f"wss://127.0.0.1:{fake.port}/v1/realtime")
+
+
+async def test_socket_closed_when_peer_closes(fake: FakeRealtime) -> None:
+    async def close_4000(conn: object) -> None:
+        await fake.connections[-1].close(4000, "bye")
+
+    await settle(fake)
+    before = open_fds()
+    fake.on_connect = close_4000
+    async with trio.open_nursery() as nursery:
+        ws = await connect(nursery, fake.url)
+        with pytest.raises(trio_websocket.ConnectionClosed) as info:
+            while True:
+                await ws.get_message()
+        assert info.value.reason is not None and info.value.reason.code == 4000
+        # No aclose(): trio-websocket alone would keep this socket open.
+    await settle(fake)
+    assert open_fds() <= before
+
+
+async def test_cancelling_the_nursery_closes_the_socket(fake: FakeRealtime) -> None:
+    before = open_fds()
+    async with trio.open_nursery() as nursery:
+        ws = await connect(nursery, fake.url)
+        await ws.get_message()
+        nursery.cancel_scope.cancel()
+    await settle(fake)
+    assert open_fds() <= before
