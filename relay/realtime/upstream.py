@@ -65,7 +65,7 @@ async def open_upstream(
     model: str,
     api_key: str,
     dialect: Dialect,
-    timeout: float,  # noqa: ASYNC109 -- the callers' contract; applied with fail_after below
+    timeout: float,
     max_message_size: int,
     message_queue_size: int = DEFAULT_MESSAGE_QUEUE_SIZE,
     subprotocols: Sequence[str] | None = None,
