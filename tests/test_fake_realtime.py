@@ -210,8 +210,10 @@ async def test_one_response_at_a_time_and_cancel() -> None:
         events = await recv_until(ws, "error")
         assert events[-1]["error"]["code"] == "conversation_already_has_active_response"
         await send(ws, {"type": "response.cancel"})
+        assert fake.connections[0].responding
         done = (await recv_until(ws, "response.done"))[-1]
         assert done["response"]["status"] == "cancelled"
+        assert not fake.connections[0].responding
         await send(ws, {"type": "response.cancel"})
         assert (await recv(ws))["error"]["code"] == "response_cancel_not_active"
 
@@ -259,9 +261,10 @@ async def test_close_and_abort_are_recorded() -> None:
 
 async def test_refusals() -> None:
     async with fake_realtime(expected_key="sk-right") as fake:
+        right, wrong = [(b"Authorization", b"Bearer sk-right")], [(b"Authorization", b"Bearer x")]
         cases = [
-            (url_of(fake.port), [(b"Authorization", b"Bearer sk-wrong")], 401),
-            (url_of(fake.port).replace("/v1/realtime", "/v2"), [(b"Authorization", b"Bearer sk-right")], 404),
+            (url_of(fake.port), wrong, 401),
+            (url_of(fake.port).replace("/v1/realtime", "/v2"), right, 404),
         ]
         for url, headers, status in cases:
             with pytest.raises(trio_websocket.ConnectionRejected) as info:

@@ -95,6 +95,11 @@ class FakeConnection:
         """The first handshake header called ``name`` (any case), else None."""
         return next((v for k, v in self.headers if k.lower() == name.lower()), None)
 
+    @property
+    def responding(self) -> bool:
+        """Is a response in progress (its ``response.done`` not yet sent)?"""
+        return self._active is not None
+
     def item_ms(self, item_id: str) -> int:
         """Milliseconds of audio the fake has sent for ``item_id``."""
         return self.item_audio.get(item_id, 0) // BYTES_PER_MS
