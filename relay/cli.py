@@ -32,10 +32,18 @@ def _parser() -> argparse.ArgumentParser:
         help="lifetime in seconds (default and maximum: auth.token_max_ttl_seconds)",
     )
     sub.add_parser("keygen", help="print a new random ENCRYPTION_KEY (32 bytes, base64url)")
+    # Listed here for --help only: main() hands `bench` and its arguments to relay.bench.
+    sub.add_parser("bench", help="measure calls per core (see `relay bench --help`)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        # The bench has its own parser and many options; it runs no daemon code in-process.
+        from relay.bench import main as bench_main
+
+        return bench_main(argv[1:])
     args = _parser().parse_args(argv)
     # Imports are deferred so `relay keygen` and `--help` stay instant.
     from relay.config import ConfigError, describe, load_settings
@@ -69,6 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         secrets.openai_api_key,
                         secrets.twilio_auth_token,
                         secrets.twilio_account_sid,
+                        secrets.encryption_key,
                     )
                     if v
                 ],
@@ -82,6 +91,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     except OSError as exc:  # e.g. the bind address is taken: an operator matter, no traceback
         print(f"relay: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except BaseExceptionGroup as group:  # the same, raised from inside the server's nursery
+        found = group.subgroup(OSError)
+        if found is None:
+            raise
+        leaf: BaseException = found
+        while isinstance(leaf, BaseExceptionGroup):
+            leaf = leaf.exceptions[0]
+        print(f"relay: {getattr(leaf, 'strerror', None) or leaf}", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_FAILURE
 
