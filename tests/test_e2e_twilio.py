@@ -418,3 +418,30 @@ async def test_drain_says_goodbye_then_exits(fake: FakeRealtime) -> None:
         assert creates[-1].get("response", {}).get("instructions") == DEFAULT_PROMPTS["goodbye"]
         assert c.close_code == 1000
         assert await d.wait(10) == 0
+
+
+async def test_goodbye_interrupts_a_long_answer_and_is_played_whole() -> None:
+    async with fake_realtime() as fake:
+        fake.response_chunks = 500  # a 10 s greeting, still going when the goodbye is due
+
+        async def shorten(conn: FakeConnection) -> None:
+            await conn.wait_for("response.create")
+            fake.response_chunks = 5  # the goodbye: 100 ms
+
+        fake.on_connect = shorten
+        async with running_daemon(config(fake, session_seconds=5, goodbye_seconds=2)) as d:
+            async with call(d) as c:
+                start = trio.current_time()
+                await c.start()
+                await wait_closed(c, 10)
+                elapsed = trio.current_time() - start
+        conn = fake.connections[0]
+        kinds = [e["type"] for e in conn.events if e["type"].startswith("response.")]
+        assert kinds == ["response.create", "response.cancel", "response.create"]
+        goodbye_audio = [
+            chunk_audio(i, 160) for i in range(len(c.received_media) - 5, len(c.received_media))
+        ]
+        assert c.received_media[-5:] == goodbye_audio
+        assert c.played_bytes() == len(c.received_media) * 160  # nothing cut short
+        assert c.close_code == 1000
+        assert 3.0 < elapsed < 4.8  # after the goodbye played, before the hard limit

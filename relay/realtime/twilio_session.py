@@ -21,8 +21,11 @@ task hop would only add latency to the ``clear``.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import logging
+import re
 from typing import Any
 
 import orjson
@@ -54,6 +57,61 @@ def b64_len(payload: str) -> int:
     return (n * 3) // 4 - payload.count("=", n - 2)
 
 
+# Base64 text, which can sit between JSON quotes as is. Payloads that match are
+# spliced into the outgoing JSON instead of building and serialising a dict per
+# frame; anything else takes the orjson path, so the bytes on the wire are the same.
+_B64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
+# streamSids are "MZ" + hex; a sid made only of these is JSON-safe unescaped.
+_SAFE_SID = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _media_payload(raw: str | bytes) -> str | None:
+    """The payload of a Twilio ``media`` message, or None if ``raw`` is anything else
+    (which then takes the general path, parsed again: rare, so cheaper than
+    carrying the parsed event along)."""
+    try:
+        event = orjson.loads(raw)
+        if event["event"] != "media":
+            return None
+        payload = event["media"]["payload"]
+    except (orjson.JSONDecodeError, TypeError, KeyError):
+        return None
+    return payload if isinstance(payload, str) else None
+
+
+def _append_messages(frames: list[str]) -> list[str]:
+    """``input_audio_buffer.append`` messages carrying ``frames`` (base64) in order:
+    one for all of them when they join cleanly, else one per frame."""
+    if len(frames) > 1:
+        try:
+            # Twilio's 160-byte frames end in padding, so base64 strings cannot be
+            # concatenated as text; the audio bytes can.
+            joined = base64.b64encode(
+                b"".join(base64.b64decode(f, validate=True) for f in frames)
+            ).decode("ascii")
+        except (binascii.Error, ValueError):
+            return [m for f in frames for m in _append_messages([f])]
+        frames = [joined]
+    audio = frames[0]
+    if _B64.fullmatch(audio):
+        return ['{"type":"input_audio_buffer.append","audio":"' + audio + '"}']
+    return [orjson.dumps(rt_dialect.append_audio(audio)).decode()]
+
+
+def _twilio_media(sid: str, payload: str, mark: str) -> tuple[str, str]:
+    """The Twilio ``media`` and ``mark`` messages for one assistant delta: the bytes
+    orjson would produce, without building two dicts per frame."""
+    if _SAFE_SID.fullmatch(sid) and _B64.fullmatch(payload) and mark.isdigit():
+        return (
+            '{"event":"media","streamSid":"' + sid + '","media":{"payload":"' + payload + '"}}',
+            '{"event":"mark","streamSid":"' + sid + '","mark":{"name":"' + mark + '"}}',
+        )
+    return (
+        orjson.dumps({"event": "media", "streamSid": sid, "media": {"payload": payload}}).decode(),
+        orjson.dumps({"event": "mark", "streamSid": sid, "mark": {"name": mark}}).decode(),
+    )
+
+
 class TwilioSession:
     def __init__(self, rt: Runtime, ws: AsgiWebSocket, ip: str) -> None:
         self.rt = rt
@@ -69,6 +127,7 @@ class TwilioSession:
         # "closing": a final response (voicemail or goodbye) was asked for; the call
         # ends once it has been played. No caller audio, no barge-in meanwhile.
         self.closing = False
+        self.final_response_id: str | None = None
         self.final_response_done = False
         self.response_active = False
         self.ending: Ending | None = None
@@ -157,28 +216,55 @@ class TwilioSession:
         counter = self.rt.metrics.messages("twilio", "upstream")
         up = self._up
         assert up is not None
+        held: str | bytes | None = None  # a message read ahead while joining frames
         while True:
+            if held is not None:
+                raw, held = held, None
+            else:
+                try:
+                    raw = await self.ws.receive()
+                except Disconnected:
+                    self._end(Ending("twilio_closed", None))
+                    return
+            payload = _media_payload(raw)
             try:
-                raw = await self.ws.receive()
-            except Disconnected:
-                self._end(Ending("twilio_closed", None))
-                return
-            try:
-                event = orjson.loads(raw)
-                kind = event["event"]
-            except (orjson.JSONDecodeError, TypeError, KeyError):
-                continue  # not a Twilio message: ignore it, keep the call
-            try:
-                if kind == "media":
+                if payload is not None:
                     if self.stream_sid is None or self.voicemail or self.closing:
                         continue
-                    payload = event["media"]["payload"]
-                    if not isinstance(payload, str):
-                        continue
-                    await up.send_message(orjson.dumps(rt_dialect.append_audio(payload)).decode())
-                    counter.inc()
-                    self.up_count += 1
-                elif kind == "mark":
+                    # Join the frames that are already waiting (SPEC §6 allows it; it
+                    # never waits for more): under load one append carries several
+                    # frames, and the upstream send is the costly part of a frame.
+                    frames = [payload]
+                    gone = False
+                    while True:
+                        try:
+                            nxt = self.ws.receive_nowait()
+                        except Disconnected:
+                            gone = True
+                            break
+                        if nxt is None:
+                            break
+                        more = _media_payload(nxt)
+                        if more is None:
+                            held = nxt  # handled next turn, in order
+                            break
+                        frames.append(more)
+                    for message in _append_messages(frames):
+                        await up.send_message(message)
+                    counter.inc(len(frames))
+                    self.up_count += len(frames)
+                    if gone:
+                        self._end(Ending("twilio_closed", None))
+                        return
+                    continue
+                try:
+                    event = orjson.loads(raw)
+                    kind = event["event"]
+                except (orjson.JSONDecodeError, TypeError, KeyError):
+                    continue  # not a Twilio message: ignore it, keep the call
+                if kind == "media":
+                    continue  # a media without a usable payload
+                if kind == "mark":
                     self.playback.on_mark(str(event["mark"]["name"]), trio.current_time() * 1000)
                     self._maybe_close()
                 elif kind == "start":
@@ -268,9 +354,14 @@ class TwilioSession:
                     await self._barge_in()
                 elif kind == "response.created":
                     self.response_active = True
+                    if self.closing and self.final_response_id is None:
+                        # The first response created after the final request is the
+                        # final one; a response it cancelled ends before it starts.
+                        self.final_response_id = str(event["response"]["id"])
                 elif kind == d.response_done:
                     self.response_active = False
-                    if self.closing:
+                    done_id = (event.get("response") or {}).get("id")
+                    if self.final_response_id is not None and done_id == self.final_response_id:
                         self.final_response_done = True
                         self._maybe_close()
                 elif kind == "error":
@@ -298,15 +389,10 @@ class TwilioSession:
         if self.playback.was_truncated(item_id):
             return False  # audio of an interrupted answer still in flight: never play it
         mark = self.playback.on_delta(item_id, b64_len(payload), trio.current_time() * 1000)
+        media, mark_msg = _twilio_media(sid, payload, mark)
         async with self._send_lock:
-            await self.ws.send(
-                orjson.dumps(
-                    {"event": "media", "streamSid": sid, "media": {"payload": payload}}
-                ).decode()
-            )
-            await self.ws.send(
-                orjson.dumps({"event": "mark", "streamSid": sid, "mark": {"name": mark}}).decode()
-            )
+            await self.ws.send(media)
+            await self.ws.send(mark_msg)
         return True
 
     async def _barge_in(self) -> None:
