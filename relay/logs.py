@@ -1,74 +1,208 @@
 """Logging setup: plain text or one JSON object per line, for us and every library.
 
-Secrets are scrubbed by a filter as a last line of defence; the code never
-logs them in the first place (no access log: a token can sit in a URL path).
+With ``log_format = "json"`` the process writes nothing but JSON lines to
+stdout and stderr (SPEC §3): our records, hypercorn's and libraries' records,
+warnings, uncaught and unraisable exceptions, and, as a catch-all, any text a
+library prints to ``sys.stdout``/``sys.stderr``. (Writes straight to file
+descriptor 2 from C code, e.g. a faulthandler dump, cannot be caught here.)
+
+Secrets are scrubbed from every finished line as a last line of defence; the
+code never logs them in the first place (no access log: a token can sit in a
+URL path).
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import logging
 import sys
+import threading
 import time
 from collections.abc import Iterable
-from typing import Any
+from types import TracebackType
+from typing import Any, TextIO
 
 import orjson
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+REDACTED = "[redacted]"
+# A secret shorter than this would also match ordinary text and mangle it.
+MIN_SECRET_LEN = 8
+
+
+class Redactor:
+    """Replaces every configured secret in a finished line with ``[redacted]``.
+
+    A bytes secret (the ENCRYPTION_KEY) is matched in every text form an
+    operator may have written it in: base64 and base64url, padded or not.
+    """
+
+    def __init__(self, secrets: Iterable[str | bytes] = ()) -> None:
+        forms: set[str] = set()
+        for secret in secrets:
+            if isinstance(secret, bytes):
+                forms.update(_text_forms(secret))
+            else:
+                forms.add(secret)
+        # Longest first, so a secret that contains another is replaced whole.
+        self._secrets = sorted((s for s in forms if len(s) >= MIN_SECRET_LEN), key=len,
+                               reverse=True)
+
+    def __call__(self, line: str) -> str:
+        for secret in self._secrets:
+            if secret in line:
+                line = line.replace(secret, REDACTED)
+        return line
+
+
+def _text_forms(key: bytes) -> set[str]:
+    std = base64.b64encode(key).decode()
+    url = base64.urlsafe_b64encode(key).decode()
+    return {std, std.rstrip("="), url, url.rstrip("=")}
+
+
+def _extras(record: logging.LogRecord) -> dict[str, Any]:
+    return {k: v for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")}
+
+
+def _timestamp(created: float) -> str:
+    millis = int(created % 1 * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{millis:03d}Z"
 
 
 class JsonFormatter(logging.Formatter):
+    """One JSON object per record: ts, level, logger, msg, the record's extras, exc."""
+
+    def __init__(self, redact: Redactor | None = None) -> None:
+        super().__init__()
+        self._redact = redact or Redactor()
+
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "ts": _timestamp(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        for key, value in vars(record).items():
-            if key not in _STANDARD and not key.startswith("_"):
-                out[key] = value
+        out.update(_extras(record))
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(out, default=str).decode()
+        if record.stack_info:
+            out["stack"] = self.formatStack(record.stack_info)
+        # default=str: an extra that is not JSON (an exception, a path) still logs.
+        return self._redact(orjson.dumps(out, default=str).decode())
 
 
 class TextFormatter(logging.Formatter):
-    def __init__(self) -> None:
+    """``2025-01-31 12:00:00,123 INFO relay.server: message key=value ...``"""
+
+    def __init__(self, redact: Redactor | None = None) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self._redact = redact or Redactor()
 
     def format(self, record: logging.LogRecord) -> str:
         base = super().format(record)
-        extra = {k: v for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")}
+        extra = _extras(record)
         if extra:
             base += " " + " ".join(f"{k}={v}" for k, v in extra.items())
-        return base
+        return self._redact(base)
 
 
-class Redactor(logging.Filter):
-    """Replaces any configured secret that slipped into a message with ``[redacted]``."""
+class JsonLinesStream(io.TextIOBase):
+    """Stands in for ``sys.stdout``/``sys.stderr`` in JSON mode: every line a library
+    prints becomes one JSON object (logger ``stdout``/``stderr``) on the real stream.
 
-    def __init__(self, secrets: Iterable[str]) -> None:
+    It writes to the real stream itself rather than through ``logging``, so a
+    failing handler that reports to ``sys.stderr`` cannot loop back into it.
+    """
+
+    encoding = "utf-8"
+
+    def __init__(self, target: TextIO, name: str, level: str, redact: Redactor) -> None:
         super().__init__()
-        self._secrets = [s for s in secrets if len(s) >= 8]
+        self._target = target
+        self._name = name
+        self._level = level
+        self._redact = redact
+        self._pending = ""
+        # Reentrant: a signal handler may print while this thread holds the lock.
+        self._lock = threading.RLock()
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        if self._secrets:
-            message = record.getMessage()
-            scrubbed = message
-            for s in self._secrets:
-                scrubbed = scrubbed.replace(s, "[redacted]")
-            if scrubbed is not message and scrubbed != message:
-                record.msg, record.args = scrubbed, None
+    def writable(self) -> bool:
         return True
 
+    def isatty(self) -> bool:
+        return False
 
-def setup_logging(fmt: str, level: str, secrets: Iterable[str] = ()) -> None:
-    """Route the root logger, warnings and libraries' loggers to stderr in one format."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
-    handler.addFilter(Redactor(secrets))
+    def fileno(self) -> int:
+        return self._target.fileno()
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            lines = (self._pending + text).split("\n")
+            self._pending = lines.pop()
+            for line in lines:
+                self._emit(line)
+        return len(text)
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._pending:
+                self._emit(self._pending)
+                self._pending = ""
+            self._target.flush()
+
+    def _emit(self, line: str) -> None:
+        if not line.strip():
+            return
+        out = {"ts": _timestamp(time.time()), "level": self._level, "logger": self._name,
+               "msg": line.rstrip("\r")}
+        self._target.write(self._redact(orjson.dumps(out).decode()) + "\n")
+        self._target.flush()
+
+
+def _log_uncaught(exc_type: type[BaseException], exc: BaseException,
+                  tb: TracebackType | None) -> None:
+    if issubclass(exc_type, KeyboardInterrupt):
+        sys.__excepthook__(exc_type, exc, tb)
+        return
+    logging.getLogger("relay").critical("uncaught exception", exc_info=(exc_type, exc, tb))
+
+
+def _log_unraisable(unraisable: sys.UnraisableHookArgs) -> None:
+    # e.g. an exception in __del__ or a finalizer: Python would print it raw.
+    what = unraisable.err_msg or "exception ignored"
+    obj = f" in {unraisable.object!r}" if unraisable.object is not None else ""
+    exc = unraisable.exc_value
+    logging.getLogger("relay").error(
+        "%s%s", what, obj,
+        exc_info=(unraisable.exc_type, exc, unraisable.exc_traceback) if exc is not None else None,
+    )
+
+
+def _log_thread_exception(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit:
+        return
+    name = args.thread.name if args.thread is not None else "?"
+    exc = args.exc_value
+    logging.getLogger("relay").error(
+        "uncaught exception in thread %s", name,
+        exc_info=(args.exc_type, exc, args.exc_traceback) if exc is not None else None,
+    )
+
+
+def setup_logging(fmt: str, level: str, secrets: Iterable[str | bytes] = ()) -> None:
+    """Route the root logger, warnings, uncaught exceptions and libraries' loggers to
+    stderr in one format; in JSON mode also wrap ``sys.stdout``/``sys.stderr``.
+
+    ``secrets`` are scrubbed from every line (a bytes secret in its base64 forms).
+    Meant to be called once, by ``relay serve``, before anything else logs.
+    """
+    redact = Redactor(secrets)
+    stream: TextIO = sys.__stderr__ or sys.stderr
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter(redact) if fmt == "json" else TextFormatter(redact))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -76,7 +210,14 @@ def setup_logging(fmt: str, level: str, secrets: Iterable[str] = ()) -> None:
     # Libraries that log per request or per frame at INFO/DEBUG would flood the log.
     for noisy in ("hypercorn.access", "trio-websocket", "httpx", "httpcore", "twilio"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
-    for name in ("hypercorn.error", "quart.app", "quart.serving"):
+    for name in ("hypercorn.error", "quart.app", "quart.serving", "py.warnings"):
         lib = logging.getLogger(name)
         lib.handlers[:] = []
         lib.propagate = True
+    # Python's defaults print these raw to stderr, past the formatter and the redactor.
+    sys.excepthook = _log_uncaught
+    sys.unraisablehook = _log_unraisable
+    threading.excepthook = _log_thread_exception
+    if fmt == "json":
+        sys.stdout = JsonLinesStream(sys.__stdout__ or sys.stdout, "stdout", "info", redact)
+        sys.stderr = JsonLinesStream(stream, "stderr", "error", redact)

@@ -37,6 +37,10 @@ class RefusalLog:
         else:
             self._suppressed[reason] += 1
 
+    def flush(self) -> None:
+        """Report what was suppressed so far (the server calls this periodically and at stop)."""
+        self._flush()
+
     def _flush(self) -> None:
         if self._suppressed:
             total = sum(self._suppressed.values())

@@ -10,6 +10,7 @@ Its whole log is kept in a file so tests can grep it (e.g. for secrets).
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -129,15 +130,17 @@ class Daemon:
             return await self.proc.wait()
 
 
+_LISTENING = re.compile(r"listening on http://[^\s\"]+:(\d+)")
+
+
 async def _wait_for_port(proc: trio.Process, log_path: Path, timeout: float) -> int:
-    marker = "listening on http://"
+    """The port from the daemon's "listening on" line (text or JSON log format)."""
     with trio.fail_after(timeout):
         while True:
             text = log_path.read_text(errors="replace")
-            idx = text.find(marker)
-            if idx >= 0:
-                rest = text[idx + len(marker) :].split()[0]
-                return int(rest.rsplit(":", 1)[1])
+            found = _LISTENING.search(text)
+            if found:
+                return int(found.group(1))
             if proc.returncode is not None:
                 raise RuntimeError(f"relay serve exited with {proc.returncode}:\n{text}")
             await trio.sleep(0.02)
