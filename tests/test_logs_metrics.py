@@ -355,29 +355,8 @@ sys.addaudithook(_provoke)
 '''
 
 
-async def _wait_for_port_any_format(proc: trio.Process, log_path: Path, timeout: float) -> int:
-    with trio.fail_after(timeout):
-        while True:
-            text = log_path.read_text(errors="replace")
-            found = re.search(r"listening on http://[^\s\"]+:(\d+)", text)
-            if found:
-                return int(found.group(1))
-            if proc.returncode is not None:
-                raise RuntimeError(f"relay serve exited with {proc.returncode}:\n{text}")
-            await trio.sleep(0.02)
-
-
 @pytest.fixture
-def json_port_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
-    """relay.testing.daemon reads the port as the text after "listening on http://" up
-    to whitespace, which in a JSON line keeps the closing quote; parse either format."""
-    import relay.testing.daemon
-
-    monkeypatch.setattr(relay.testing.daemon, "_wait_for_port", _wait_for_port_any_format)
-
-
-@pytest.fixture
-def noisy_env(tmp_path: Path, json_port_parsing: None) -> dict[str, str]:
+def noisy_env(tmp_path: Path) -> dict[str, str]:
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(NOISY_SITE)
