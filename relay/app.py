@@ -53,6 +53,10 @@ def create_http_app(
         g.client_ip = client_ip(
             str(peer[0]), request.headers.get("X-Forwarded-For"), settings.server.trusted_networks
         )
+        # Read the (bounded) body before any early answer: Quart-Trio cancels the
+        # request task while Hypercorn discards an unread body, which leaves a
+        # kept-alive connection open but dead.
+        await request.get_data()
         if request.path in twilio_routes and request.method == "POST" and await signed():
             return None
         refusal = await rate_limit(rt.store, f"http:{g.client_ip}", settings.limits.http_per_minute)
@@ -67,7 +71,10 @@ def create_http_app(
 
     @app.errorhandler(413)
     async def too_large(_: Any) -> Response:
-        return text("request body too large", 413)
+        response = text("request body too large", 413)
+        # The rest of the body is never read: the connection cannot be reused.
+        response.headers["Connection"] = "close"
+        return response
 
     @app.errorhandler(500)
     async def internal(_: Any) -> Response:
@@ -160,7 +167,18 @@ async def _plain(
     scope: Scope, send: Send, status: int, reason: str, headers: tuple[tuple[str, str], ...] = ()
 ) -> None:
     body = b"" if scope.get("method") == "HEAD" else (reason + "\n").encode()
+    if _has_body(scope):
+        # The request body is never read on these routes, so the connection cannot
+        # carry another request: say so rather than let a keep-alive client find out.
+        headers = (*headers, ("Connection", "close"))
     await _send(send, status, body, "text/plain; charset=utf-8", headers)
+
+
+def _has_body(scope: Scope) -> bool:
+    for name, value in scope["headers"]:
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0"):
+            return True
+    return False
 
 
 async def _send(

@@ -32,12 +32,27 @@ class Disconnected(Exception):
 class AsgiWebSocket:
     """One WebSocket connection, before and after accept."""
 
-    __slots__ = ("_receive", "_send", "accepted", "closed", "headers", "query", "scope")
+    __slots__ = (
+        "_receive",
+        "_receive_nowait",
+        "_send",
+        "accepted",
+        "closed",
+        "headers",
+        "query",
+        "scope",
+    )
 
     def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self.scope = scope
         self._receive = receive
         self._send = send
+        # Hypercorn's ``receive`` is the bound ``receive`` of a trio memory channel;
+        # its ``receive_nowait`` lets a session take messages that are already
+        # queued without a trip through the scheduler. Any other server: None.
+        owner = getattr(receive, "__self__", None)
+        nowait = getattr(owner, "receive_nowait", None)
+        self._receive_nowait: Callable[[], Message] | None = nowait if callable(nowait) else None
         self.headers: dict[str, str] = {}
         for name, value in scope.get("headers", ()):
             # Repeated headers are joined, as HTTP allows for list-valued ones.
@@ -91,13 +106,31 @@ class AsgiWebSocket:
 
     async def receive(self) -> str | bytes:
         """The next message, text as str and binary as bytes (empty ones too)."""
-        message = await self._receive()
+        return self._unpack(await self._receive())
+
+    def receive_nowait(self) -> str | bytes | None:
+        """The next message if one is already waiting, else None (never blocks).
+
+        Raises :class:`Disconnected` like :meth:`receive` when what waits is the
+        client's disconnect.
+        """
+        if self._receive_nowait is None:
+            return None
+        try:
+            message = self._receive_nowait()
+        except Exception:  # trio.WouldBlock; a closed channel is reported by receive()
+            return None
+        return self._unpack(message)
+
+    def _unpack(self, message: Message) -> str | bytes:
         kind = message["type"]
         if kind == "websocket.receive":
+            # Text first: every Twilio message and most client ones are text.
+            text = message.get("text")
+            if text is not None:
+                return str(text)
             data = message.get("bytes")
-            if data is not None:
-                return bytes(data)
-            return str(message.get("text") or "")
+            return bytes(data) if data is not None else ""
         if kind == "websocket.disconnect":
             self.closed = True
             raise Disconnected(int(message.get("code", 1005)), str(message.get("reason") or ""))

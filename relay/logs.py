@@ -46,8 +46,9 @@ class Redactor:
             else:
                 forms.add(secret)
         # Longest first, so a secret that contains another is replaced whole.
-        self._secrets = sorted((s for s in forms if len(s) >= MIN_SECRET_LEN), key=len,
-                               reverse=True)
+        self._secrets = sorted(
+            (s for s in forms if len(s) >= MIN_SECRET_LEN), key=len, reverse=True
+        )
 
     def __call__(self, line: str) -> str:
         for secret in self._secrets:
@@ -156,14 +157,19 @@ class JsonLinesStream(io.TextIOBase):
     def _emit(self, line: str) -> None:
         if not line.strip():
             return
-        out = {"ts": _timestamp(time.time()), "level": self._level, "logger": self._name,
-               "msg": line.rstrip("\r")}
+        out = {
+            "ts": _timestamp(time.time()),
+            "level": self._level,
+            "logger": self._name,
+            "msg": line.rstrip("\r"),
+        }
         self._target.write(self._redact(orjson.dumps(out).decode()) + "\n")
         self._target.flush()
 
 
-def _log_uncaught(exc_type: type[BaseException], exc: BaseException,
-                  tb: TracebackType | None) -> None:
+def _log_uncaught(
+    exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None
+) -> None:
     if issubclass(exc_type, KeyboardInterrupt):
         sys.__excepthook__(exc_type, exc, tb)
         return
@@ -176,7 +182,9 @@ def _log_unraisable(unraisable: sys.UnraisableHookArgs) -> None:
     obj = f" in {unraisable.object!r}" if unraisable.object is not None else ""
     exc = unraisable.exc_value
     logging.getLogger("relay").error(
-        "%s%s", what, obj,
+        "%s%s",
+        what,
+        obj,
         exc_info=(unraisable.exc_type, exc, unraisable.exc_traceback) if exc is not None else None,
     )
 
@@ -187,7 +195,8 @@ def _log_thread_exception(args: threading.ExceptHookArgs) -> None:
     name = args.thread.name if args.thread is not None else "?"
     exc = args.exc_value
     logging.getLogger("relay").error(
-        "uncaught exception in thread %s", name,
+        "uncaught exception in thread %s",
+        name,
         exc_info=(args.exc_type, exc, args.exc_traceback) if exc is not None else None,
     )
 

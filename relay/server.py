@@ -2,8 +2,10 @@
 
 trio.run(main)
 ├── signal watcher     first SIGTERM/SIGINT drains, a second stops at once
+├── refusal summary    once a minute, the count of refusals not logged one by one
 ├── sd_notify watchdog WATCHDOG=1 from the main loop, so a wedged loop misses it
-├── store pruner       idle rate-limit and dedupe keys are forgotten
+├── store              prunes idle keys; with Redis also holds the connections and
+│                      watches its health (degraded ⇄ shared)
 └── background jobs    webhook work after its 200 ok; waited for on drain
     └── hypercorn      the ASGI app; one task per connection, one nursery per session
 """
@@ -20,17 +22,17 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from prometheus_client import Gauge
 
+from relay import hypercorn_fix
 from relay.app import combine, create_http_app
 from relay.config import Settings
 from relay.runtime import Runtime
 from relay.sd_notify import Notifier
-from relay.store.memory import MemoryStore
+from relay.store.select import create_store
 from relay.upgrades import FrontDoor
 from relay.wiring import client_runner, twilio_routes, twilio_runner
 
 log = logging.getLogger("relay.server")
 
-PRUNE_INTERVAL = 10.0
 # After drain_seconds, sessions close themselves with 1001; this is how long the
 # closes (and any job still finishing) get before everything is cancelled.
 CLOSE_GRACE = 3.0
@@ -50,8 +52,12 @@ def hypercorn_config(settings: Settings) -> HypercornConfig:
 
 async def main(settings: Settings, *, notifier: Notifier | None = None) -> None:
     """Serve until a signal; return once drained (exit status 0)."""
+    hypercorn_fix.apply()  # before any connection: see the module for why
     notifier = notifier or Notifier()
-    rt = Runtime(settings, MemoryStore())
+    store = create_store(settings.store)
+    rt = Runtime(settings, store)
+    # Read at scrape time, so the gauge can never disagree with the store.
+    rt.metrics.store_degraded.set_function(lambda: 1.0 if store.degraded else 0.0)
     shutdown = trio.Event()
     rt.on_change = partial(_status, notifier, rt)
     # Live Trio tasks, read at scrape time: a leak of session tasks shows up here.
@@ -64,9 +70,10 @@ async def main(settings: Settings, *, notifier: Notifier | None = None) -> None:
     try:
         async with trio.open_nursery() as root:
             root.start_soon(_watch_signals, rt, notifier, shutdown)
-            root.start_soon(_prune, rt)
-            if notifier.watchdog_interval is not None:
-                root.start_soon(_watchdog, notifier, notifier.watchdog_interval)
+            # Before the listeners: the first request already finds Redis (or
+            # knows it is unreachable); the start never waits more than ~1 s on it.
+            await root.start(store.run)
+            root.start_soon(_flush_refusals, rt)
             async with trio.open_nursery() as jobs:
                 rt.attach_jobs(jobs)
                 binds = await jobs.start(
@@ -80,6 +87,9 @@ async def main(settings: Settings, *, notifier: Notifier | None = None) -> None:
                 for bind in binds:
                     log.info("listening on %s", bind)
                 notifier.send("READY=1", _status_line(rt))
+                if notifier.watchdog_interval is not None:
+                    # After READY: systemd ignores pings before start-up completes.
+                    root.start_soon(_watchdog, notifier, notifier.watchdog_interval)
                 await shutdown.wait()
                 # hypercorn is stopping; jobs still in flight had their drain time.
                 rt.attach_jobs(None)
@@ -90,6 +100,7 @@ async def main(settings: Settings, *, notifier: Notifier | None = None) -> None:
             for close in rt.closers:
                 await close()
         notifier.close()
+        rt.refusal_log.flush()
     log.info("stopped")
 
 
@@ -130,10 +141,11 @@ async def _drain(rt: Runtime, shutdown: trio.Event) -> None:
     shutdown.set()
 
 
-async def _prune(rt: Runtime) -> None:
+async def _flush_refusals(rt: Runtime) -> None:
+    """A flood that simply stops still gets its summary line within a minute."""
     while True:
-        await trio.sleep(PRUNE_INTERVAL)
-        rt.store.prune()
+        await trio.sleep(60)
+        rt.refusal_log.flush()
 
 
 async def _watchdog(notifier: Notifier, interval: float) -> None:

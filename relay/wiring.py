@@ -46,6 +46,14 @@ def twilio_routes(
         if "twilio_signed" not in g:
             signature = request.headers.get("X-Twilio-Signature")
             ok = False
+            try:
+                # The whole body is read before any answer, the guard's 429 too: an
+                # answer sent while the body is still arriving makes Quart-Trio cancel
+                # Hypercorn's close of the connection, which then hangs the next
+                # request a keep-alive client (or proxy) sends on it.
+                await request.get_data()
+            except Exception:  # too large: the webhook itself answers that (413)
+                signature = None
             if signature:
                 url = public_http_url(
                     rt.settings, request.path, request.query_string.decode("latin-1")

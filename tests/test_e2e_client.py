@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 import trio
@@ -360,3 +362,30 @@ async def test_300_sessions_leave_no_fd_or_task_behind() -> None:
             )
             assert fds_after <= fds
             assert tasks_after <= tasks
+
+
+async def test_oversize_then_other_type(echo_fake: FakeRealtime) -> None:
+    """Found by fuzzing: Hypercorn kept an oversized message's buffer, so binary then
+    text killed the whole server, and a large oversized message (many TCP reads)
+    never reached the session, which lingered. See relay/hypercorn_fix.py."""
+    limit = 32 * 1024
+    async with running_daemon(daemon_config(echo_fake, max_message_bytes=limit)) as d:
+        for first, second in (
+            (b"\0" * (4 * limit), "text behind it"),
+            ("t" * (4 * limit), b"binary behind it"),
+        ):
+            index = len(echo_fake.connections)
+            async with client(d) as ws:
+                await ws.send_message(first)
+                with contextlib.suppress(trio_websocket.ConnectionClosed):
+                    await ws.send_message(second)
+                code, _ = await close_of(ws)
+                assert code == 1009
+            conn = echo_fake.connections[index]
+            with trio.fail_after(3):  # the session ends with the socket, not with TCP later
+                await conn.closed.wait()
+            assert conn.close_code == 1000
+        async with httpx.AsyncClient() as http:
+            assert (await http.get(d.http_url + "/healthz")).status_code == 200
+        assert d.proc.returncode is None
+        assert "Traceback" not in d.log_text()

@@ -44,9 +44,10 @@ def url_of(port: int, model: str = "gpt-realtime") -> str:
 @pytest.mark.parametrize("dialect", ["ga", "beta"])
 async def test_session_created_and_updated(dialect: str) -> None:
     d = GA if dialect == "ga" else BETA
-    async with fake_realtime(dialect) as fake, trio_websocket.open_websocket_url(
-        url_of(fake.port)
-    ) as ws:
+    async with (
+        fake_realtime(dialect) as fake,
+        trio_websocket.open_websocket_url(url_of(fake.port)) as ws,
+    ):
         created = await recv(ws)
         assert created["type"] == "session.created" and created["event_id"]
         assert created["session"]["model"] == "gpt-realtime"
@@ -64,9 +65,10 @@ async def test_session_created_and_updated(dialect: str) -> None:
 
 
 async def test_ga_closes_4000_on_beta_shape() -> None:
-    async with fake_realtime("ga") as fake, trio_websocket.open_websocket_url(
-        url_of(fake.port)
-    ) as ws:
+    async with (
+        fake_realtime("ga") as fake,
+        trio_websocket.open_websocket_url(url_of(fake.port)) as ws,
+    ):
         await recv(ws)
         beta = phone_session_update(BETA, voice="ash", instructions="x", turn_detection=True)
         await send(ws, beta)
@@ -89,9 +91,10 @@ async def test_ga_closes_4000_on_beta_shape() -> None:
     ],
 )
 async def test_ga_session_update_errors(session: dict[str, Any], code: str) -> None:
-    async with fake_realtime("ga") as fake, trio_websocket.open_websocket_url(
-        url_of(fake.port)
-    ) as ws:
+    async with (
+        fake_realtime("ga") as fake,
+        trio_websocket.open_websocket_url(url_of(fake.port)) as ws,
+    ):
         await recv(ws)
         await send(ws, {"type": "session.update", "event_id": "evt_1", "session": session})
         error = await recv(ws)
@@ -101,9 +104,10 @@ async def test_ga_session_update_errors(session: dict[str, Any], code: str) -> N
 
 
 async def test_beta_rejects_ga_shape() -> None:
-    async with fake_realtime("beta") as fake, trio_websocket.open_websocket_url(
-        url_of(fake.port)
-    ) as ws:
+    async with (
+        fake_realtime("beta") as fake,
+        trio_websocket.open_websocket_url(url_of(fake.port)) as ws,
+    ):
         await recv(ws)
         await send(ws, phone_session_update(GA, voice="ash", instructions="x", turn_detection=True))
         error = await recv(ws)
@@ -129,9 +133,10 @@ async def test_append_audio_rules_and_byte_identity() -> None:
 @pytest.mark.parametrize("dialect", ["ga", "beta"])
 async def test_response_is_spoken(dialect: str) -> None:
     d = GA if dialect == "ga" else BETA
-    async with fake_realtime(dialect) as fake, trio_websocket.open_websocket_url(
-        url_of(fake.port)
-    ) as ws:
+    async with (
+        fake_realtime(dialect) as fake,
+        trio_websocket.open_websocket_url(url_of(fake.port)) as ws,
+    ):
         fake.chunk_interval = 0
         fake.response_chunks = 4
         await recv(ws)
@@ -277,9 +282,10 @@ async def test_refusals() -> None:
 
 async def test_echo_mode_relays_10000_each_way() -> None:
     n = 10_000
-    async with fake_realtime(echo=True) as fake, trio_websocket.open_websocket_url(
-        url_of(fake.port), message_queue_size=n
-    ) as ws:
+    async with (
+        fake_realtime(echo=True) as fake,
+        trio_websocket.open_websocket_url(url_of(fake.port), message_queue_size=n) as ws,
+    ):
         sent: list[str | bytes] = [f"m{i}" if i % 2 else f"b{i}".encode() for i in range(n)]
         sent += ["", b""]
 

@@ -78,16 +78,23 @@ def test_per_frame_counters_are_bound_once() -> None:
         for direction in DIRECTIONS:
             m.messages(kind, direction).inc()
     child.inc(2)
-    assert m.registry.get_sample_value(
-        "relay_messages_total", {"kind": "client", "direction": "upstream"}) == 3
+    assert (
+        m.registry.get_sample_value(
+            "relay_messages_total", {"kind": "client", "direction": "upstream"}
+        )
+        == 3
+    )
 
 
 def test_known_series_exist_before_any_event() -> None:
     got = families(Metrics().render().decode())
     active = {s.labels["kind"]: s.value for s in got["relay_sessions_active"].samples}
     assert active == {"client": 0, "twilio": 0}
-    messages = {(s.labels["kind"], s.labels["direction"]) for s in got["relay_messages"].samples
-                if s.name == "relay_messages_total"}
+    messages = {
+        (s.labels["kind"], s.labels["direction"])
+        for s in got["relay_messages"].samples
+        if s.name == "relay_messages_total"
+    }
     assert messages == {(k, d) for k in KINDS for d in DIRECTIONS}
 
 
@@ -154,9 +161,11 @@ async def test_metrics_names_labels_allow_list_and_live_sessions() -> None:
                 await wait_for_sample(http, 'relay_sessions_active{kind="client"} 1.0')
             fake.echo = False
 
-            async with twilio_call(f"{d.ws_url}/twilio/media",
-                                   public_url="ws://localhost:8787/twilio/media",
-                                   auth_token=TEST_TWILIO_TOKEN) as call:
+            async with twilio_call(
+                f"{d.ws_url}/twilio/media",
+                public_url="ws://localhost:8787/twilio/media",
+                auth_token=TEST_TWILIO_TOKEN,
+            ) as call:
                 await call.start()
                 await wait_for_sample(http, 'relay_sessions_active{kind="twilio"} 1.0')
                 await call.stop()
@@ -167,12 +176,14 @@ async def test_metrics_names_labels_allow_list_and_live_sessions() -> None:
                     f"{d.ws_url}/token/not-a-token", extra_headers=ORIGIN
                 ):
                     pass
-            convo = await http.post("/twilio/convo", data={"EventType": "onMessageAdded"},
-                                    headers={"X-Twilio-Signature": "bm90IGEgc2lnbmF0dXJl"})
+            convo = await http.post(
+                "/twilio/convo",
+                data={"EventType": "onMessageAdded"},
+                headers={"X-Twilio-Signature": "bm90IGEgc2lnbmF0dXJl"},
+            )
             assert convo.status_code == 403
 
-            text = await wait_for_sample(
-                http, 'relay_sessions_active{kind="twilio"} 0.0')
+            text = await wait_for_sample(http, 'relay_sessions_active{kind="twilio"} 0.0')
             got = families(text)
 
     expected_labels = {
@@ -197,8 +208,13 @@ async def test_metrics_names_labels_allow_list_and_live_sessions() -> None:
     assert count.value >= 2  # the client session and the call
 
     def value(name: str, **labels: str) -> float:
-        return float(next(s.value for s in got[name].samples
-                          if s.name == name + "_total" and s.labels == labels))
+        return float(
+            next(
+                s.value
+                for s in got[name].samples
+                if s.name == name + "_total" and s.labels == labels
+            )
+        )
 
     assert value("relay_sessions", kind="client", outcome="client_closed") == 1
     assert value("relay_sessions", kind="twilio", outcome="twilio_stop") == 1
@@ -209,16 +225,23 @@ async def test_metrics_names_labels_allow_list_and_live_sessions() -> None:
     assert value("relay_rejected", reason="token") == 1
     assert value("relay_rejected", reason="twilio_signature") == 1
     assert value("relay_convo_events", outcome="forbidden") == 1
-    for name in ("process_resident_memory_bytes", "process_cpu_seconds",
-                 "process_open_fds", "process_start_time_seconds", "process_max_fds"):
+    for name in (
+        "process_resident_memory_bytes",
+        "process_cpu_seconds",
+        "process_open_fds",
+        "process_start_time_seconds",
+        "process_max_fds",
+    ):
         assert name in got, name
 
 
 async def test_metrics_refused_without_a_trusted_proxy() -> None:
     """Without trusted_proxies, X-Forwarded-For is ignored: the peer address decides,
     both ways."""
-    async with running_daemon({"server": {"metrics_allow": ["192.0.2.0/24"]}}) as d, \
-            httpx.AsyncClient(base_url=d.http_url) as http:
+    async with (
+        running_daemon({"server": {"metrics_allow": ["192.0.2.0/24"]}}) as d,
+        httpx.AsyncClient(base_url=d.http_url) as http,
+    ):
         assert (await scrape(http)).status_code == 403
         assert (await scrape(http, "192.0.2.7")).status_code == 403
     async with running_daemon() as d, httpx.AsyncClient(base_url=d.http_url) as http:
@@ -231,8 +254,15 @@ async def test_metrics_refused_without_a_trusted_proxy() -> None:
 def record(
     msg: str, *args: Any, exc: BaseException | None = None, **extra: Any
 ) -> logging.LogRecord:
-    rec = logging.LogRecord("relay.test", logging.WARNING, __file__, 1, msg, args,
-                            (type(exc), exc, exc.__traceback__) if exc else None)
+    rec = logging.LogRecord(
+        "relay.test",
+        logging.WARNING,
+        __file__,
+        1,
+        msg,
+        args,
+        (type(exc), exc, exc.__traceback__) if exc else None,
+    )
     rec.__dict__.update(extra)
     return rec
 
@@ -245,13 +275,17 @@ def test_redactor_scrubs_every_part_of_a_line() -> None:
     except ValueError as e:
         err = e
     for formatter in (JsonFormatter(redact), TextFormatter(redact)):
-        out = formatter.format(record(
-            "key %s in args", "sk-secret-value-123", exc=err,
-            header="Bearer sk-secret-value-123",
-            enc=base64.urlsafe_b64encode(key).decode().rstrip("="),
-            enc_std=base64.b64encode(key).decode(),
-            note="short stays",  # too short to redact safely: left alone
-        ))
+        out = formatter.format(
+            record(
+                "key %s in args",
+                "sk-secret-value-123",
+                exc=err,
+                header="Bearer sk-secret-value-123",
+                enc=base64.urlsafe_b64encode(key).decode().rstrip("="),
+                enc_std=base64.b64encode(key).decode(),
+                note="short stays",  # too short to redact safely: left alone
+            )
+        )
         assert "sk-secret-value-123" not in out
         assert base64.b64encode(key).decode().rstrip("=") not in out
         assert base64.urlsafe_b64encode(key).decode().rstrip("=") not in out
@@ -263,8 +297,9 @@ def test_json_formatter_one_object_with_extras() -> None:
     try:
         raise RuntimeError("why")
     except RuntimeError as e:
-        line = JsonFormatter().format(record("hello %s", "world", exc=e, session="c1",
-                                             duration_s=1.5, path=Path("/x")))
+        line = JsonFormatter().format(
+            record("hello %s", "world", exc=e, session="c1", duration_s=1.5, path=Path("/x"))
+        )
     assert "\n" not in line
     obj = json.loads(line)
     assert obj["msg"] == "hello world"
@@ -317,8 +352,11 @@ def test_refusal_flood_over_many_windows_stays_bounded(caplog: pytest.LogCapture
     windows = 10
     assert len(caplog.records) <= windows * 21
     logged = sum(1 for r in caplog.records if r.getMessage().startswith("refused:"))
-    summarised = sum(r.__dict__["by_reason"]["http_rate"] for r in caplog.records
-                     if "more requests" in r.getMessage())
+    summarised = sum(
+        r.__dict__["by_reason"]["http_rate"]
+        for r in caplog.records
+        if "more requests" in r.getMessage()
+    )
     # Every refusal is accounted for except those of the window still open.
     assert logged + summarised > 100_000 - 60 / 0.006 - 1
 
@@ -327,7 +365,7 @@ def test_refusal_flood_over_many_windows_stays_bounded(caplog: pytest.LogCapture
 
 # Loaded by the daemon as sitecustomize: once hypercorn binds its listener, provoke
 # every kind of output Python or a library can make on its own.
-NOISY_SITE = r'''
+NOISY_SITE = r"""
 import logging, sys, threading, warnings
 
 _done = []
@@ -352,7 +390,7 @@ def _provoke(event, args):
     print("a library printing to stderr\nover two lines", file=sys.stderr)
 
 sys.addaudithook(_provoke)
-'''
+"""
 
 
 @pytest.fixture
@@ -381,36 +419,52 @@ async def exercise_everything(d: Daemon, fake: FakeRealtime) -> list[str]:
     Returns the dynamic secrets used (tokens, signatures)."""
     good, spare = token_for(d), token_for(d, 30)
     expired = mint(decode_encryption_key(d.env["ENCRYPTION_KEY"]), -3600)
-    convo_form = {"EventType": "onMessageAdded", "ConversationSid": "CH" + "1" * 32,
-                  "Author": "+15550001111", "Body": "hi", "MessageSid": "IM" + "2" * 32}
+    convo_form = {
+        "EventType": "onMessageAdded",
+        "ConversationSid": "CH" + "1" * 32,
+        "Author": "+15550001111",
+        "Body": "hi",
+        "MessageSid": "IM" + "2" * 32,
+    }
     convo_sig = RequestValidator(TEST_TWILIO_TOKEN).compute_signature(
-        f"{PUBLIC}/twilio/convo", convo_form)
+        f"{PUBLIC}/twilio/convo", convo_form
+    )
     voice_form = {"CallSid": "CA" + "3" * 32, "From": "+15550002222"}
     voice_sig = RequestValidator(TEST_TWILIO_TOKEN).compute_signature(
-        f"{PUBLIC}/twilio/voice", voice_form)
+        f"{PUBLIC}/twilio/voice", voice_form
+    )
     wrong_sig = base64.b64encode(b"not-the-signature-of-anything!!").decode()
     async with httpx.AsyncClient(base_url=d.http_url) as http:
-        for path in ("/healthz", "/readyz", "/metrics", f"/token/{good}", f"/auth/{spare}",
-                     f"/anything?auth={good}", "/"):
+        for path in (
+            "/healthz",
+            "/readyz",
+            "/metrics",
+            f"/token/{good}",
+            f"/auth/{spare}",
+            f"/anything?auth={good}",
+            "/",
+        ):
             await http.get(path, headers={"Authorization": f"Bearer {good}"})
-        await http.post("/twilio/voice", data=voice_form,
-                        headers={"X-Twilio-Signature": voice_sig})
-        await http.post("/twilio/voice", data=voice_form,
-                        headers={"X-Twilio-Signature": wrong_sig})
-        await http.post("/twilio/convo", data=convo_form,
-                        headers={"X-Twilio-Signature": wrong_sig})
-        await http.post("/twilio/convo", data={**convo_form, "Author": "gateframes-bot"},
-                        headers={"X-Twilio-Signature": RequestValidator(TEST_TWILIO_TOKEN)
-                                 .compute_signature(f"{PUBLIC}/twilio/convo",
-                                                    {**convo_form, "Author": "gateframes-bot"})})
+        await http.post("/twilio/voice", data=voice_form, headers={"X-Twilio-Signature": voice_sig})
+        await http.post("/twilio/voice", data=voice_form, headers={"X-Twilio-Signature": wrong_sig})
+        await http.post("/twilio/convo", data=convo_form, headers={"X-Twilio-Signature": wrong_sig})
+        await http.post(
+            "/twilio/convo",
+            data={**convo_form, "Author": "gateframes-bot"},
+            headers={
+                "X-Twilio-Signature": RequestValidator(TEST_TWILIO_TOKEN).compute_signature(
+                    f"{PUBLIC}/twilio/convo", {**convo_form, "Author": "gateframes-bot"}
+                )
+            },
+        )
     fake.echo = True
     for url, headers in [
-        (f"{d.ws_url}/token/{good}/realtime", ORIGIN),          # accepted
-        (f"{d.ws_url}/realtime?auth={spare}", ORIGIN),          # accepted, token in query
-        (f"{d.ws_url}/token/{expired}", ORIGIN),                # refused: expired
-        (f"{d.ws_url}/realtime?auth={good}x", ORIGIN),          # refused: tampered
+        (f"{d.ws_url}/token/{good}/realtime", ORIGIN),  # accepted
+        (f"{d.ws_url}/realtime?auth={spare}", ORIGIN),  # accepted, token in query
+        (f"{d.ws_url}/token/{expired}", ORIGIN),  # refused: expired
+        (f"{d.ws_url}/realtime?auth={good}x", ORIGIN),  # refused: tampered
         (f"{d.ws_url}/token/{good}", [(b"Origin", b"https://evil.example")]),  # refused: origin
-        (f"{d.ws_url}/token/{good}?model=gpt-9", ORIGIN),       # refused: model
+        (f"{d.ws_url}/token/{good}?model=gpt-9", ORIGIN),  # refused: model
     ]:
         try:
             async with trio_websocket.open_websocket_url(url, extra_headers=headers) as ws:
@@ -421,17 +475,23 @@ async def exercise_everything(d: Daemon, fake: FakeRealtime) -> list[str]:
     fake.echo = False
     media = f"{d.ws_url}/twilio/media"
     with pytest.raises(trio_websocket.ConnectionRejected):
-        async with twilio_call(media, public_url="ws://localhost:8787/twilio/media",
-                               auth_token=TEST_TWILIO_TOKEN, sign="wrong"):
+        async with twilio_call(
+            media,
+            public_url="ws://localhost:8787/twilio/media",
+            auth_token=TEST_TWILIO_TOKEN,
+            sign="wrong",
+        ):
             pass
-    async with twilio_call(media, public_url="ws://localhost:8787/twilio/media",
-                           auth_token=TEST_TWILIO_TOKEN) as call:
+    async with twilio_call(
+        media, public_url="ws://localhost:8787/twilio/media", auth_token=TEST_TWILIO_TOKEN
+    ) as call:
         await call.start()
         with trio.fail_after(10):
             await call.wait_until(lambda: bool(call.received_media))
         await call.stop()
     media_sig = RequestValidator(TEST_TWILIO_TOKEN).compute_signature(
-        "ws://localhost:8787/twilio/media", {})
+        "ws://localhost:8787/twilio/media", {}
+    )
     return [good, spare, expired, convo_sig, voice_sig, wrong_sig, media_sig]
 
 
@@ -455,8 +515,10 @@ def assert_no_secret(log: str, d: Daemon, dynamic: list[str]) -> None:
 async def test_json_logs_only_json_and_no_secrets(noisy_env: dict[str, str]) -> None:
     async with echo_fake() as fake:
         fake.echo = False
-        config = {"server": {"log_format": "json", "log_level": "debug"},
-                  "openai": {"realtime_url": fake.url}}
+        config = {
+            "server": {"log_format": "json", "log_level": "debug"},
+            "openai": {"realtime_url": fake.url},
+        }
         async with running_daemon(config, env=noisy_env) as d:
             dynamic = await exercise_everything(d, fake)
             d.signal(signal.SIGTERM)
@@ -476,16 +538,24 @@ async def test_json_logs_only_json_and_no_secrets(noisy_env: dict[str, str]) -> 
     # What Python and libraries would otherwise write raw.
     assert any("a library warning" in o["msg"] for o in by_logger["py.warnings"])
     assert any("an exception in __del__" in o.get("exc", "") for o in objs)
-    assert any("noisy-thread" in o["msg"] and "ZeroDivisionError" in o.get("exc", "")
-               for o in objs)
+    assert any("noisy-thread" in o["msg"] and "ZeroDivisionError" in o.get("exc", "") for o in objs)
     assert [o["msg"] for o in by_logger["stdout"]] == ["a library printing to stdout"]
-    assert [o["msg"] for o in by_logger["stderr"]] == ["a library printing to stderr",
-                                                        "over two lines"]
+    assert [o["msg"] for o in by_logger["stderr"]] == [
+        "a library printing to stderr",
+        "over two lines",
+    ]
     # One line per session start and end, with what an operator needs.
     ends = [o for o in objs if o["msg"] == "session end"]
     client_end = next(o for o in ends if o["kind"] == "client")
-    for key in ("session", "client_ip", "model", "duration_s", "close_code", "messages_up",
-                "messages_down"):
+    for key in (
+        "session",
+        "client_ip",
+        "model",
+        "duration_s",
+        "close_code",
+        "messages_up",
+        "messages_down",
+    ):
         assert key in client_end, key
     twilio_end = next(o for o in ends if o["kind"] == "twilio")
     assert "call_sid" in twilio_end or "stream_sid" in twilio_end, twilio_end
@@ -495,8 +565,10 @@ async def test_json_logs_only_json_and_no_secrets(noisy_env: dict[str, str]) -> 
 
 
 async def test_text_logs_are_readable_and_hold_no_secrets() -> None:
-    line = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL)"
-                      r" [\w.\-]+: ")
+    line = re.compile(
+        r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL)"
+        r" [\w.\-]+: "
+    )
     async with echo_fake() as fake:
         fake.echo = False
         config = {"server": {"log_level": "debug"}, "openai": {"realtime_url": fake.url}}
@@ -523,11 +595,17 @@ def test_json_mode_crash_is_json_too(tmp_path: Path) -> None:
         taken.listen()
         port = taken.getsockname()[1]
         config = tmp_path / "config.toml"
-        config.write_text(toml_dumps({"server": {"bind": [f"127.0.0.1:{port}"],
-                                                 "log_format": "json"}}))
-        result = subprocess.run([sys.executable, "-m", "relay", "serve", "--config", str(config)],
-                                env=daemon_env(), capture_output=True, text=True, timeout=60,
-                                check=False)
+        config.write_text(
+            toml_dumps({"server": {"bind": [f"127.0.0.1:{port}"], "log_format": "json"}})
+        )
+        result = subprocess.run(
+            [sys.executable, "-m", "relay", "serve", "--config", str(config)],
+            env=daemon_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
     assert result.returncode == 1
     objs = json_lines(result.stdout + result.stderr)
     assert objs

@@ -190,9 +190,7 @@ class TwilioModel:
         return truth
 
     def unplayed(self, at: float) -> bool:
-        return at < self.play_end or any(
-            c.nbytes and c.end > at for c in self.chunks
-        )
+        return at < self.play_end or any(c.nbytes and c.end > at for c in self.chunks)
 
     def position(self, at: float) -> tuple[str, int] | None:
         """Same rule as Playback: a chunk played to its end counts as the next one's start."""

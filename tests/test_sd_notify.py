@@ -66,8 +66,9 @@ def test_no_usable_socket_means_silent_no_ops(address: str) -> None:
     notifier.close()
 
 
-def test_environment_is_read_by_default(receiver: tuple[socket.socket, str],
-                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_environment_is_read_by_default(
+    receiver: tuple[socket.socket, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     sock, path = receiver
     monkeypatch.setenv("NOTIFY_SOCKET", path)
     monkeypatch.setenv("WATCHDOG_USEC", "3000000")
@@ -142,8 +143,10 @@ async def test_daemon_notifies_ready_status_watchdog_stopping_in_order(tmp_path:
 
     # 200 ms watchdog: a ping every 100 ms.
     env = daemon_env(NOTIFY_SOCKET=path, WATCHDOG_USEC="200000")
-    async with fake_realtime(expected_key=TEST_OPENAI_KEY, echo=True) as fake, \
-            trio.open_nursery() as nursery:
+    async with (
+        fake_realtime(expected_key=TEST_OPENAI_KEY, echo=True) as fake,
+        trio.open_nursery() as nursery,
+    ):
         nursery.start_soon(collect)
         config = {"openai": {"realtime_url": fake.url}}
         async with running_daemon(config, env=env) as d:

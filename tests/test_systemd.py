@@ -51,8 +51,9 @@ def analyze(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[
     assert ANALYZE is not None
     # SYSTEMD_LOG_COLOR/PAGER: plain text, no pager, whatever the terminal.
     env = dict(os.environ, SYSTEMD_COLORS="0", SYSTEMD_PAGER="", SYSTEMD_LOG_COLOR="0")
-    return subprocess.run([ANALYZE, *args], capture_output=True, text=True, env=env,
-                          cwd=cwd, timeout=60, check=False)
+    return subprocess.run(
+        [ANALYZE, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=60, check=False
+    )
 
 
 def unit_settings(text: str) -> dict[str, list[str]]:
@@ -76,8 +77,9 @@ def verify_root(tmp_path: Path) -> Iterator[Path]:
     shutil.copyfile(UNIT, units / "relay.service")
     for system_units in ("/usr/lib/systemd/system", "/lib/systemd/system"):
         if Path(system_units).is_dir():
-            shutil.copytree(system_units, root / system_units.lstrip("/"), symlinks=True,
-                            dirs_exist_ok=True)
+            shutil.copytree(
+                system_units, root / system_units.lstrip("/"), symlinks=True, dirs_exist_ok=True
+            )
             break
     binary = root / EXEC_START.lstrip("/")
     binary.parent.mkdir(parents=True)
@@ -109,8 +111,7 @@ def test_verify_is_live_for_this_root(verify_root: Path) -> None:
 @needs_analyze
 def test_security_exposure_at_most_1_5() -> None:
     result = analyze("security", "--offline=true", "--no-pager", str(UNIT))
-    match = re.search(r"Overall exposure level for relay\.service: (\d+(?:\.\d+)?)",
-                      result.stdout)
+    match = re.search(r"Overall exposure level for relay\.service: (\d+(?:\.\d+)?)", result.stdout)
     assert match, result.stdout + result.stderr
     exposure = float(match.group(1))
     print(f"systemd-analyze security --offline=true systemd/relay.service: exposure {exposure}")
@@ -164,7 +165,7 @@ def test_stop_timeout_outlasts_the_drain() -> None:
 # (RestrictAddressFamilies=). Not emulated: the dynamic user (the interpreter here
 # lives under /root) and PrivateTmp=/PrivateDevices= (nothing of ours uses them).
 
-SANDBOX_SITE = r'''
+SANDBOX_SITE = r"""
 import ctypes, errno, os
 
 def _sandbox():
@@ -239,10 +240,10 @@ if os.environ.get("RELAY_SANDBOX_SYSCALLS"):
         # Python would report a failing sitecustomize and carry on unsandboxed.
         os.write(2, f"sandbox: {exc}\n".encode())
         os._exit(99)
-'''
+"""
 
 # Checks, run inside the sandbox, that each emulated restriction is in force.
-SANDBOX_PROBE = r'''
+SANDBOX_PROBE = r"""
 import errno, mmap, os, socket
 assert not os.path.exists("/proc/stat"), "ProcSubset=pid"
 try:
@@ -267,7 +268,7 @@ except OSError as e:
     assert e.errno == errno.EPERM, e
 assert open("/proc/self/status").read().count("CapEff:\t0000000000000000") == 1
 print("sandboxed")
-'''
+"""
 
 
 def expand_syscall_groups(*groups: str) -> set[str]:
@@ -304,8 +305,10 @@ def unit_syscalls() -> set[str]:
 @pytest.fixture
 def sandbox_env(tmp_path: Path) -> dict[str, str]:
     if ANALYZE is None:
-        pytest.skip("systemd-analyze not installed (Debian: apt-get install systemd): "
-                    "cannot read the unit's syscall filter")
+        pytest.skip(
+            "systemd-analyze not installed (Debian: apt-get install systemd): "
+            "cannot read the unit's syscall filter"
+        )
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(SANDBOX_SITE)
@@ -314,19 +317,27 @@ def sandbox_env(tmp_path: Path) -> dict[str, str]:
         PYTHONDONTWRITEBYTECODE="1",
         RELAY_SANDBOX_SYSCALLS=",".join(sorted(unit_syscalls())),
     )
-    probe = subprocess.run([sys.executable, "-c", SANDBOX_PROBE], env=env,
-                           capture_output=True, text=True, timeout=60, check=False)
+    probe = subprocess.run(
+        [sys.executable, "-c", SANDBOX_PROBE],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     if probe.returncode != 0 and "sandbox:" in probe.stderr:
         # e.g. no CAP_SYS_ADMIN for unshare, kernel < 6.3 for PR_SET_MDWE, no libseccomp
-        pytest.skip("cannot build the unit's sandbox here: "
-                    + probe.stderr.strip().splitlines()[-1])
+        pytest.skip(
+            "cannot build the unit's sandbox here: " + probe.stderr.strip().splitlines()[-1]
+        )
     assert probe.returncode == 0, probe.stderr
     assert probe.stdout.strip() == "sandboxed"
     return env
 
 
-async def test_daemon_works_inside_the_units_sandbox(sandbox_env: dict[str, str],
-                                                     tmp_path: Path) -> None:
+async def test_daemon_works_inside_the_units_sandbox(
+    sandbox_env: dict[str, str], tmp_path: Path
+) -> None:
     notify_path = str(tmp_path / "notify")
     notify = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_DGRAM)
     await notify.bind(notify_path)
@@ -367,7 +378,12 @@ async def test_daemon_works_inside_the_units_sandbox(sandbox_env: dict[str, str]
 
 def test_sandbox_probe_catches_a_missing_restriction() -> None:
     """The probe is not vacuous: outside the sandbox it fails at its first check."""
-    result = subprocess.run([sys.executable, "-c", SANDBOX_PROBE], capture_output=True,
-                            text=True, timeout=60, check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", SANDBOX_PROBE],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode != 0
     assert "ProcSubset=pid" in result.stderr

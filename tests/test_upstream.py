@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import AsyncIterator
+from functools import partial
 
 import orjson
 import pytest
@@ -201,3 +202,32 @@ async def test_cancelling_the_nursery_closes_the_socket(fake: FakeRealtime) -> N
         nursery.cancel_scope.cancel()
     await settle(fake)
     assert open_fds() <= before
+
+
+async def test_bad_accept_header_is_an_upstream_error() -> None:
+    """A server whose 101 carries a wrong Sec-WebSocket-Accept: wsproto raises from the
+    reader; the opener must still answer UpstreamError (the client then gets 502)."""
+
+    async def handler(stream: trio.SocketStream) -> None:
+        await stream.receive_some(65536)
+        await stream.send_all(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Accept: wrong\r\n\r\n"
+        )
+        await trio.sleep(5)
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        async with trio.open_nursery() as conn:
+            with pytest.raises(UpstreamError):
+                await open_upstream(
+                    conn,
+                    realtime_url=f"ws://127.0.0.1:{port}/v1/realtime",
+                    model="m",
+                    api_key="k",
+                    dialect=GA,
+                    timeout=3,
+                    max_message_size=1000,
+                )
+        nursery.cancel_scope.cancel()

@@ -45,7 +45,7 @@ async def sms_reply(
     system_prompt: str,
     history: list[tuple[str, str]],
     bot_identity: str,
-    timeout: float,  # noqa: ASYNC109 -- an overall deadline for the whole exchange
+    timeout: float,  # an overall deadline for the whole exchange
 ) -> str:
     """Ask ``model`` for the next message of the conversation and return its text."""
     payload = {"model": model, "messages": build_messages(system_prompt, history, bot_identity)}

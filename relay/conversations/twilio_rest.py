@@ -83,8 +83,8 @@ class TwilioHttpClient(AsyncHttpClient):  # type: ignore[misc]
         data: Mapping[str, object] | None = None,
         headers: Mapping[str, str] | None = None,
         auth: tuple[str, str] | None = None,
-        # The name and shape are the library's interface, hence the noqa.
-        timeout: float | None = None,  # noqa: ASYNC109
+        # The name and shape are the library's interface.
+        timeout: float | None = None,
         allow_redirects: bool = False,
     ) -> Response:
         """Send one request; every HTTP status comes back as a ``Response``.

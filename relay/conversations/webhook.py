@@ -8,11 +8,14 @@ to the server's background nursery, which the drain waits for.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Awaitable, Callable
 
 import httpx
+import trio
 from quart import Response, request
 from twilio.base.exceptions import TwilioException
+from werkzeug.exceptions import HTTPException
 
 from relay.app import refusal_response, text
 from relay.conversations.assistant import AssistantError, sms_reply
@@ -31,11 +34,20 @@ from relay.twilio_auth import TwilioGate, public_http_url
 
 log = logging.getLogger("relay.convo")
 
-CHAT_TIMEOUT = 30.0
 REST_TIMEOUT = 10.0
+# Twilio refuses a Conversations message longer than this; a reply cut short
+# reaches the person, one refused does not.
+MAX_REPLY_CHARS = 1600
+# SPEC has no key for the SMS reply deadline. It scales with the operator's one
+# knob for patience with OpenAI, ``openai.connect_timeout_seconds``: this many
+# times it for the whole exchange (30 s at the default of 10 s).
+CHAT_DEADLINE_FACTOR = 3.0
 HISTORY = 20
 # Conversations known to have the bot; bounded so a flood of new ones cannot grow it.
 KNOWN_BOT_CACHE = 10_000
+# Twilio's Conversation SIDs. The SID is pasted into REST paths unescaped by the
+# twilio library, so anything else (``../``, ``?``) must never reach a job.
+CONVERSATION_SID = re.compile(r"\ACH[0-9a-fA-F]{32}\Z")
 
 
 class ConvoJobs:
@@ -44,9 +56,15 @@ class ConvoJobs:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         s = rt.settings
-        self.rest = TwilioRest(s.secrets.twilio_account_sid or "", s.secrets.twilio_auth_token or "",
-                               api_base=s.twilio.api_base, timeout=REST_TIMEOUT)
-        self.http = httpx.AsyncClient(timeout=httpx.Timeout(CHAT_TIMEOUT, connect=REST_TIMEOUT))
+        self.rest = TwilioRest(
+            s.secrets.twilio_account_sid or "",
+            s.secrets.twilio_auth_token or "",
+            api_base=s.twilio.api_base,
+            timeout=REST_TIMEOUT,
+        )
+        connect = s.openai.connect_timeout_seconds
+        self.chat_timeout = CHAT_DEADLINE_FACTOR * connect
+        self.http = httpx.AsyncClient(timeout=httpx.Timeout(self.chat_timeout, connect=connect))
         self.has_bot: set[str] = set()
         rt.closers.append(self.aclose)
 
@@ -62,16 +80,21 @@ class ConvoJobs:
         client = self.rest.client
         try:
             if convo not in self.has_bot:
-                await ensure_participant(client, convo, s.twilio.bot_identity, s.twilio.projected_address)
+                await ensure_participant(
+                    client, convo, s.twilio.bot_identity, s.twilio.projected_address
+                )
                 if len(self.has_bot) >= KNOWN_BOT_CACHE:
                     self.has_bot.clear()
                 self.has_bot.add(convo)
             command = parse_command(body)
+            reply: str | None
             if command is not None:
                 reply = await self._command(command, author)
             else:
                 reply = await self._ai_reply(convo, body)
             if reply:
+                if len(reply) > MAX_REPLY_CHARS:
+                    reply = reply[: MAX_REPLY_CHARS - 1].rstrip() + "\u2026"
                 await post_message(client, convo, s.twilio.bot_identity, reply)
         except TwilioException as exc:
             self._failed("twilio", convo, f"{exc.__class__.__name__} {getattr(exc, 'status', '')}")
@@ -82,25 +105,42 @@ class ConvoJobs:
         except httpx.HTTPError as exc:
             self._failed("http", convo, exc.__class__.__name__)
             return
+        except trio.Cancelled:
+            # Only a stop (drain time up, or a second signal) cancels a job:
+            # say what was abandoned.
+            self._failed("cancelled", convo, "stopped before it finished")
+            raise
+        except Exception:
+            # A bug, or an answer shaped unlike Twilio's: this event is lost, the
+            # daemon is not. The traceback holds no secrets (they ride in headers).
+            log.exception("conversation job crashed", extra={"conversation": convo})
+            self._failed("internal", convo, "unexpected error")
+            return
         self.rt.metrics.convo_events_total.labels(outcome="done").inc()
 
     def _failed(self, stage: str, convo: str, why: str) -> None:
+        # Logged before it is counted: whoever sees the count can find the line.
+        log.warning("conversation job failed at %s: %s", stage, why, extra={"conversation": convo})
         self.rt.metrics.jobs_failed_total.labels(stage=stage).inc()
         self.rt.metrics.convo_events_total.labels(outcome="failed").inc()
-        log.warning("conversation job failed at %s: %s", stage, why, extra={"conversation": convo})
 
     async def _command(self, command: Command, author: str) -> str:
         s = self.rt.settings
         unreadable = ", ".join(command.unreadable)
         if not command.numbers:
             note = f" I could not read: {unreadable}." if unreadable else ""
-            return f"Usage: @{command.kind} followed by phone numbers, e.g. @{command.kind} 415-555-0100.{note}"
+            return (
+                f"Usage: @{command.kind} followed by phone numbers, "
+                f"e.g. @{command.kind} 415-555-0100.{note}"
+            )
         if command.kind == "call":
             called: list[str] = []
             failed: list[str] = []
             for number in command.numbers:
                 try:
-                    await place_call(self.rest.client, number, s.twilio.caller_id, s.twilio.voice_url)
+                    await place_call(
+                        self.rest.client, number, s.twilio.caller_id, s.twilio.voice_url
+                    )
                     called.append(number)
                 except TwilioException as exc:
                     log.warning("call failed: %s", getattr(exc, "code", ""), extra={"to": number})
@@ -136,9 +176,15 @@ class ConvoJobs:
             return None
         history = await recent_messages(self.rest.client, convo, HISTORY)
         return await sms_reply(
-            self.http, api_base=s.openai.api_base, api_key=s.secrets.openai_api_key or "",
-            model=s.openai.chat_model, system_prompt=s.prompts.sms, history=history,
-            bot_identity=s.twilio.bot_identity, timeout=CHAT_TIMEOUT)
+            self.http,
+            api_base=s.openai.api_base,
+            api_key=s.secrets.openai_api_key or "",
+            model=s.openai.chat_model,
+            system_prompt=s.prompts.sms,
+            history=history,
+            bot_identity=s.twilio.bot_identity,
+            timeout=self.chat_timeout,
+        )
 
 
 def convo_handler(
@@ -157,10 +203,17 @@ def convo_handler(
 
     async def handle() -> Response:
         try:
+            # The whole body is in before any answer goes out (see _closing),
+            # whatever its type: Quart reads only form bodies for the form.
+            await request.get_data()
             pairs = await form_pairs()
+        except HTTPException as exc:  # too large (413), too slow (408): keep the status
+            counted.labels(outcome="malformed").inc()
+            status = exc.code if exc.code is not None and 400 <= exc.code < 500 else 400
+            return _closing(text("unreadable form", status))
         except Exception:  # undecodable body: nothing Twilio would send
             counted.labels(outcome="malformed").inc()
-            return text("malformed form", 400)
+            return _closing(text("malformed form", 400))
         url = public_http_url(s, request.path, request.query_string.decode("latin-1"))
         refusal = gate.check(url, pairs, request.headers.get("X-Twilio-Signature"))
         if refusal is not None:
@@ -173,14 +226,15 @@ def convo_handler(
         if form.get("Author") == s.twilio.bot_identity:
             return ok("ignored_bot")
         convo = form.get("ConversationSid", "")
-        if not convo:
+        if not CONVERSATION_SID.match(convo):
             counted.labels(outcome="malformed").inc()
-            return text("missing ConversationSid", 400)
+            return text("missing or malformed ConversationSid", 400)
         dedupe = form.get("MessageSid") or f"{convo}:{form.get('Index', '')}"
         if not await rt.store.first_seen(f"dedupe:{dedupe}", s.limits.dedupe_seconds):
             return ok("duplicate")
-        verdict = await rt.store.take(f"convo:{convo}", s.limits.convo_events,
-                                      s.limits.convo_window_seconds)
+        verdict = await rt.store.take(
+            f"convo:{convo}", s.limits.convo_events, s.limits.convo_window_seconds
+        )
         if not verdict.allowed:
             return ok("rate_limited")
 
@@ -188,9 +242,24 @@ def convo_handler(
             await jobs.handle(form)
 
         if not rt.spawn_job("convo", job):
-            log.warning("webhook job refused: background work is at its bound",
-                        extra={"conversation": convo})
+            log.warning(
+                "webhook job refused: background work is at its bound",
+                extra={"conversation": convo},
+            )
             return ok("overloaded")
         return ok("accepted")
 
     return handle
+
+
+def _closing(response: Response) -> Response:
+    """Ask the client not to reuse the connection.
+
+    These answers can go out before the body has all arrived. Hypercorn then
+    closes the half-read connection from inside the response task, which
+    Quart-Trio cancels as soon as the request ends, so the close is lost and
+    the connection stays open, unread: a client that sent its next request on
+    it would wait forever. ``Connection: close`` makes it open a fresh one.
+    """
+    response.headers["Connection"] = "close"
+    return response

@@ -22,7 +22,6 @@ task hop would only add latency to the ``clear``.
 from __future__ import annotations
 
 import base64
-import binascii
 import contextlib
 import logging
 import re
@@ -57,59 +56,36 @@ def b64_len(payload: str) -> int:
     return (n * 3) // 4 - payload.count("=", n - 2)
 
 
-# Base64 text, which can sit between JSON quotes as is. Payloads that match are
-# spliced into the outgoing JSON instead of building and serialising a dict per
-# frame; anything else takes the orjson path, so the bytes on the wire are the same.
-_B64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
-# streamSids are "MZ" + hex; a sid made only of these is JSON-safe unescaped.
-_SAFE_SID = re.compile(r"[A-Za-z0-9_-]+")
+# Standard base64 with padding: what Twilio sends and OpenAI accepts, and nothing
+# that could break the JSON it is spliced into.
+_B64 = re.compile(r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?")
 
 
-def _media_payload(raw: str | bytes) -> str | None:
-    """The payload of a Twilio ``media`` message, or None if ``raw`` is anything else
-    (which then takes the general path, parsed again: rare, so cheaper than
-    carrying the parsed event along)."""
+def is_audio(payload: object) -> bool:
+    """Non-empty, well-formed base64: anything else is not audio either side would take."""
+    return isinstance(payload, str) and bool(payload) and _B64.fullmatch(payload) is not None
+
+
+def _parse(raw: str | bytes) -> dict[str, Any] | None:
+    """A Twilio message as a dict with an ``event``, or None for anything else
+    (which the call ignores)."""
     try:
         event = orjson.loads(raw)
-        if event["event"] != "media":
-            return None
-        payload = event["media"]["payload"]
-    except (orjson.JSONDecodeError, TypeError, KeyError):
+    except orjson.JSONDecodeError:
         return None
-    return payload if isinstance(payload, str) else None
+    return event if isinstance(event, dict) and "event" in event else None
 
 
 def _append_messages(frames: list[str]) -> list[str]:
-    """``input_audio_buffer.append`` messages carrying ``frames`` (base64) in order:
-    one for all of them when they join cleanly, else one per frame."""
+    """The ``input_audio_buffer.append`` carrying ``frames`` (base64 audio), in order."""
     if len(frames) > 1:
-        try:
-            # Twilio's 160-byte frames end in padding, so base64 strings cannot be
-            # concatenated as text; the audio bytes can.
-            joined = base64.b64encode(
-                b"".join(base64.b64decode(f, validate=True) for f in frames)
-            ).decode("ascii")
-        except (binascii.Error, ValueError):
-            return [m for f in frames for m in _append_messages([f])]
-        frames = [joined]
-    audio = frames[0]
-    if _B64.fullmatch(audio):
-        return ['{"type":"input_audio_buffer.append","audio":"' + audio + '"}']
-    return [orjson.dumps(rt_dialect.append_audio(audio)).decode()]
-
-
-def _twilio_media(sid: str, payload: str, mark: str) -> tuple[str, str]:
-    """The Twilio ``media`` and ``mark`` messages for one assistant delta: the bytes
-    orjson would produce, without building two dicts per frame."""
-    if _SAFE_SID.fullmatch(sid) and _B64.fullmatch(payload) and mark.isdigit():
-        return (
-            '{"event":"media","streamSid":"' + sid + '","media":{"payload":"' + payload + '"}}',
-            '{"event":"mark","streamSid":"' + sid + '","mark":{"name":"' + mark + '"}}',
-        )
-    return (
-        orjson.dumps({"event": "media", "streamSid": sid, "media": {"payload": payload}}).decode(),
-        orjson.dumps({"event": "mark", "streamSid": sid, "mark": {"name": mark}}).decode(),
-    )
+        # Twilio's 160-byte frames end in padding, so base64 strings cannot be
+        # concatenated as text; the audio bytes can (every frame passed is_audio).
+        joined = base64.b64encode(b"".join(base64.b64decode(f) for f in frames))
+        frames = [joined.decode("ascii")]
+    # orjson on a small dict is cheaper than validating the payload for splicing
+    # it into a template (measured: 2.6 µs against 3.7 µs per frame).
+    return [orjson.dumps(rt_dialect.append_audio(frames[0])).decode()]
 
 
 class TwilioSession:
@@ -216,39 +192,33 @@ class TwilioSession:
         counter = self.rt.metrics.messages("twilio", "upstream")
         up = self._up
         assert up is not None
-        held: str | bytes | None = None  # a message read ahead while joining frames
+        held: dict[str, Any] | None = None  # an event read ahead while joining frames
         while True:
             if held is not None:
-                raw, held = held, None
+                event, held = held, None
             else:
                 try:
                     raw = await self.ws.receive()
                 except Disconnected:
                     self._end(Ending("twilio_closed", None))
                     return
-            payload = _media_payload(raw)
+                parsed = _parse(raw)
+                if parsed is None:
+                    continue  # not a Twilio message: ignore it, keep the call
+                event = parsed
             try:
-                if payload is not None:
+                kind = event["event"]
+                if kind == "media":
                     if self.stream_sid is None or self.voicemail or self.closing:
                         continue
+                    payload = event["media"]["payload"]
+                    if not is_audio(payload):
+                        continue  # OpenAI would answer every such append with an error
                     # Join the frames that are already waiting (SPEC §6 allows it; it
-                    # never waits for more): under load one append carries several
-                    # frames, and the upstream send is the costly part of a frame.
+                    # never waits for more): under load one append then carries
+                    # several frames, and the upstream send is the costly part.
                     frames = [payload]
-                    gone = False
-                    while True:
-                        try:
-                            nxt = self.ws.receive_nowait()
-                        except Disconnected:
-                            gone = True
-                            break
-                        if nxt is None:
-                            break
-                        more = _media_payload(nxt)
-                        if more is None:
-                            held = nxt  # handled next turn, in order
-                            break
-                        frames.append(more)
+                    held, gone = self._take_waiting_frames(frames)
                     for message in _append_messages(frames):
                         await up.send_message(message)
                     counter.inc(len(frames))
@@ -256,15 +226,7 @@ class TwilioSession:
                     if gone:
                         self._end(Ending("twilio_closed", None))
                         return
-                    continue
-                try:
-                    event = orjson.loads(raw)
-                    kind = event["event"]
-                except (orjson.JSONDecodeError, TypeError, KeyError):
-                    continue  # not a Twilio message: ignore it, keep the call
-                if kind == "media":
-                    continue  # a media without a usable payload
-                if kind == "mark":
+                elif kind == "mark":
                     self.playback.on_mark(str(event["mark"]["name"]), trio.current_time() * 1000)
                     self._maybe_close()
                 elif kind == "start":
@@ -278,6 +240,29 @@ class TwilioSession:
             except trio_websocket.ConnectionClosed as closed:
                 self._end(self._upstream_gone(closed))
                 return
+
+    def _take_waiting_frames(self, frames: list[str]) -> tuple[dict[str, Any] | None, bool]:
+        """Append to ``frames`` the payloads of media messages already queued, without
+        waiting; stop at the first other event and return it (to be handled next, in
+        order), and whether the client's disconnect was reached."""
+        while True:
+            try:
+                raw = self.ws.receive_nowait()
+            except Disconnected:
+                return None, True
+            if raw is None:
+                return None, False
+            event = _parse(raw)
+            if event is None:
+                continue  # ignored, as the main loop would
+            if event["event"] != "media":
+                return event, False
+            try:
+                payload = event["media"]["payload"]
+            except (KeyError, TypeError):
+                continue  # a malformed media is skipped, as the main loop would
+            if is_audio(payload):
+                frames.append(payload)
 
     async def _on_start(self, event: dict[str, Any]) -> None:
         if self.stream_sid is not None:
@@ -383,16 +368,23 @@ class TwilioSession:
     async def _on_delta(self, event: dict[str, Any]) -> bool:
         sid = self.stream_sid
         payload = event["delta"]
-        item_id = event.get("item_id") or ""
-        if sid is None or not isinstance(payload, str) or not isinstance(item_id, str):
+        item_id = event.get("item_id")
+        # Audio that is not base64 would reach Twilio as a malformed media (31924), and
+        # audio of no item could never be truncated: neither is played.
+        if sid is None or not is_audio(payload) or not isinstance(item_id, str) or not item_id:
             return False
         if self.playback.was_truncated(item_id):
             return False  # audio of an interrupted answer still in flight: never play it
         mark = self.playback.on_delta(item_id, b64_len(payload), trio.current_time() * 1000)
-        media, mark_msg = _twilio_media(sid, payload, mark)
         async with self._send_lock:
-            await self.ws.send(media)
-            await self.ws.send(mark_msg)
+            await self.ws.send(
+                orjson.dumps(
+                    {"event": "media", "streamSid": sid, "media": {"payload": payload}}
+                ).decode()
+            )
+            await self.ws.send(
+                orjson.dumps({"event": "mark", "streamSid": sid, "mark": {"name": mark}}).decode()
+            )
         return True
 
     async def _barge_in(self) -> None:

@@ -23,8 +23,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any, cast
 
+import h11
 import trio
 import trio_websocket
+import wsproto.utilities
 
 from relay.realtime.dialect import Dialect
 
@@ -32,6 +34,17 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MESSAGE_QUEUE_SIZE = 8
 _Stream = trio.SocketStream | trio.SSLStream[trio.SocketStream]
+
+
+_HANDSHAKE_ERRORS = (
+    h11.LocalProtocolError,
+    h11.RemoteProtocolError,
+    wsproto.utilities.LocalProtocolError,
+    wsproto.utilities.RemoteProtocolError,
+    trio_websocket.HandshakeError,
+    trio.BrokenResourceError,
+    OSError,
+)
 
 
 class UpstreamError(Exception):
@@ -128,6 +141,11 @@ async def _connection_task(
         # trio-websocket reports a refusal by raising from its reader task.
         rejected = group.subgroup(trio_websocket.ConnectionRejected)
         if rejected is None:
+            # A reply that breaks the protocol (a wrong Sec-WebSocket-Accept, say)
+            # surfaces as wsproto's error from the reader: before the handshake
+            # completed, that is a failed connect like any other.
+            if ws is None and group.subgroup(_HANDSHAKE_ERRORS) is not None:
+                raise UpstreamError("upstream handshake failed") from None
             raise
         status = cast(trio_websocket.ConnectionRejected, _first_leaf(rejected)).status_code
         raise UpstreamError(f"upstream refused handshake: {status}", status=status) from None

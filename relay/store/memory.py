@@ -5,9 +5,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+import trio
+
 from relay.store.base import ALLOWED, Verdict
 
 MIN_PRUNE_SIZE = 4096
+# How often run() forgets idle keys when no flood of new keys has done it already.
+PRUNE_INTERVAL = 10.0
 
 
 class Bucket:
@@ -36,6 +40,8 @@ class Bucket:
 
 class MemoryStore:
     """The single-process store. ``clock`` is injectable so tests can drive time."""
+
+    backend = "memory"
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
@@ -68,6 +74,11 @@ class MemoryStore:
         self._seen[key] = now + ttl_seconds
         return True
 
+    def remembers(self, key: str) -> bool:
+        """True while ``key`` is inside the dedupe window of an earlier :meth:`first_seen`."""
+        expires = self._seen.get(key)
+        return expires is not None and expires > self._clock()
+
     def prune(self) -> int:
         now = self._clock()
         idle = [k for k, b in self._buckets.items() if b.idle_full(now)]
@@ -78,6 +89,14 @@ class MemoryStore:
             del self._seen[k]
         self._prune_above = max(MIN_PRUNE_SIZE, 2 * (len(self._buckets) + len(self._seen)))
         return len(idle) + len(expired)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Prune every :data:`PRUNE_INTERVAL` seconds, so keys that went idle during a
+        quiet spell (no new keys, hence no size-triggered prune) are forgotten too."""
+        task_status.started()
+        while True:
+            await trio.sleep(PRUNE_INTERVAL)
+            self.prune()
 
     def __len__(self) -> int:
         return len(self._buckets) + len(self._seen)

@@ -433,8 +433,11 @@ class FakeRealtime:
                     with trio.move_on_after(CLOSE_TIMEOUT):
                         await conn._close_done.wait()
                 nursery.cancel_scope.cancel()
-        except (trio_websocket.ConnectionClosed, trio.BrokenResourceError,
-                trio.ClosedResourceError):
+        except (
+            trio_websocket.ConnectionClosed,
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+        ):
             pass  # the peer left mid-handshake or mid-send; nothing left to record
 
     def _refusal(self, conn: FakeConnection) -> int | None:

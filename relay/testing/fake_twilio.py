@@ -26,6 +26,7 @@ import itertools
 import json
 import os
 import re
+import secrets
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
@@ -253,11 +254,28 @@ class FakeTwilio:
         self.fail_next = 0
         self.fail_match: str | None = None
         self.delay = 0.0
-        # Chat completions: reply text, wait before answering, or fail with a status.
+        # Chat completions: reply text, wait before answering (see chat_delay), or
+        # fail with a status.
         self.chat_reply = "Hello from the fake assistant."
-        self.chat_delay = 0.0
+        self._chat_delay = 0.0
+        self._chat_delay_changed = trio.Event()
         self.chat_status: int | None = None
+        # A random stem plus a counter: unique across fakes, so one long-lived
+        # relay serving many tests (each with its own fake) never sees a SID twice.
+        self._sid_stem = secrets.randbits(64)
         self._sids = itertools.count(1)
+
+    @property
+    def chat_delay(self) -> float:
+        """Seconds from a chat request's arrival to its answer. Requests already
+        waiting follow a change: lowering it releases them."""
+        return self._chat_delay
+
+    @chat_delay.setter
+    def chat_delay(self, seconds: float) -> None:
+        self._chat_delay = seconds
+        self._chat_delay_changed.set()
+        self._chat_delay_changed = trio.Event()
 
     @property
     def openai_base(self) -> str:
@@ -269,7 +287,7 @@ class FakeTwilio:
         return [r for r in self.requests if r.path == "/v1/chat/completions"]
 
     def new_sid(self, prefix: str) -> str:
-        return f"{prefix}{next(self._sids):032x}"
+        return f"{prefix}{self._sid_stem:016x}{next(self._sids):016x}"
 
     def add_conversation(
         self,
@@ -456,7 +474,10 @@ class FakeTwilio:
     async def _chat(self, req: RecordedRequest) -> Reply:
         if self.openai_key and req.headers.get("authorization") != f"Bearer {self.openai_key}":
             return 401, _openai_error("Incorrect API key provided.", "invalid_api_key")
-        await trio.sleep(self.chat_delay)
+        arrived = trio.current_time()
+        while (left := arrived + self._chat_delay - trio.current_time()) > 0:
+            with trio.move_on_after(left):
+                await self._chat_delay_changed.wait()
         if self.chat_status is not None:
             return self.chat_status, _openai_error("Fake failure.", "fake_failure")
         body = req.json if isinstance(req.json, dict) else {}

@@ -407,11 +407,16 @@ async def twilio_call(
         async with stream, trio.open_nursery() as nursery:
             with trio.fail_after(connect_timeout):
                 ws = await trio_websocket.wrap_client_stream(
-                    nursery, stream, host, resource,
-                    extra_headers=headers, max_message_size=max_message_size,
+                    nursery,
+                    stream,
+                    host,
+                    resource,
+                    extra_headers=headers,
+                    max_message_size=max_message_size,
                 )
             call = TwilioCall(
-                ws, nursery,
+                ws,
+                nursery,
                 stream_sid=stream_sid or "MZ" + secrets.token_hex(16),
                 call_sid=call_sid or "CA" + secrets.token_hex(16),
                 account_sid=account_sid or "AC" + secrets.token_hex(16),

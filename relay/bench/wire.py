@@ -1,0 +1,217 @@
+"""Just enough RFC 6455 for the load side of ``relay bench``, on raw non-blocking sockets.
+
+Why not trio-websocket here: the load generator and the fake upstream share one
+core while the relay gets the other, and they handle several messages for every
+one the relay handles. wsproto costs tens of microseconds per message; this
+costs a few, so the generator stays out of the figures. It is not a general
+WebSocket: no extensions, no fragmentation on send, and client frames are
+masked with the all-zero key (valid per RFC 6455 §5.3, and free to apply).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import socket
+
+import trio
+
+_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 1, 2, 8, 9, 10
+
+
+class Closed(Exception):
+    """The peer closed the socket (or sent a close frame)."""
+
+
+class Conn:
+    """A non-blocking TCP socket with trio waits, minus trio's per-call overhead."""
+
+    __slots__ = ("sock",)
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = sock
+
+    async def send(self, data: bytes) -> None:
+        """Send all of ``data``; waits only when the kernel buffer is full."""
+        view = memoryview(data)
+        try:
+            sent = self.sock.send(view)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            raise Closed(str(exc)) from None
+        while sent < len(view):
+            await trio.lowlevel.wait_writable(self.sock)
+            try:
+                sent += self.sock.send(view[sent:])
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                raise Closed(str(exc)) from None
+
+    async def recv(self) -> bytes:
+        """The bytes available now (waiting for some); raises :class:`Closed` at EOF."""
+        while True:
+            try:
+                data = self.sock.recv(262144)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self.sock)
+                continue
+            except OSError as exc:
+                raise Closed(str(exc)) from None
+            if not data:
+                raise Closed("eof")
+            # A task that always finds data must still let the others run.
+            await trio.lowlevel.checkpoint()
+            return data
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+async def connect(host: str, port: int) -> Conn:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    err = sock.connect_ex((host, port))
+    if err not in (0, 115):  # 115: EINPROGRESS
+        sock.close()
+        raise OSError(err, os.strerror(err))
+    await trio.lowlevel.wait_writable(sock)
+    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        sock.close()
+        raise OSError(err, os.strerror(err))
+    return Conn(sock)
+
+
+async def read_head(conn: Conn) -> tuple[bytes, bytes]:
+    """An HTTP head (up to the blank line) and whatever arrived after it."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        buf += await conn.recv()
+        if len(buf) > 65536:
+            raise Closed("HTTP head too long")
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    return head, rest
+
+
+async def client_handshake(
+    conn: Conn, host: str, resource: str, headers: list[tuple[str, str]]
+) -> bytes:
+    """Upgrade as a client; returns bytes already received after the 101."""
+    key = base64.b64encode(os.urandom(16)).decode()
+    lines = [
+        f"GET {resource} HTTP/1.1",
+        f"Host: {host}",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        f"Sec-WebSocket-Key: {key}",
+        "Sec-WebSocket-Version: 13",
+        *(f"{k}: {v}" for k, v in headers),
+    ]
+    await conn.send(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+    head, rest = await read_head(conn)
+    status = head.split(b"\r\n", 1)[0]
+    if b" 101 " not in status + b" ":
+        raise Closed(f"handshake refused: {status.decode('latin-1')}")
+    return rest
+
+
+async def server_handshake(conn: Conn) -> tuple[str, bytes]:
+    """Accept any upgrade; returns the request target and bytes received after it."""
+    head, rest = await read_head(conn)
+    lines = head.decode("latin-1").split("\r\n")
+    target = lines[0].split(" ")[1] if " " in lines[0] else "/"
+    key = ""
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        if name.strip().lower() == "sec-websocket-key":
+            key = value.strip()
+    accept = base64.b64encode(hashlib.sha1(key.encode() + _GUID).digest()).decode()
+    await conn.send(
+        (
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+        ).encode()
+    )
+    return target, rest
+
+
+def frame(payload: bytes, opcode: int = OP_TEXT, *, masked: bool = False) -> bytes:
+    """One final frame; ``masked`` uses the zero key, so the payload goes out as is."""
+    n = len(payload)
+    mask_bit = 0x80 if masked else 0
+    if n < 126:
+        head = bytes((0x80 | opcode, mask_bit | n))
+    elif n < 65536:
+        head = bytes((0x80 | opcode, mask_bit | 126)) + n.to_bytes(2, "big")
+    else:
+        head = bytes((0x80 | opcode, mask_bit | 127)) + n.to_bytes(8, "big")
+    if masked:
+        head += b"\0\0\0\0"
+    return head + payload
+
+
+def _unmask(payload: bytes, key: bytes) -> bytes:
+    n = len(payload)
+    if not n or key == b"\0\0\0\0":
+        return payload
+    # One big-integer XOR instead of a Python loop over the bytes.
+    stream = (key * (n // 4 + 1))[:n]
+    return (int.from_bytes(payload, "big") ^ int.from_bytes(stream, "big")).to_bytes(n, "big")
+
+
+class Reader:
+    """Incremental frame parser: feed bytes, get whole messages as ``(opcode, payload)``."""
+
+    __slots__ = ("_buf", "_frag", "_frag_op")
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._frag = bytearray()
+        self._frag_op = 0
+
+    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+        buf = self._buf
+        buf += data
+        out: list[tuple[int, bytes]] = []
+        pos, end = 0, len(buf)
+        while end - pos >= 2:
+            b0, b1 = buf[pos], buf[pos + 1]
+            length, p = b1 & 0x7F, pos + 2
+            if length == 126:
+                if end - p < 2:
+                    break
+                length, p = int.from_bytes(buf[p : p + 2], "big"), p + 2
+            elif length == 127:
+                if end - p < 8:
+                    break
+                length, p = int.from_bytes(buf[p : p + 8], "big"), p + 8
+            key = b""
+            if b1 & 0x80:
+                if end - p < 4:
+                    break
+                key, p = bytes(buf[p : p + 4]), p + 4
+            if end - p < length:
+                break
+            payload = bytes(buf[p : p + length])
+            if key:
+                payload = _unmask(payload, key)
+            pos = p + length
+            opcode, fin = b0 & 0x0F, b0 & 0x80
+            if opcode == 0:
+                self._frag += payload
+                if fin:
+                    out.append((self._frag_op, bytes(self._frag)))
+                    self._frag.clear()
+            elif not fin and opcode < 8:
+                self._frag_op = opcode
+                self._frag[:] = payload
+            else:
+                out.append((opcode, payload))
+        del buf[:pos]
+        return out

@@ -1,0 +1,346 @@
+"""Rate buckets and dedupe shared through Redis, with a per-process fallback.
+
+Every process and host that points ``store.redis_url`` at one Redis enforces
+one limit and one dedupe window together (SPEC §8):
+
+- a bucket check is one Lua script, run atomically by Redis: no
+  read-modify-write race between processes, and Redis's own clock (``TIME``)
+  is the clock, so hosts whose clocks disagree still share one bucket;
+- dedupe is ``SET key 1 NX PX ttl``: exactly one caller sees it first;
+- every key starts with ``relay:`` and expires (a bucket once it would be
+  full again, a dedupe key after its window), so Redis memory stays bounded
+  by the keys that are really live.
+
+No request waits on Redis longer than :data:`CALL_TIMEOUT`: a call that fails
+or times out is answered by a per-process :class:`MemoryStore` instead. A
+failed connection (or a health probe that gets no answer within
+:data:`PROBE_TIMEOUT`) turns the store *degraded*: later calls go straight to
+memory, one warning is logged, ``relay_store_degraded`` reads 1, and
+:meth:`RedisStore.run` probes Redis with backoff until it answers again (one
+info line, shared limits again). Sessions never touch the store after their
+upgrade, so an outage cannot affect them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+from urllib.parse import urlsplit
+
+import coredis
+import trio
+from coredis.commands.script import Script
+from coredis.tokens import PureToken
+
+from relay.store.base import ALLOWED, Verdict
+from relay.store.memory import MemoryStore
+
+log = logging.getLogger("relay.store")
+
+PREFIX = "relay:"
+# The longest a request waits on Redis. A local or same-zone Redis answers in
+# well under a millisecond; 200 ms means it is down, blackholed or swamped.
+CALL_TIMEOUT = 0.2
+# The health probe is off the request path, so it may wait longer: a Redis
+# that just came back may take a moment to accept and handshake.
+PROBE_TIMEOUT = 1.0
+# While Redis answers, probe it this often so /metrics tells the truth even
+# when no request has come along to find out.
+HEALTH_INTERVAL = 5.0
+# While it does not: first retry soon, then back off, but never wait so long
+# that recovery goes unnoticed for more than a few seconds.
+RETRY_MIN = 0.5
+RETRY_MAX = 5.0
+
+# KEYS[1] the bucket; ARGV[1] capacity; ARGV[2] window in ms.
+# Returns {1, "0.000"} when a token was taken, else {0, "<ms until one is free>"}.
+# The wait is returned as a string: Redis turns a Lua number reply into an integer.
+# HSET arguments keep full precision (Redis formats Lua numbers with %.17g).
+TOKEN_BUCKET = """
+local capacity = tonumber(ARGV[1])
+local rate = capacity / tonumber(ARGV[2])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + tonumber(clock[2]) / 1000
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'stamp')
+local tokens = tonumber(state[1])
+local stamp = tonumber(state[2])
+if tokens == nil or stamp == nil then
+  tokens = capacity
+else
+  -- max(0, ...): after a failover the new primary's clock may be behind.
+  tokens = math.min(capacity, tokens + math.max(0, now - stamp) * rate)
+end
+local allowed, wait = 0, 0
+if tokens >= 1 then
+  tokens = tokens - 1
+  allowed = 1
+else
+  wait = (1 - tokens) / rate
+end
+redis.call('HSET', KEYS[1], 'tokens', tokens, 'stamp', now)
+-- A bucket that would be full again is the same as no bucket: let it go then.
+redis.call('PEXPIRE', KEYS[1], math.max(1, math.ceil((capacity - tokens) / rate)))
+return {allowed, string.format('%.3f', wait)}
+"""
+
+
+class RedisStore:
+    """The shared store. Answers every call, from Redis when it can, else from memory.
+
+    :meth:`run` must be running (in the server's root nursery) for Redis to be
+    used at all: it holds coredis's connection pool, whose connection tasks
+    live in it, and it watches Redis's health. Until it has started, and
+    whenever Redis is unreachable, the store is :attr:`degraded`.
+    """
+
+    backend = "redis"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = PREFIX,
+        call_timeout: float = CALL_TIMEOUT,
+        probe_timeout: float = PROBE_TIMEOUT,
+        health_interval: float = HEALTH_INTERVAL,
+        retry_min: float = RETRY_MIN,
+        retry_max: float = RETRY_MAX,
+        fallback: MemoryStore | None = None,
+    ) -> None:
+        self.where = redis_location(url)
+        self._url = url
+        self._prefix = prefix
+        self._call_timeout = call_timeout
+        self._probe_timeout = probe_timeout
+        self._health_interval = health_interval
+        self._retry_min = retry_min
+        self._retry_max = retry_max
+        self._fallback = fallback if fallback is not None else MemoryStore()
+        self._up = False
+        self._down_since: float | None = None
+        # Set by a call that found Redis gone or slow, so the watcher probes
+        # (or starts retrying) now rather than at its next periodic probe.
+        self._check_now = trio.Event()
+        self._client, self._bucket = self._new_client()
+
+    def _new_client(self) -> tuple[coredis.Redis[bytes], Script[bytes]]:
+        # coredis's default is no retries, as wanted: a failed call falls back
+        # to memory at once instead of trying again on the request's time.
+        client = coredis.Redis.from_url(self._url, connect_timeout=self._probe_timeout)
+        return client, client.register_script(TOKEN_BUCKET)
+
+    # -- the Store interface ---------------------------------------------------
+    @property
+    def degraded(self) -> bool:
+        return not self._up
+
+    async def take(self, key: str, capacity: int, window_seconds: float) -> Verdict:
+        if self._up:
+            try:
+                with trio.fail_after(self._call_timeout):
+                    reply: Any = await self._bucket(
+                        keys=[self._prefix + key],
+                        args=[capacity, max(1, math.ceil(window_seconds * 1000))],
+                    )
+                return _verdict(reply)
+            except Exception as exc:  # whatever went wrong, the request must not fail
+                self._failed(exc)
+        return await self._fallback.take(key, capacity, window_seconds)
+
+    async def first_seen(self, key: str, ttl_seconds: float) -> bool:
+        # Seen here during an outage: Redis never heard of it, but it is a repeat.
+        if self._up and not self._fallback.remembers(key):
+            try:
+                with trio.fail_after(self._call_timeout):
+                    return bool(
+                        await self._client.set(
+                            self._prefix + key,
+                            b"1",
+                            condition=PureToken.NX,
+                            px=max(1, math.ceil(ttl_seconds * 1000)),
+                        )
+                    )
+            except Exception as exc:  # whatever went wrong, the request must not fail
+                self._failed(exc)
+        return await self._fallback.first_seen(key, ttl_seconds)
+
+    def prune(self) -> int:
+        """Redis expires its own keys; only the fallback's need pruning."""
+        return self._fallback.prune()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Hold the connection pool, prune the fallback, watch Redis; never returns.
+
+        ``started()`` comes after the first probe (at most ``probe_timeout``),
+        connected or not: an unreachable Redis never holds up the server.
+        """
+        # The store logs each outage once, with its cause. coredis would log a
+        # traceback for every failed connection attempt, i.e. every probe.
+        logging.getLogger("coredis").setLevel(logging.CRITICAL)
+        started = False
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._fallback.run)
+            while True:
+                try:
+                    async with self._client:
+                        if not started:
+                            await self._first_probe()
+                            task_status.started()
+                            started = True
+                        await self._watch()
+                except Exception:
+                    # coredis runs its connections as tasks under this one: an
+                    # error escaping them (a bug) lands here, and must not end
+                    # the server and every call in progress. Start afresh.
+                    self._up = False
+                    self._down_since = trio.current_time()
+                    log.exception(
+                        "redis client for %s failed: rate limits and dedupe are per process "
+                        "until a new one connects",
+                        self.where,
+                    )
+                    if not started:
+                        task_status.started()
+                        started = True
+                    await trio.sleep(self._retry_max)
+                    self._client, self._bucket = self._new_client()
+
+    async def _first_probe(self) -> None:
+        error = await self._probe()
+        if error is None:
+            self._came_up(first=True)
+            return
+        self._down_since = trio.current_time()
+        log.warning(
+            "redis at %s is unreachable (%s): rate limits and dedupe are per process "
+            "until it answers again",
+            self.where,
+            error,
+        )
+
+    # -- health ----------------------------------------------------------------
+    async def _watch(self) -> None:
+        backoff = self._retry_min
+        while True:
+            if self._up:
+                with trio.move_on_after(self._health_interval):
+                    await self._check_now.wait()
+                self._check_now = trio.Event()
+                if self._up:
+                    error = await self._probe()
+                    if error is not None:
+                        self._went_down(error)
+                    else:
+                        # A burst of slow calls asks for a probe each; one per
+                        # retry_min is plenty.
+                        await trio.sleep(self._retry_min)
+                backoff = self._retry_min
+            else:
+                await trio.sleep(backoff)
+                if await self._probe() is None:
+                    self._came_up(first=False)
+                else:
+                    backoff = min(2 * backoff, self._retry_max)
+
+    async def _probe(self) -> str | None:
+        """None when Redis accepts a write now, else why not.
+
+        A write, not a PING: a Redis that answers but refuses writes (out of
+        memory, a read-only replica after a failover) cannot hold buckets.
+        """
+        try:
+            with trio.fail_after(self._probe_timeout):
+                await self._client.set(self._prefix + "probe", b"1", px=60_000)
+        except trio.TooSlowError as exc:
+            # A connection whose peer vanished without a reset (a partition, a
+            # host gone) stays "open" until TCP gives up, many minutes later.
+            # Drop it, so the next probe dials afresh and sees Redis come back.
+            self._client.connection_pool.disconnect()
+            return _describe(exc)
+        except Exception as exc:
+            return _describe(exc)
+        return None
+
+    def _failed(self, exc: Exception) -> None:
+        """A call could not use Redis; it was answered from memory instead.
+
+        A refused or lost connection (or an error reply) is an outage. A slow
+        answer is not proof of one: the timer also runs while this process's
+        own tasks hold the CPU, and declaring an outage for every busy moment
+        would flap. So it only asks the watcher for a probe now, whose longer
+        timeout decides.
+        """
+        if isinstance(exc, trio.TooSlowError):
+            self._check_now.set()
+        else:
+            self._went_down(exc)
+
+    def _went_down(self, exc: BaseException | str) -> None:
+        if not self._up:
+            return
+        self._up = False
+        self._down_since = trio.current_time()
+        self._check_now.set()
+        reason = exc if isinstance(exc, str) else _describe(exc)
+        log.warning(
+            "redis at %s is unreachable (%s): rate limits and dedupe are per process "
+            "until it answers again",
+            self.where,
+            reason,
+        )
+
+    def _came_up(self, *, first: bool) -> None:
+        self._up = True
+        self._check_now = trio.Event()
+        if first or self._down_since is None:
+            log.info("rate limits and dedupe are shared through redis at %s", self.where)
+        else:
+            log.info(
+                "redis at %s is back after %.1fs: rate limits and dedupe are shared again",
+                self.where,
+                trio.current_time() - self._down_since,
+            )
+
+
+def _verdict(reply: Any) -> Verdict:
+    allowed, wait_ms = reply
+    if allowed == 1:
+        return ALLOWED
+    return Verdict(False, float(wait_ms) / 1000)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, trio.TooSlowError):
+        return "no answer in time"
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def redis_location(url: str) -> str:
+    """Where the URL points, for logs: scheme, host, port and database, never a password.
+
+    Raises ValueError for a URL coredis would misread: another scheme, no host,
+    a database that is not a number. The message never repeats the URL, which
+    may hold a password.
+    """
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ValueError("no socket path (unix:///path/to/redis.sock)")
+        return f"unix:{parts.path}"
+    if parts.scheme not in ("redis", "rediss"):
+        raise ValueError("not a redis://, rediss:// or unix:// URL")
+    host = parts.hostname
+    if not host:
+        raise ValueError("no host (redis://host:6379/0)")
+    try:
+        port = parts.port or 6379
+    except ValueError:
+        raise ValueError("the port is not a number") from None
+    db = parts.path.lstrip("/") or "0"
+    if not db.isdigit():
+        raise ValueError("the database (the path after host:port) is not a number")
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{parts.scheme}://{host}:{port}/{db}"

@@ -1,0 +1,125 @@
+"""A Trio event loop in a background thread, for synchronous tests that drive async fakes.
+
+Hypothesis runs ``@given`` examples synchronously, while the fakes, the simulated
+Twilio caller and ``running_daemon`` are Trio code. Running them in one Trio loop
+on a background thread lets a module-scoped fixture keep one daemon (and the
+sessions a property must not disturb) alive across thousands of examples, each
+example being a short ``portal.run(some_async_fn, ...)``.
+
+    with trio_portal(lambda: running_daemon(cfg)) as (portal, daemon):
+        portal.run(check, daemon)
+
+Async context managers that own a nursery (``twilio_call``, ``open_websocket``)
+must be entered and exited by the same task; :meth:`Portal.hold` runs each in a
+task of its own that lives until :meth:`Held.release`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import trio
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass
+class Held(Generic[T]):
+    """A resource whose context is held open by a task in the portal's nursery."""
+
+    value: T
+    _release: trio.Event = field(default_factory=trio.Event)
+    _done: trio.Event = field(default_factory=trio.Event)
+    error: BaseException | None = None
+
+    async def release(self) -> None:
+        """Exit the context (in its own task) and wait until it has."""
+        self._release.set()
+        await self._done.wait()
+        if self.error is not None:
+            raise self.error
+
+
+class Portal:
+    def __init__(self, token: trio.lowlevel.TrioToken, nursery: trio.Nursery) -> None:
+        self.token = token
+        self.nursery = nursery
+
+    def run(self, afn: Callable[..., Awaitable[R]], *args: Any, timeout: float = 30) -> R:
+        """Run ``afn(*args)`` in the loop, from the test's thread; bounded, so a hang
+        in the daemon fails the example instead of freezing the suite."""
+
+        async def bounded() -> R:
+            with trio.fail_after(timeout):
+                return await afn(*args)
+
+        return trio.from_thread.run(bounded, trio_token=self.token)
+
+    async def hold(self, factory: Callable[[], AbstractAsyncContextManager[T]]) -> Held[T]:
+        """Enter ``factory()`` in a new task of the portal's nursery (call from the loop)."""
+
+        async def holder(task_status: trio.TaskStatus[Held[T]]) -> None:
+            held: Held[T] | None = None
+            try:
+                async with factory() as value:
+                    held = Held(value)
+                    task_status.started(held)
+                    await held._release.wait()
+            except Exception as exc:  # reported to whoever releases it
+                if held is None:
+                    raise
+                held.error = exc
+            finally:
+                if held is not None:
+                    held._done.set()
+
+        result: Held[T] = await self.nursery.start(holder)
+        return result
+
+
+@contextmanager
+def trio_portal(
+    setup: Callable[[], AbstractAsyncContextManager[T]], *, stop_timeout: float = 60
+) -> Iterator[tuple[Portal, T]]:
+    """Run ``setup()`` in a Trio loop on a new thread; yield a portal and its value.
+
+    On exit every held resource is cancelled, the context exits and the thread
+    ends; an exception from the loop is re-raised here."""
+    ready = threading.Event()
+    box: dict[str, Any] = {}
+
+    async def main() -> None:
+        async with setup() as value, trio.open_nursery() as nursery:
+            box["portal"] = Portal(trio.lowlevel.current_trio_token(), nursery)
+            box["value"] = value
+            box["stop"] = stop = trio.Event()
+            ready.set()
+            await stop.wait()
+            nursery.cancel_scope.cancel()
+
+    def thread_main() -> None:
+        try:
+            trio.run(main)
+        except BaseException as exc:  # handed to the test thread
+            box["error"] = exc
+        finally:
+            ready.set()
+
+    thread = threading.Thread(target=thread_main, name="trio-portal", daemon=True)
+    thread.start()
+    ready.wait()
+    if "error" in box:
+        raise box["error"]
+    portal: Portal = box["portal"]
+    try:
+        yield portal, box["value"]
+    finally:
+        trio.from_thread.run_sync(box["stop"].set, trio_token=portal.token)
+        thread.join(stop_timeout)
+        if "error" in box:
+            raise box["error"]

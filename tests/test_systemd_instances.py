@@ -1,0 +1,114 @@
+"""Many processes per host as systemd template instances (README, "Scaling out").
+
+relay@.service is the shipped relay.service installed under the template name,
+plus the drop-in systemd/relay@.service.d/instance.conf that points each
+instance at its own config. `systemd-analyze verify` checks the pair in a
+throwaway root (as tests/test_systemd.py does for the plain unit), and the
+same root proves the drop-in is really read. That two such instances share
+limits and dedupe through Redis is tests/test_e2e_redis.py.
+
+systemd is a Debian package (`apt-get install systemd`); without
+systemd-analyze these tests skip and say so.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+SYSTEMD = Path(__file__).resolve().parent.parent / "systemd"
+UNIT = SYSTEMD / "relay.service"
+DROP_IN = SYSTEMD / "relay@.service.d" / "instance.conf"
+EXEC_START = "/opt/relay/venv/bin/relay"
+ANALYZE = shutil.which("systemd-analyze")
+
+needs_analyze = pytest.mark.skipif(
+    ANALYZE is None,
+    reason="systemd-analyze not installed (Debian: apt-get install systemd); "
+    "the template instances are NOT verified",
+)
+
+
+def analyze(*args: str) -> subprocess.CompletedProcess[str]:
+    assert ANALYZE is not None
+    env = dict(os.environ, SYSTEMD_COLORS="0", SYSTEMD_PAGER="", SYSTEMD_LOG_COLOR="0")
+    return subprocess.run(
+        [ANALYZE, *args], capture_output=True, text=True, env=env, timeout=60, check=False
+    )
+
+
+def settings(text: str) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith(("#", ";", "[")):
+            key, _, value = line.partition("=")
+            out.setdefault(key.strip(), []).append(value.strip())
+    return out
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Iterator[Path]:
+    """relay.service installed as relay@.service with the drop-in, as the README says."""
+    root = tmp_path / "root"
+    units = root / "etc" / "systemd" / "system"
+    (units / "relay@.service.d").mkdir(parents=True)
+    shutil.copyfile(UNIT, units / "relay@.service")
+    shutil.copyfile(DROP_IN, units / "relay@.service.d" / "instance.conf")
+    for system_units in ("/usr/lib/systemd/system", "/lib/systemd/system"):
+        if Path(system_units).is_dir():
+            shutil.copytree(
+                system_units, root / system_units.lstrip("/"), symlinks=True, dirs_exist_ok=True
+            )
+            break
+    binary = root / EXEC_START.lstrip("/")
+    binary.parent.mkdir(parents=True)
+    binary.write_text("#!/bin/sh\nexit 0\n")
+    binary.chmod(0o755)
+    yield root
+
+
+@needs_analyze
+def test_instances_verify_silently(root: Path) -> None:
+    for instance in ("8787", "8788"):
+        result = analyze("verify", f"--root={root}", "--man=no", f"relay@{instance}.service")
+        assert result.stdout + result.stderr == ""
+        assert result.returncode == 0
+
+
+@needs_analyze
+def test_the_drop_in_is_what_verify_reads(root: Path) -> None:
+    conf = root / "etc" / "systemd" / "system" / "relay@.service.d" / "instance.conf"
+    conf.write_text(conf.read_text().replace(f"ExecStart={EXEC_START}", "ExecStart=/nowhere/relay"))
+    result = analyze("verify", f"--root={root}", "--man=no", "relay@8788.service")
+    assert "/nowhere/relay" in result.stdout + result.stderr
+
+
+@needs_analyze
+def test_instances_keep_the_sandbox(root: Path) -> None:
+    result = analyze(
+        "security", "--offline=true", f"--root={root}", "--no-pager", "relay@8788.service"
+    )
+    match = re.search(
+        r"Overall exposure level for relay@8788\.service: (\d+(?:\.\d+)?)", result.stdout
+    )
+    assert match, result.stdout + result.stderr
+    assert float(match.group(1)) <= 1.5
+
+
+def test_each_instance_reads_its_own_config() -> None:
+    """Cheap checks that stay on without systemd-analyze."""
+    drop_in = settings(DROP_IN.read_text())
+    base = settings(UNIT.read_text())
+    # An empty ExecStart= first: a drop-in that only added one would give two.
+    assert drop_in["ExecStart"] == ["", f"{EXEC_START} serve --config /etc/relay/%i.toml"]
+    assert base["ExecStart"] == [f"{EXEC_START} serve --config /etc/relay/config.toml"]
+    assert "%i" in drop_in["Description"][0]
+    # Everything else (sandbox, Type=notify, watchdog, credentials) comes from relay.service.
+    assert set(drop_in) == {"Description", "ExecStart"}
