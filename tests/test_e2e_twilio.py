@@ -79,7 +79,8 @@ async def test_call_greets_and_relays_audio_both_ways(fake: FakeRealtime) -> Non
             assert conn.events == []
             await c.start()
             # The greeting: every delta becomes one media (same bytes, in order) and a mark.
-            await until(lambda: len(c.received_media) == 10)
+            # Each media is followed by its mark: wait for the 10th mark too.
+            await until(lambda: len(c.received_events) >= 20)
             assert c.received_media == [chunk_audio(i, 160) for i in range(10)]
             kinds = [e["event"] for e in c.received_events]
             assert kinds == ["media", "mark"] * 10
