@@ -7,7 +7,7 @@ from the request's own Host.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from twilio.request_validator import RequestValidator
 
@@ -68,10 +68,15 @@ class TwilioGate:
         self, url: str, form: Sequence[tuple[str, str]], signature: str | None
     ) -> Refusal | None:
         """None when the request may proceed; else 503 (no secrets, fail closed) or 403."""
+        return self.refusal_for(lambda: self.valid(url, form, signature))
+
+    def refusal_for(self, valid: Callable[[], bool]) -> Refusal | None:
+        """The same decision, given how to learn whether the signature is valid (only
+        asked when validation is on and the secrets are there)."""
         if not self.enforcing:
             return None
         if self._validator is None or not self._settings.secrets.twilio_account_sid:
             return Refusal(503, "twilio credentials not configured")
-        if not self.valid(url, form, signature):
+        if not valid():
             return Refusal(403, "invalid twilio signature")
         return None

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-from quart import Response, request
+from quart import Response
 from twilio.twiml.voice_response import Connect, Stream, VoiceResponse
 
 from relay.app import refusal_response
 from relay.runtime import Runtime
-from relay.twilio_auth import TwilioGate, public_http_url, public_ws_url
+from relay.twilio_auth import TwilioGate, public_ws_url
 
 MEDIA_PATH = "/twilio/media"
 
@@ -35,8 +35,9 @@ def voice_handler(
 ) -> Callable[[], Awaitable[Response]]:
     async def handle() -> Response:
         pairs = await form_pairs()
-        url = public_http_url(rt.settings, request.path, request.query_string.decode("latin-1"))
-        refusal = gate.check(url, pairs, request.headers.get("X-Twilio-Signature"))
+        # signed() already checked (and cached) the signature for the HTTP bucket.
+        is_signed = await signed()
+        refusal = gate.refusal_for(lambda: is_signed)
         if refusal is not None:
             rt.metrics.reject("twilio_signature")
             return refusal_response(refusal)

@@ -30,7 +30,7 @@ from relay.conversations.twilio_rest import (
     recent_messages,
 )
 from relay.runtime import Runtime
-from relay.twilio_auth import TwilioGate, public_http_url
+from relay.twilio_auth import TwilioGate
 
 log = logging.getLogger("relay.convo")
 
@@ -214,8 +214,9 @@ def convo_handler(
         except Exception:  # undecodable body: nothing Twilio would send
             counted.labels(outcome="malformed").inc()
             return _closing(text("malformed form", 400))
-        url = public_http_url(s, request.path, request.query_string.decode("latin-1"))
-        refusal = gate.check(url, pairs, request.headers.get("X-Twilio-Signature"))
+        # signed() already checked (and cached) the signature for the HTTP bucket.
+        is_signed = await signed()
+        refusal = gate.refusal_for(lambda: is_signed)
         if refusal is not None:
             counted.labels(outcome="forbidden").inc()
             rt.metrics.reject("twilio_signature")
