@@ -14,19 +14,14 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 from urllib.parse import parse_qsl
 
+from relay.ws.errors import Disconnected
+
+__all__ = ["AsgiWebSocket", "Disconnected"]
+
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
-
-
-class Disconnected(Exception):
-    """The client's side of the socket is gone; ``code`` is what it sent (1005 if none)."""
-
-    def __init__(self, code: int, reason: str = "") -> None:
-        super().__init__(code, reason)
-        self.code = code
-        self.reason = reason
 
 
 class AsgiWebSocket:
@@ -141,6 +136,10 @@ class AsgiWebSocket:
             await self._send({"type": "websocket.send", "text": data})
         else:
             await self._send({"type": "websocket.send", "bytes": data})
+
+    async def send_many(self, messages: tuple[str, ...]) -> None:
+        for message in messages:
+            await self._send({"type": "websocket.send", "text": message})
 
     async def close(self, code: int, reason: str = "") -> None:
         """Close once; later calls, or a close after the client left, do nothing."""

@@ -144,6 +144,8 @@ class LimitSettings:
     convo_window_seconds: float = 30.0
     dedupe_seconds: float = 600.0
     max_message_bytes: int = 4 * 1024 * 1024
+    # A peer that takes no bytes, or answers no ping, for this long is dead.
+    stall_seconds: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -319,6 +321,7 @@ def _validate(s: Settings) -> None:
         "limits.convo_window_seconds": s.limits.convo_window_seconds,
         "limits.dedupe_seconds": s.limits.dedupe_seconds,
         "limits.max_message_bytes": s.limits.max_message_bytes,
+        "limits.stall_seconds": s.limits.stall_seconds,
     }
     for key, value in positive.items():
         if value <= 0:

@@ -7,7 +7,9 @@ trio.run(main)
 ├── store              prunes idle keys; with Redis also holds the connections and
 │                      watches its health (degraded ⇄ shared)
 └── background jobs    webhook work after its 200 ok; waited for on drain
-    └── hypercorn      the ASGI app; one task per connection, one nursery per session
+    └── hypercorn      listeners; each connection enters relay.listener.Router:
+        ├── WebSocket upgrade → FrontDoor.serve on the socket (relay.ws), one nursery per session
+        └── anything else     → Hypercorn's HTTP/1.1 server and the ASGI app
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from prometheus_client import Gauge
 from relay import hypercorn_fix
 from relay.app import combine, create_http_app
 from relay.config import Settings
+from relay.listener import Router
 from relay.runtime import Runtime
 from relay.sd_notify import Notifier
 from relay.store.select import create_store
@@ -36,6 +39,8 @@ log = logging.getLogger("relay.server")
 # After drain_seconds, sessions close themselves with 1001; this is how long the
 # closes (and any job still finishing) get before everything is cancelled.
 CLOSE_GRACE = 3.0
+# A new connection has this long to send its request head (slowloris guard).
+HEAD_SECONDS = 10.0
 
 
 def hypercorn_config(settings: Settings) -> HypercornConfig:
@@ -65,6 +70,13 @@ async def main(settings: Settings, *, notifier: Notifier | None = None) -> None:
         "relay_trio_tasks", "Live Trio tasks in the process", registry=rt.metrics.registry
     ).set_function(_count_tasks)
     gate_app = FrontDoor(rt, client_runner, twilio_runner)
+    # WebSocket upgrades are served on the socket itself; Hypercorn gets the rest.
+    Router(
+        gate_app.serve,
+        max_message=settings.limits.max_message_bytes,
+        stall_seconds=settings.limits.stall_seconds,
+        head_seconds=HEAD_SECONDS,
+    ).install()
     http_app = create_http_app(rt, *twilio_routes(rt, gate_app.gate))
     asgi = combine(rt, http_app, gate_app)
     try:

@@ -14,14 +14,15 @@ from relay.guards import Refusal, client_ip, rate_limit
 from relay.runtime import Runtime
 from relay.tokens import verify
 from relay.twilio_auth import TwilioGate, public_ws_url
+from relay.ws.peer import PeerSocket
 
 log = logging.getLogger("relay.upgrade")
 
-SessionRunner = Callable[[Runtime, AsgiWebSocket, str], Awaitable[None]]
-ClientRunner = Callable[[Runtime, AsgiWebSocket, str, str, str | None], Awaitable[None]]
+SessionRunner = Callable[[Runtime, PeerSocket, str], Awaitable[None]]
+ClientRunner = Callable[[Runtime, PeerSocket, str, str, str | None], Awaitable[None]]
 
 
-def is_twilio(ws: AsgiWebSocket) -> bool:
+def is_twilio(ws: PeerSocket) -> bool:
     """Twilio allows no query string in a stream URL, so the path or headers identify it."""
     return (
         ws.path == "/twilio/media"
@@ -31,7 +32,7 @@ def is_twilio(ws: AsgiWebSocket) -> bool:
     )
 
 
-def token_from(ws: AsgiWebSocket) -> str | None:
+def token_from(ws: PeerSocket) -> str | None:
     """``/token/<t>`` or ``/auth/<t>`` (first segment after it), else ``?auth=<t>``."""
     segments = ws.path.strip("/").split("/")
     if len(segments) >= 2 and segments[0] in ("token", "auth") and segments[1]:
@@ -47,7 +48,10 @@ class FrontDoor:
         self._twilio = twilio
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        ws = AsgiWebSocket(scope, receive, send)
+        """An upgrade Hypercorn received (on a keep-alive connection, see ``listener``)."""
+        await self.serve(AsgiWebSocket(scope, receive, send))
+
+    async def serve(self, ws: PeerSocket) -> None:
         if not await ws.wait_connect():
             return
         s = self.rt.settings
@@ -70,7 +74,7 @@ class FrontDoor:
         await self._client(self.rt, ws, ip, model, voice)
 
     async def _client_checks(
-        self, ws: AsgiWebSocket, ip: str
+        self, ws: PeerSocket, ip: str
     ) -> tuple[Refusal | None, str, str, str | None]:
         s = self.rt.settings
         refusal = await rate_limit(self.rt.store, f"ws:{ip}", s.limits.ws_upgrades_per_minute)
@@ -100,7 +104,7 @@ class FrontDoor:
             return Refusal(400, "voice not allowed"), "voice", "", None
         return None, "", model, voice
 
-    async def _refuse(self, ws: AsgiWebSocket, ip: str, reason: str, refusal: Refusal) -> None:
+    async def _refuse(self, ws: PeerSocket, ip: str, reason: str, refusal: Refusal) -> None:
         self.rt.metrics.reject(reason)
         self.rt.refusal_log.note(reason, ip, refusal.reason)
         await ws.reject(refusal.status, refusal.reason, refusal.headers)

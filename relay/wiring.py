@@ -10,24 +10,24 @@ from collections.abc import Awaitable, Callable
 
 from quart import Response, g, request
 
-from relay.asgi_ws import AsgiWebSocket
 from relay.conversations.webhook import convo_handler
 from relay.realtime.client_session import ClientSession
 from relay.realtime.twilio_session import TwilioSession
 from relay.runtime import Runtime
 from relay.twilio_auth import TwilioGate, public_http_url
 from relay.twiml import voice_handler
+from relay.ws.peer import PeerSocket
 
 Handler = Callable[[], Awaitable[Response]]
 
 
 async def client_runner(
-    rt: Runtime, ws: AsgiWebSocket, ip: str, model: str, voice: str | None
+    rt: Runtime, ws: PeerSocket, ip: str, model: str, voice: str | None
 ) -> None:
     await ClientSession(rt, ws, ip, model, voice).run()
 
 
-async def twilio_runner(rt: Runtime, ws: AsgiWebSocket, ip: str) -> None:
+async def twilio_runner(rt: Runtime, ws: PeerSocket, ip: str) -> None:
     await TwilioSession(rt, ws, ip).run()
 
 

@@ -10,11 +10,12 @@ from functools import partial
 import orjson
 import pytest
 import trio
-import trio_websocket
 
 from relay.realtime.dialect import BETA, GA, Dialect
 from relay.realtime.upstream import UpstreamError, _endpoint, open_upstream, upstream_url
 from relay.testing.fake_realtime import FakeRealtime, fake_realtime
+from relay.ws.connection import WebSocket
+from relay.ws.errors import UpstreamClosed
 
 KEY = "sk-test-secret-key"
 
@@ -37,7 +38,7 @@ async def connect(
     model: str = "gpt-realtime",
     key: str = KEY,
     limit: float = 5.0,
-) -> trio_websocket.WebSocketConnection:
+) -> WebSocket:
     return await open_upstream(
         nursery,
         realtime_url=url,
@@ -72,14 +73,14 @@ def test_endpoint_split() -> None:
 
 async def test_ga_handshake(fake: FakeRealtime, nursery: trio.Nursery) -> None:
     ws = await connect(nursery, fake.url)
-    created = orjson.loads(await ws.get_message())
+    created = orjson.loads(await ws.receive())
     assert created["type"] == "session.created"
     assert created["session"]["type"] == "realtime"
     conn = fake.connections[0]
     assert conn.path == "/v1/realtime?model=gpt-realtime"
     assert conn.header("authorization") == f"Bearer {KEY}"
     assert conn.header("OpenAI-Beta") is None
-    await ws.aclose()
+    await ws.close(1000)
     await conn.closed.wait()
     assert conn.close_code == 1000
 
@@ -87,12 +88,12 @@ async def test_ga_handshake(fake: FakeRealtime, nursery: trio.Nursery) -> None:
 async def test_beta_handshake_sends_beta_header(nursery: trio.Nursery) -> None:
     async with fake_realtime("beta") as fake:
         ws = await connect(nursery, fake.url, dialect=BETA, model="gpt-4o-realtime-preview")
-        assert orjson.loads(await ws.get_message())["type"] == "session.created"
+        assert orjson.loads(await ws.receive())["type"] == "session.created"
         conn = fake.connections[0]
         assert conn.path == "/v1/realtime?model=gpt-4o-realtime-preview"
         assert conn.header("OpenAI-Beta") == "realtime=v1"
         assert conn.header("Authorization") == f"Bearer {KEY}"
-        await ws.aclose()
+        await ws.close(1000)
 
 
 @pytest.mark.parametrize("status", [401, 429, 500])
@@ -185,11 +186,12 @@ async def test_socket_closed_when_peer_closes(fake: FakeRealtime) -> None:
     fake.on_connect = close_4000
     async with trio.open_nursery() as nursery:
         ws = await connect(nursery, fake.url)
-        with pytest.raises(trio_websocket.ConnectionClosed) as info:
+        with pytest.raises(UpstreamClosed) as info:
             while True:
-                await ws.get_message()
-        assert info.value.reason is not None and info.value.reason.code == 4000
-        # No aclose(): trio-websocket alone would keep this socket open.
+                await ws.receive()
+        assert info.value.code == 4000
+        assert info.value.reason == "bye"
+        # No close() from us: the socket must still go when the nursery ends.
     await settle(fake)
     assert open_fds() <= before
 
@@ -198,7 +200,7 @@ async def test_cancelling_the_nursery_closes_the_socket(fake: FakeRealtime) -> N
     before = open_fds()
     async with trio.open_nursery() as nursery:
         ws = await connect(nursery, fake.url)
-        await ws.get_message()
+        await ws.receive()
         nursery.cancel_scope.cancel()
     await settle(fake)
     assert open_fds() <= before

@@ -12,13 +12,14 @@ import logging
 
 import orjson
 import trio
-import trio_websocket
 
-from relay.asgi_ws import AsgiWebSocket, Disconnected
 from relay.realtime.closing import Ending, client_code_for_upstream, clip_reason, close_upstream
 from relay.realtime.dialect import dialect_for, voice_update
 from relay.realtime.upstream import UpstreamError, open_upstream
 from relay.runtime import Runtime
+from relay.ws.connection import WebSocket
+from relay.ws.errors import Disconnected, UpstreamClosed
+from relay.ws.peer import PeerSocket
 
 log = logging.getLogger("relay.client")
 
@@ -33,9 +34,7 @@ def _too_big(message: str | bytes, limit: int) -> bool:
 
 
 class ClientSession:
-    def __init__(
-        self, rt: Runtime, ws: AsgiWebSocket, ip: str, model: str, voice: str | None
-    ) -> None:
+    def __init__(self, rt: Runtime, ws: PeerSocket, ip: str, model: str, voice: str | None) -> None:
         self.rt = rt
         self.ws = ws
         self.ip = ip
@@ -64,9 +63,8 @@ class ClientSession:
                     api_key=s.secrets.openai_api_key or "",
                     dialect=dialect_for(s.openai.dialect),
                     timeout=s.openai.connect_timeout_seconds,
-                    # One byte of slack so that our own check, not trio-websocket's,
-                    # sees a just-oversized message and can close upstream with 1000.
-                    max_message_size=self.limit + 1,
+                    max_message_size=self.limit,
+                    stall_seconds=s.limits.stall_seconds,
                 )
             except UpstreamError as exc:
                 self.rt.metrics.reject("upstream")
@@ -76,14 +74,14 @@ class ClientSession:
             self.rt.metrics.upstream_connect_seconds.observe(trio.current_time() - started)
             try:
                 if self.voice is not None:
-                    await up.send_message(
+                    await up.send(
                         orjson.dumps(
                             voice_update(dialect_for(s.openai.dialect), self.voice)
                         ).decode()
                     )
                 offered = self.ws.subprotocols
                 await self.ws.accept("realtime" if "realtime" in offered else None)
-            except (trio_websocket.ConnectionClosed, Disconnected, OSError):
+            except (Disconnected, OSError):  # either side, UpstreamClosed included
                 await close_upstream(up, 1000)
                 await self.ws.reject(502, "upstream closed during setup")
                 return
@@ -102,7 +100,7 @@ class ClientSession:
                 self._log_end(trio.current_time() - started)
             conn.cancel_scope.cancel()
 
-    async def _relay(self, up: trio_websocket.WebSocketConnection) -> None:
+    async def _relay(self, up: WebSocket) -> None:
         s = self.rt.settings
         async with trio.open_nursery() as nursery:
             scope = nursery.cancel_scope
@@ -115,39 +113,33 @@ class ClientSession:
                 "time_limit", 1000, "session time limit", 1000, "session time limit"
             )
 
-    async def _client_to_upstream(
-        self, up: trio_websocket.WebSocketConnection, scope: trio.CancelScope
-    ) -> None:
+    async def _client_to_upstream(self, up: WebSocket, scope: trio.CancelScope) -> None:
         counter = self.rt.metrics.messages("client", "upstream")
         limit = self.limit
         while True:
             try:
                 message = await self.ws.receive()
             except Disconnected as gone:
-                oversize = gone.code == 1009
-                outcome = "oversize" if oversize else "client_closed"
-                self._end(Ending(outcome, None, upstream_code=1000), scope)
+                self._end(self._client_gone(gone), scope)
                 return
             if _too_big(message, limit):
                 self._end(Ending("oversize", 1009, "message too big", 1000), scope)
                 return
             try:
-                await up.send_message(message)
-            except trio_websocket.ConnectionClosed as closed:
+                await up.send(message)
+            except UpstreamClosed as closed:
                 self._end(self._upstream_gone(closed), scope)
                 return
             counter.inc()
             self.up_count += 1
 
-    async def _upstream_to_client(
-        self, up: trio_websocket.WebSocketConnection, scope: trio.CancelScope
-    ) -> None:
+    async def _upstream_to_client(self, up: WebSocket, scope: trio.CancelScope) -> None:
         counter = self.rt.metrics.messages("client", "downstream")
         limit = self.limit
         while True:
             try:
-                message = await up.get_message()
-            except trio_websocket.ConnectionClosed as closed:
+                message = await up.receive()
+            except UpstreamClosed as closed:
                 self._end(self._upstream_gone(closed), scope)
                 return
             if _too_big(message, limit):
@@ -155,19 +147,40 @@ class ClientSession:
                 return
             try:
                 await self.ws.send(message)
-            except Exception:  # the client's transport is gone mid-send
+            except Disconnected as gone:
+                self._end(self._client_gone(gone), scope)
+                return
+            except Exception:  # the client's transport is gone mid-send (ASGI path)
                 self._end(Ending("client_closed", None, upstream_code=1000), scope)
                 return
             counter.inc()
             self.down_count += 1
 
-    def _upstream_gone(self, closed: trio_websocket.ConnectionClosed) -> Ending:
-        reason = closed.reason
-        code = reason.code if reason is not None else None
-        if code == 1009:  # trio-websocket refused an oversized upstream message itself
-            return Ending("oversize", 1009, "message too big", None)
-        text = (reason.reason or "") if reason is not None else ""
-        outcome = "upstream_closed" if code not in (None, 1005, 1006) else "upstream_failed"
+    @staticmethod
+    def _client_gone(gone: Disconnected) -> Ending:
+        """The client's socket is over: say why, and what each side still gets."""
+        if gone.stalled:  # aborted: it could not have read a close anyway
+            return Ending("client_stalled", None, upstream_code=1000)
+        if gone.local:  # it broke the rules (1009 oversize, 1002, 1007): tell it so
+            outcome = "oversize" if gone.code == 1009 else "protocol_error"
+            reason = "message too big" if gone.code == 1009 else gone.reason
+            return Ending(outcome, gone.code, reason, 1000)
+        # Over ASGI, Hypercorn has already closed an oversized message with 1009.
+        outcome = "oversize" if gone.code == 1009 else "client_closed"
+        return Ending(outcome, None, upstream_code=1000)
+
+    @staticmethod
+    def _upstream_gone(closed: Disconnected) -> Ending:
+        if closed.stalled:
+            return Ending("upstream_stalled", 1011, "upstream stalled", None)
+        if closed.local:  # the upstream broke the rules; SPEC: oversize → 1009 / 1000
+            if closed.code == 1009:
+                return Ending("oversize", 1009, "message too big", 1000)
+            return Ending("upstream_failed", 1011, "upstream protocol error", closed.code)
+        code = closed.code
+        failed = code in (1005, 1006)
+        text = "" if failed else closed.reason
+        outcome = "upstream_failed" if failed else "upstream_closed"
         return Ending(outcome, client_code_for_upstream(code), text, None)
 
     async def _drain_watch(self, scope: trio.CancelScope) -> None:
@@ -176,7 +189,7 @@ class ClientSession:
             Ending("drain", 1001, "server shutting down", 1001, "server shutting down"), scope
         )
 
-    async def _finish(self, up: trio_websocket.WebSocketConnection) -> None:
+    async def _finish(self, up: WebSocket) -> None:
         ending = self.ending
         assert ending is not None
         with trio.CancelScope(shield=True):

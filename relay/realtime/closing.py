@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
-import trio
-import trio_websocket
+from relay.ws.connection import WebSocket
 
 # Codes that must never be sent in a close frame (RFC 6455 §7.4.1), or that only
 # describe a missing close; the client gets 1011 for those (SPEC §5).
 _NOT_SENDABLE = frozenset({1004, 1005, 1006, 1015})
-CLOSE_TIMEOUT = 2.0
 MAX_REASON_BYTES = 123
 
 
@@ -39,14 +36,7 @@ def clip_reason(reason: str) -> str:
     return data[:MAX_REASON_BYTES].decode("utf-8", "ignore")
 
 
-async def close_upstream(
-    up: trio_websocket.WebSocketConnection, code: int, reason: str = ""
-) -> None:
-    """Send a close and wait briefly for the peer's; never hang on a stalled peer."""
-    gone = (trio_websocket.ConnectionClosed, trio.BrokenResourceError, OSError)
-    with (
-        trio.CancelScope(shield=True),
-        trio.move_on_after(CLOSE_TIMEOUT),
-        contextlib.suppress(*gone),
-    ):
-        await up.aclose(code, clip_reason(reason))
+async def close_upstream(up: WebSocket, code: int, reason: str = "") -> None:
+    """Send a close and wait briefly for the peer's; never hangs on a stalled peer
+    (``WebSocket.close`` is shielded and bounded)."""
+    await up.close(code, clip_reason(reason))

@@ -29,14 +29,15 @@ from typing import Any
 
 import orjson
 import trio
-import trio_websocket
 
-from relay.asgi_ws import AsgiWebSocket, Disconnected
 from relay.realtime import dialect as rt_dialect
 from relay.realtime.closing import Ending, close_upstream
 from relay.realtime.playback import Playback
 from relay.realtime.upstream import UpstreamError, open_upstream
 from relay.runtime import Runtime
+from relay.ws.connection import WebSocket
+from relay.ws.errors import Disconnected, UpstreamClosed
+from relay.ws.peer import PeerSocket
 
 log = logging.getLogger("relay.twilio")
 
@@ -66,6 +67,15 @@ def is_audio(payload: object) -> bool:
     return isinstance(payload, str) and bool(payload) and _B64.fullmatch(payload) is not None
 
 
+def _twilio_gone(gone: Disconnected) -> Ending:
+    """Twilio's socket is over: a stalled one was aborted, a broken one is told why."""
+    if gone.stalled:
+        return Ending("twilio_stalled", None)
+    if gone.local:
+        return Ending("twilio_closed", gone.code, gone.reason)
+    return Ending("twilio_closed", None)
+
+
 def _parse(raw: str | bytes) -> dict[str, Any] | None:
     """A Twilio message as a dict with an ``event``, or None for anything else
     (which the call ignores)."""
@@ -89,7 +99,7 @@ def _append_messages(frames: list[str]) -> list[str]:
 
 
 class TwilioSession:
-    def __init__(self, rt: Runtime, ws: AsgiWebSocket, ip: str) -> None:
+    def __init__(self, rt: Runtime, ws: PeerSocket, ip: str) -> None:
         self.rt = rt
         self.ws = ws
         self.ip = ip
@@ -110,9 +120,8 @@ class TwilioSession:
         self.up_count = 0
         self.down_count = 0
         self.bargeins = 0
-        self._up: trio_websocket.WebSocketConnection | None = None
+        self._up: WebSocket | None = None
         self._scope: trio.CancelScope | None = None
-        self._send_lock = trio.Lock()
 
     # -- lifecycle ------------------------------------------------------------
     async def run(self) -> None:
@@ -130,8 +139,7 @@ class TwilioSession:
                         dialect=self.dialect,
                         timeout=s.openai.connect_timeout_seconds,
                         max_message_size=MAX_UPSTREAM_MESSAGE,
-                        # Deep enough for a burst of deltas while Twilio's socket is busy.
-                        message_queue_size=64,
+                        stall_seconds=s.limits.stall_seconds,
                     )
                 except UpstreamError as exc:
                     log.warning("call upstream failed: %s", exc.reason, extra={"session": self.id})
@@ -199,8 +207,8 @@ class TwilioSession:
             else:
                 try:
                     raw = await self.ws.receive()
-                except Disconnected:
-                    self._end(Ending("twilio_closed", None))
+                except Disconnected as gone:
+                    self._end(_twilio_gone(gone))
                     return
                 parsed = _parse(raw)
                 if parsed is None:
@@ -218,12 +226,12 @@ class TwilioSession:
                     # never waits for more): under load one append then carries
                     # several frames, and the upstream send is the costly part.
                     frames = [payload]
-                    held, gone = self._take_waiting_frames(frames)
+                    held, left = self._take_waiting_frames(frames)
                     for message in _append_messages(frames):
-                        await up.send_message(message)
+                        await up.send(message)
                     counter.inc(len(frames))
                     self.up_count += len(frames)
-                    if gone:
+                    if left:
                         self._end(Ending("twilio_closed", None))
                         return
                 elif kind == "mark":
@@ -237,7 +245,7 @@ class TwilioSession:
                 # connected, dtmf and unknown events do not disturb the call.
             except (KeyError, TypeError, AttributeError):
                 continue
-            except trio_websocket.ConnectionClosed as closed:
+            except UpstreamClosed as closed:
                 self._end(self._upstream_gone(closed))
                 return
 
@@ -311,7 +319,7 @@ class TwilioSession:
 
     async def _upstream(self, event: dict[str, object]) -> None:
         assert self._up is not None
-        await self._up.send_message(orjson.dumps(event).decode())
+        await self._up.send(orjson.dumps(event).decode())
 
     # -- OpenAI → Twilio ------------------------------------------------------
     async def _upstream_to_twilio(self) -> None:
@@ -321,8 +329,8 @@ class TwilioSession:
         counter = self.rt.metrics.messages("twilio", "downstream")
         while True:
             try:
-                raw = await up.get_message()
-            except trio_websocket.ConnectionClosed as closed:
+                raw = await up.receive()
+            except UpstreamClosed as closed:
                 self._end(self._upstream_gone(closed))
                 return
             try:
@@ -358,11 +366,11 @@ class TwilioSession:
                     )
             except (KeyError, TypeError, AttributeError):
                 continue
-            except Disconnected:
-                self._end(Ending("twilio_closed", None))
-                return
-            except trio_websocket.ConnectionClosed as closed:
+            except UpstreamClosed as closed:  # before Disconnected: it is one
                 self._end(self._upstream_gone(closed))
+                return
+            except Disconnected as gone:
+                self._end(_twilio_gone(gone))
                 return
 
     async def _on_delta(self, event: dict[str, Any]) -> bool:
@@ -376,15 +384,16 @@ class TwilioSession:
         if self.playback.was_truncated(item_id):
             return False  # audio of an interrupted answer still in flight: never play it
         mark = self.playback.on_delta(item_id, b64_len(payload), trio.current_time() * 1000)
-        async with self._send_lock:
-            await self.ws.send(
+        # Only this task writes to Twilio, so the media/mark pair cannot be split by
+        # another message; both go out in one write.
+        await self.ws.send_many(
+            (
                 orjson.dumps(
                     {"event": "media", "streamSid": sid, "media": {"payload": payload}}
-                ).decode()
+                ).decode(),
+                orjson.dumps({"event": "mark", "streamSid": sid, "mark": {"name": mark}}).decode(),
             )
-            await self.ws.send(
-                orjson.dumps({"event": "mark", "streamSid": sid, "mark": {"name": mark}}).decode()
-            )
+        )
         return True
 
     async def _barge_in(self) -> None:
@@ -393,10 +402,7 @@ class TwilioSession:
         cut = self.playback.barge_in(trio.current_time() * 1000)
         if cut is None:
             return
-        async with self._send_lock:
-            await self.ws.send(
-                orjson.dumps({"event": "clear", "streamSid": self.stream_sid}).decode()
-            )
+        await self.ws.send(orjson.dumps({"event": "clear", "streamSid": self.stream_sid}).decode())
         await self._upstream(rt_dialect.truncate(cut.item_id, cut.audio_end_ms))
         self.bargeins += 1
         self.rt.metrics.bargeins_total.inc()
@@ -422,21 +428,25 @@ class TwilioSession:
         await trio.sleep_until(at)
         try:
             await self._begin_goodbye()
-        except trio_websocket.ConnectionClosed as closed:
+        except UpstreamClosed as closed:
             self._end(self._upstream_gone(closed))
 
     async def _drain_watch(self) -> None:
         await self.rt.draining.wait()
         # Say goodbye if the drain leaves time for it; close with 1001 when it is up.
         if self.rt.settings.server.drain_seconds >= 3:
-            with contextlib.suppress(trio_websocket.ConnectionClosed):
+            with contextlib.suppress(UpstreamClosed):
                 await self._begin_goodbye()
         await self.rt.drain_expired.wait()
         self._end(Ending("drain", 1001, "server shutting down", 1001, "server shutting down"))
 
-    def _upstream_gone(self, closed: trio_websocket.ConnectionClosed) -> Ending:
-        code = closed.reason.code if closed.reason is not None else None
-        failed = code in (None, 1005, 1006, 1011)
+    @staticmethod
+    def _upstream_gone(closed: Disconnected) -> Ending:
+        if closed.stalled:
+            return Ending("upstream_stalled", 1011, "upstream stalled", None)
+        if closed.local:  # it broke the protocol: tell it why, end the call
+            return Ending("upstream_failed", 1011, "upstream closed", closed.code)
+        failed = closed.code in (1005, 1006, 1011)
         return Ending(
             "upstream_failed" if failed else "upstream_closed",
             1011 if failed else 1000,

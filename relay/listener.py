@@ -1,0 +1,135 @@
+"""Every TCP connection starts here: WebSocket upgrades are served on the socket
+itself (``relay.ws``), everything else goes to Hypercorn unchanged.
+
+Why: a relayed frame crossed Hypercorn's protocol objects, wsproto, an ASGI
+queue and a per-connection send lock on its way in or out; on the media path
+that cost more than the relay's own work (README "Capacity"). The upgrade
+request is read here, then the socket is handed to the front door directly.
+HTTP requests (webhooks, /healthz, /metrics, the 426 of /token) keep Hypercorn
+and Quart-Trio, with the bytes already read put back in front of the stream.
+
+Mechanism: Hypercorn's trio worker serves each accepted stream with
+``hypercorn.trio.run.TCPServer(app, config, context, state, stream)``; we
+install a router under that name, so Hypercorn keeps the listeners, binds,
+graceful shutdown and lifespan. Hypercorn is pinned (<0.19) for this, and a
+test fails if the hook stops taking effect.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import hypercorn.trio.run as hypercorn_run
+import trio
+
+from relay.ws.handshake import MAX_HEAD, key_problem, parse_head
+from relay.ws.server import ServerWebSocket
+from relay.ws.transport import Transport
+
+WebSocketHandler = Callable[[ServerWebSocket], Awaitable[None]]
+
+_ORIGINAL: Any = getattr(
+    hypercorn_run,
+    "_relay_original_tcp_server",
+    getattr(hypercorn_run, "TCPServer"),  # noqa: B009
+)
+setattr(hypercorn_run, "_relay_original_tcp_server", _ORIGINAL)  # noqa: B010
+
+
+class Router:
+    """The per-connection entry point installed into Hypercorn."""
+
+    def __init__(
+        self,
+        handler: WebSocketHandler,
+        *,
+        max_message: int,
+        stall_seconds: float,
+        head_seconds: float,
+    ) -> None:
+        self.handler = handler
+        self.max_message = max_message
+        self.stall_seconds = stall_seconds
+        self.head_seconds = head_seconds
+
+    def install(self) -> None:
+        def tcp_server(app: Any, config: Any, context: Any, state: Any, stream: Any) -> Any:
+            return self.serve(app, config, context, state, stream)
+
+        setattr(hypercorn_run, "TCPServer", tcp_server)  # noqa: B010
+
+    async def serve(self, app: Any, config: Any, context: Any, state: Any, stream: Any) -> None:
+        if not isinstance(stream, trio.SocketStream):
+            await _ORIGINAL(app, config, context, state, stream)  # TLS: Hypercorn does it all
+            return
+        data = b""
+        with trio.move_on_after(self.head_seconds):
+            try:
+                while b"\r\n\r\n" not in data and len(data) < MAX_HEAD:
+                    chunk = await stream.receive_some(MAX_HEAD)
+                    if not chunk:
+                        break
+                    data += chunk
+                    if not data.startswith(b"GET "[: len(data)]):
+                        break  # not an upgrade: no need to wait for the whole head
+            except (trio.BrokenResourceError, OSError):
+                await trio.aclose_forcefully(stream)
+                return
+        end = data.find(b"\r\n\r\n")
+        head = parse_head(data[:end]) if end >= 0 else None
+        if head is None or not head.is_websocket_upgrade:
+            if not data:
+                await trio.aclose_forcefully(stream)  # connected and said nothing
+                return
+            await _ORIGINAL(app, config, context, state, Replayed(stream, data))
+            return
+        addr = stream.socket.getpeername()
+        peer = str(addr[0]) if isinstance(addr, tuple) else ""
+        transport = Transport.adopt(stream.socket)
+        try:
+            ws = ServerWebSocket(
+                transport,
+                head,
+                peer,
+                max_message=self.max_message,
+                stall_seconds=self.stall_seconds,
+                buffered=data[end + 4 :],
+            )
+            problem = key_problem(head)
+            if problem is not None:
+                status, reason = problem
+                extra = (("sec-websocket-version", "13"),) if status == 426 else ()
+                await ws.reject(status, reason, extra)
+                return
+            await self.handler(ws)
+        finally:
+            transport.close()
+
+
+class Replayed(trio.abc.HalfCloseableStream):
+    """A socket stream with bytes already read from it put back in front."""
+
+    def __init__(self, stream: trio.SocketStream, prefix: bytes) -> None:
+        self._stream = stream
+        self._prefix = prefix
+        self.socket = stream.socket  # Hypercorn reads peer and local addresses from it
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._prefix:
+            data, self._prefix = self._prefix, b""
+            await trio.lowlevel.checkpoint()
+            return data
+        return await self._stream.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self._stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()

@@ -1,0 +1,257 @@
+"""One open WebSocket, either side, after its handshake: the relay's hot path.
+
+Model: no reader task. Whoever calls :meth:`WebSocket.receive` reads the socket,
+parses every frame that arrived, answers pings and the peer's close, and gets
+the next message; a session has exactly one reader per socket (its pump), so a
+frame costs one wake-up instead of a hop through a reader task and a channel.
+Sends from several tasks (a pump, a barge-in, a timer) are safe: a frame the
+kernel takes at once is done without a checkpoint; otherwise the sender waits
+until its bytes are in the kernel, one task draining at a time, so memory per
+connection stays bounded by one message per waiting sender.
+
+Liveness (``stall_seconds``): a peer that takes none of our bytes for that long
+while we have some for it, or that sends nothing for that long and then does
+not answer a ping within that long again, is dead: the connection is aborted
+and :class:`Disconnected` with ``stalled=True`` is raised.
+
+Errors are :class:`Disconnected` (``relay.ws.errors``): the peer's close code,
+1006 for a connection lost without a close, or ``local=True`` with the code we
+owe the peer (1002, 1007, 1009) when it broke the protocol; the session then
+chooses what close to send (the SPEC says which).
+"""
+
+from __future__ import annotations
+
+import socket
+
+import trio
+
+from relay.ws.errors import Disconnected, UpstreamClosed
+from relay.ws.frames import (
+    BINARY,
+    CLOSE,
+    PING,
+    PONG,
+    TEXT,
+    FrameParser,
+    ProtocolError,
+    close_payload,
+    encode,
+    parse_close,
+)
+from relay.ws.transport import Broken, Transport
+
+CLOSE_TIMEOUT = 2.0
+
+
+class WebSocket:
+    __slots__ = (
+        "_close_sent",
+        "_gone",
+        "_kind",
+        "_lot",
+        "_mask",
+        "_messages",
+        "_parser",
+        "_pending",
+        "_ping_sent",
+        "_sending",
+        "_stall",
+        "transport",
+    )
+
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        client: bool,
+        max_message: int,
+        stall_seconds: float | None,
+        buffered: bytes = b"",
+    ) -> None:
+        self.transport = transport
+        self._mask = client  # clients mask what they send, and receive unmasked frames
+        self._parser = FrameParser(masked=not client, max_message=max_message)
+        self._messages = self._parser.messages
+        self._stall = stall_seconds
+        self._gone: Disconnected | None = None  # why receiving is over, once it is
+        self._kind: type[Disconnected] = UpstreamClosed if client else Disconnected
+        self._close_sent = False
+        self._sending = False  # one task is waiting for the kernel to take queued bytes
+        self._lot = trio.lowlevel.ParkingLot()
+        self._ping_sent = False
+        self._pending: bytes = buffered  # bytes read with the handshake
+
+    @property
+    def max_message(self) -> int:
+        return self._parser.max_message
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Memory held for this connection right now: partial input and unsent output."""
+        return self._parser.buffered + len(self.transport.out)
+
+    # -- receiving --------------------------------------------------------------
+    async def receive(self) -> str | bytes:
+        """The next message (text as str, binary as bytes, empty ones too)."""
+        messages = self._messages
+        while not messages:
+            if self._gone is not None:
+                raise self._gone.again()
+            await self._read()
+        return messages.popleft()
+
+    def receive_nowait(self) -> str | bytes | None:
+        """A message that has already arrived, else None; never waits, never reads."""
+        if self._messages:
+            return self._messages.popleft()
+        if self._gone is not None:
+            raise self._gone.again()
+        return None
+
+    async def _read(self) -> None:
+        t = self.transport
+        data: bytes | None
+        if self._pending:
+            data, self._pending = self._pending, b""
+        else:
+            try:
+                if self._stall is None:
+                    await t.wait_readable()
+                else:
+                    with trio.move_on_after(self._stall) as quiet:
+                        await t.wait_readable()
+                    if quiet.cancelled_caught:
+                        await self._quiet_peer()
+                        return
+                data = t.read_nowait()
+            except (Broken, trio.ClosedResourceError):
+                self._lost("connection lost")
+                return
+            if data is None:
+                return
+            if not data:
+                self._lost("closed without a close frame")
+                return
+        self._ping_sent = False
+        try:
+            controls = self._parser.feed(data)
+        except ProtocolError as err:
+            self._gone = self._kind(err.code, err.reason, local=True)
+            return
+        for opcode, payload in controls:
+            await self._control(opcode, payload)
+
+    async def _quiet_peer(self) -> None:
+        if self._ping_sent:
+            self._dead()
+        self._ping_sent = True
+        await self._write(encode(PING, b"relay", mask=self._mask))
+
+    async def _control(self, opcode: int, payload: bytes) -> None:
+        if opcode == PING:
+            if not self._close_sent:
+                await self._write(encode(PONG, payload, mask=self._mask))
+        elif opcode == CLOSE:
+            try:
+                code, reason = parse_close(payload)
+            except ProtocolError as err:
+                self._gone = self._kind(err.code, err.reason, local=True)
+                return
+            self._gone = self._kind(code, reason)
+            if not self._close_sent:
+                # Echo the close (RFC 6455 §5.5.1); a peer that left meanwhile is no matter.
+                self._close_sent = True
+                echo = close_payload(None if code == 1005 else code)
+                try:
+                    with trio.move_on_after(CLOSE_TIMEOUT):
+                        await self._write(encode(CLOSE, echo, mask=self._mask), closing=True)
+                except Disconnected:
+                    pass
+        # PONG: any frame already proved the peer alive.
+
+    def _lost(self, why: str) -> None:
+        if self._gone is None:
+            self._gone = self._kind(1006, why)
+        self.transport.close()
+
+    def _dead(self) -> None:
+        """A stalled peer: abort at once (an RST; a close frame could never be read)."""
+        self._gone = self._kind(1006, "stalled", stalled=True)
+        self.transport.close(reset=True)
+        raise self._gone.again()
+
+    # -- sending ----------------------------------------------------------------
+    async def send(self, data: str | bytes) -> None:
+        if isinstance(data, str):
+            frame = encode(TEXT, data.encode("utf-8"), mask=self._mask)
+        else:
+            frame = encode(BINARY, data, mask=self._mask)
+        await self._write(frame)
+
+    async def send_many(self, messages: tuple[str, ...]) -> None:
+        """Several text messages in one write (one syscall instead of several)."""
+        mask = self._mask
+        await self._write(b"".join(encode(TEXT, m.encode("utf-8"), mask=mask) for m in messages))
+
+    async def _write(self, frame: bytes, *, closing: bool = False) -> None:
+        t = self.transport
+        if t.closed or (self._close_sent and not closing):
+            raise (self._gone or self._kind(1006, "connection closed")).again()
+        try:
+            if t.write(frame) and not self._sending:
+                return  # the kernel took it (and everything queued before it)
+            while self._sending:
+                await self._lot.park()
+            if t.out:
+                self._sending = True
+                try:
+                    await t.drain(self._stall)
+                finally:
+                    self._sending = False
+                    self._lot.unpark_all()
+        except trio.TooSlowError:
+            self._dead()
+        except (Broken, trio.ClosedResourceError):
+            self._lost("connection lost")
+            raise (self._gone or self._kind(1006, "connection lost")).again() from None
+
+    # -- closing ----------------------------------------------------------------
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        """Send a close (once), wait briefly for the peer's, never hang; the owner
+        of the transport closes the socket afterwards."""
+        if self._close_sent or self.transport.closed:
+            return
+        self._close_sent = True
+        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+            try:
+                frame = encode(CLOSE, close_payload(code, reason), mask=self._mask)
+                await self._write(frame, closing=True)
+                if self._gone is not None and self._gone.local:
+                    # Its frames can no longer be parsed. Half-close so the close frame
+                    # is followed by FIN, and read what is still coming: a socket closed
+                    # with unread input sends an RST, which can destroy the close frame
+                    # before the peer reads it.
+                    await self._discard_input()
+                # The peer's answering close (any data before it is dropped).
+                while self._gone is None:
+                    self._messages.clear()
+                    await self._read()
+            except (Disconnected, trio.BusyResourceError, OSError):
+                pass
+
+    async def _discard_input(self) -> None:
+        t = self.transport
+        t.sock.shutdown(socket.SHUT_WR)
+        while True:
+            await t.wait_readable()
+            try:
+                data = t.read_nowait()
+            except Broken:
+                return
+            if data == b"":
+                return
+
+    @property
+    def closed(self) -> bool:
+        return self._close_sent or self._gone is not None or self.transport.closed

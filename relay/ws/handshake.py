@@ -1,0 +1,124 @@
+"""The HTTP/1.1 side of a WebSocket: request heads, upgrade answers, refusals."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+from dataclasses import dataclass
+from urllib.parse import unquote
+
+GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+MAX_HEAD = 16 * 1024  # as Hypercorn's h11 default: larger heads go to Hypercorn to refuse
+
+
+@dataclass(frozen=True)
+class RequestHead:
+    method: str
+    raw_path: bytes
+    query_string: bytes
+    http_version: str
+    headers: list[tuple[bytes, bytes]]  # names lower-cased, in order
+
+    @property
+    def path(self) -> str:
+        """Percent-decoded, as an ASGI server would give it."""
+        return unquote(self.raw_path.decode("latin-1"))
+
+    def header(self, name: bytes) -> str | None:
+        """All values of ``name`` joined with ", " (HTTP list semantics), or None."""
+        values = [v.decode("latin-1") for k, v in self.headers if k == name]
+        return ", ".join(values) if values else None
+
+    def tokens(self, name: bytes) -> set[str]:
+        value = self.header(name) or ""
+        return {t.strip().lower() for t in value.split(",") if t.strip()}
+
+    @property
+    def is_websocket_upgrade(self) -> bool:
+        return (
+            self.method == "GET"
+            and self.http_version == "1.1"
+            and "websocket" in self.tokens(b"upgrade")
+            and "upgrade" in self.tokens(b"connection")
+        )
+
+
+def parse_head(head: bytes) -> RequestHead | None:
+    """A request head (up to and excluding the blank line), or None if malformed."""
+    try:
+        text = head.decode("latin-1")
+        request_line, *lines = text.split("\r\n")
+        method, target, version = request_line.split(" ")
+    except ValueError:
+        return None
+    if not version.startswith("HTTP/") or not target.startswith("/"):
+        return None
+    headers: list[tuple[bytes, bytes]] = []
+    for line in lines:
+        name, sep, value = line.partition(":")
+        if not sep or not name or name != name.strip() or line[0] in " \t":
+            return None  # no obsolete line folding, no space before the colon
+        headers.append((name.lower().encode("latin-1"), value.strip().encode("latin-1")))
+    raw_path, _, query = target.partition("?")
+    return RequestHead(
+        method,
+        raw_path.encode("latin-1"),
+        query.encode("latin-1"),
+        version[5:],
+        headers,
+    )
+
+
+def key_problem(head: RequestHead) -> tuple[int, str] | None:
+    """Why this upgrade is not a valid RFC 6455 handshake, as (status, reason)."""
+    if head.header(b"sec-websocket-version") != "13":
+        return 426, "unsupported WebSocket version (13 expected)"
+    key = head.header(b"sec-websocket-key") or ""
+    try:
+        if len(base64.b64decode(key, validate=True)) != 16:
+            raise ValueError
+    except (binascii.Error, ValueError):
+        return 400, "invalid Sec-WebSocket-Key"
+    return None
+
+
+def accept_value(key: str) -> str:
+    return base64.b64encode(hashlib.sha1(key.encode("latin-1") + GUID).digest()).decode()
+
+
+def upgrade_response(key: str, subprotocol: str | None) -> bytes:
+    lines = [
+        "HTTP/1.1 101 Switching Protocols",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        f"Sec-WebSocket-Accept: {accept_value(key)}",
+    ]
+    if subprotocol:
+        lines.append(f"Sec-WebSocket-Protocol: {subprotocol}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+_REASONS = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    426: "Upgrade Required",
+    429: "Too Many Requests",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+}
+
+
+def refusal_response(status: int, reason: str, headers: tuple[tuple[str, str], ...] = ()) -> bytes:
+    """A complete HTTP refusal with a one-line plain-text body; the connection closes."""
+    body = (reason + "\n").encode("utf-8")
+    phrase = _REASONS.get(status, "Refused")
+    lines = [
+        f"HTTP/1.1 {status} {phrase}",
+        "content-type: text/plain; charset=utf-8",
+        f"content-length: {len(body)}",
+        "connection: close",
+    ]
+    lines += [f"{k.lower()}: {v}" for k, v in headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body

@@ -1,0 +1,155 @@
+"""relay.ws.frames: the RFC 6455 codec, against wsproto as the reference peer."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from wsproto.frame_protocol import FrameProtocol, Opcode
+
+from relay.ws.frames import (
+    BINARY,
+    CLOSE,
+    PING,
+    TEXT,
+    FrameParser,
+    ProtocolError,
+    encode,
+    parse_close,
+    unmask,
+)
+
+
+def wsproto_frames(messages: list[str | bytes], *, client: bool) -> bytes:
+    """The same messages framed by wsproto (fragmented into 3 pieces when long)."""
+    proto = FrameProtocol(client=client, extensions=[])
+    out = b""
+    for m in messages:
+        if len(m) > 9:
+            third = len(m) // 3
+            parts = [m[:third], m[third : 2 * third], m[2 * third :]]
+            for i, part in enumerate(parts):
+                out += proto.send_data(part, fin=i == 2)
+        else:
+            out += proto.send_data(m, fin=True)
+    return out
+
+
+messages = st.lists(st.text(max_size=300) | st.binary(max_size=70_000), max_size=6)
+
+
+@settings(max_examples=150, deadline=None)
+@given(messages, st.integers(1, 4096), st.booleans())
+def test_parses_what_wsproto_frames_in_any_chunking(
+    msgs: list[str | bytes], chunk: int, from_client: bool
+) -> None:
+    wire = wsproto_frames(msgs, client=from_client)
+    parser = FrameParser(masked=from_client, max_message=1 << 20)
+    for i in range(0, len(wire), chunk):
+        assert parser.feed(wire[i : i + chunk]) == []
+    assert list(parser.messages) == msgs
+    assert parser.buffered == 0
+
+
+@settings(max_examples=100, deadline=None)
+@given(messages, st.booleans())
+def test_wsproto_parses_what_we_encode(msgs: list[str | bytes], mask: bool) -> None:
+    wire = b"".join(
+        encode(TEXT, m.encode(), mask=mask) if isinstance(m, str) else encode(BINARY, m, mask=mask)
+        for m in msgs
+    )
+    proto = FrameProtocol(client=not mask, extensions=[])
+    proto.receive_bytes(wire)
+    got: list[str | bytes] = []
+    for frame in proto.received_frames():
+        got.append(frame.payload)  # type: ignore[arg-type]
+        assert frame.opcode in (Opcode.TEXT, Opcode.BINARY)
+    assert got == msgs
+
+
+def test_unmask_is_its_own_inverse() -> None:
+    for n in (0, 1, 3, 4, 5, 125, 4096, 70_001):
+        data, key = os.urandom(n), os.urandom(4)
+        assert unmask(unmask(data, key), key) == data
+        assert unmask(data, key) == bytes(b ^ key[i % 4] for i, b in enumerate(data))
+
+
+def test_oversize_is_refused_from_the_header_alone() -> None:
+    parser = FrameParser(masked=False, max_message=100)
+    header_only = encode(BINARY, b"x" * 101, mask=False)[:4]
+    with pytest.raises(ProtocolError) as info:
+        parser.feed(header_only)
+    assert info.value.code == 1009
+
+
+def test_exact_limit_passes_one_more_byte_does_not() -> None:
+    parser = FrameParser(masked=True, max_message=1000)
+    parser.feed(encode(TEXT, "é".encode() * 500, mask=True))  # 1000 UTF-8 bytes
+    assert parser.messages.popleft() == "é" * 500
+    with pytest.raises(ProtocolError) as info:
+        parser.feed(encode(TEXT, b"a" * 1001, mask=True))
+    assert info.value.code == 1009
+
+
+def test_fragments_count_toward_the_limit() -> None:
+    proto = FrameProtocol(client=True, extensions=[])
+    parser = FrameParser(masked=True, max_message=10)
+    parser.feed(proto.send_data(b"123456", fin=False))
+    with pytest.raises(ProtocolError) as info:
+        parser.feed(proto.send_data(b"78901", fin=True))
+    assert info.value.code == 1009
+
+
+@pytest.mark.parametrize(
+    ("wire", "code"),
+    [
+        (bytes([0x81 | 0x40, 0x80, 0, 0, 0, 0]), 1002),  # RSV1 without an extension
+        (bytes([0x81, 0x00]), 1002),  # unmasked frame from a client
+        (bytes([0x83, 0x80, 0, 0, 0, 0]), 1002),  # reserved data opcode
+        (bytes([0x8B, 0x80, 0, 0, 0, 0]), 1002),  # reserved control opcode
+        (bytes([0x09, 0x80, 0, 0, 0, 0]), 1002),  # fragmented ping
+        (bytes([0x80, 0x80, 0, 0, 0, 0]), 1002),  # continuation of nothing
+        (bytes([0x81, 0x82, 0, 0, 0, 0, 0xC3, 0x28]), 1007),  # invalid UTF-8
+        (bytes([0x89, 0xFE, 0, 126]) + bytes(4) + bytes(126), 1002),  # ping > 125
+        (bytes([0x82, 0xFF]) + (1 << 63).to_bytes(8, "big") + bytes(4), 1002),
+    ],
+)
+def test_protocol_violations_name_their_close_code(wire: bytes, code: int) -> None:
+    parser = FrameParser(masked=True, max_message=1 << 20)
+    with pytest.raises(ProtocolError) as info:
+        parser.feed(wire)
+    assert info.value.code == code
+
+
+def test_new_message_inside_a_fragmented_one_is_refused() -> None:
+    proto = FrameProtocol(client=True, extensions=[])
+    parser = FrameParser(masked=True, max_message=1 << 20)
+    parser.feed(proto.send_data("ab", fin=False))
+    raw = encode(TEXT, b"cd", mask=True)
+    with pytest.raises(ProtocolError):
+        parser.feed(raw)
+
+
+def test_control_frames_are_returned_and_close_stops_parsing() -> None:
+    parser = FrameParser(masked=True, max_message=100)
+    wire = (
+        encode(PING, b"hi", mask=True)
+        + encode(TEXT, b"msg", mask=True)
+        + encode(CLOSE, b"\x03\xe8bye", mask=True)
+        + encode(TEXT, b"after", mask=True)
+    )
+    assert parser.feed(wire) == [(PING, b"hi"), (CLOSE, b"\x03\xe8bye")]
+    assert list(parser.messages) == ["msg"]
+
+
+def test_close_payloads() -> None:
+    assert parse_close(b"") == (1005, "")
+    assert parse_close(b"\x0f\xa0gone") == (4000, "gone")
+    for bad in (b"\x03", b"\x03\xed", b"\x03\xee", b"\x00\x10", b"\x13\x88"):
+        with pytest.raises(ProtocolError):
+            parse_close(bad)
+    with pytest.raises(ProtocolError) as info:
+        parse_close(b"\x03\xe8\xff")
+    assert info.value.code == 1007
