@@ -7,7 +7,8 @@ runs under Trio. Every helper below uses the library's ``*_async`` methods.
 Errors: an HTTP status >= 400 raises ``twilio.base.exceptions.TwilioRestException``
 (``.status``, ``.code``) — for list calls too, which the library alone would
 report as a bare ``TwilioException``. A transport failure (refused, timeout)
-raises :class:`TwilioTransportError`. Both are ``TwilioException``, so one
+raises :class:`TwilioTransportError`. Every request, answer included, ends
+within the client's ``timeout``, however the server behaves. Both are ``TwilioException``, so one
 ``except TwilioException`` covers every Twilio failure. No message carries the
 auth token.
 """
@@ -23,6 +24,7 @@ from typing import Any
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import httpx
+import trio
 from twilio.base.exceptions import TwilioException, TwilioRestException
 from twilio.http import AsyncHttpClient
 from twilio.http.response import Response
@@ -56,7 +58,7 @@ class TwilioHttpClient(AsyncHttpClient):  # type: ignore[misc]
     ``api_base`` (e.g. ``http://127.0.0.1:9000``; empty for real Twilio)
     replaces the scheme and host of every request URI, the path kept (after
     any path ``api_base`` has), so one fake server can stand in for all of
-    Twilio's hosts. ``timeout`` bounds connecting and each read, in seconds.
+    Twilio's hosts. ``timeout`` bounds each request as a whole, in seconds.
     """
 
     def __init__(self, *, api_base: str = "", timeout: float = 10.0) -> None:
@@ -102,22 +104,31 @@ class TwilioHttpClient(AsyncHttpClient):  # type: ignore[misc]
             else:
                 body = urlencode(_form_pairs(data)).encode()
         url = self.rewrite(uri)
-        try:
-            reply = await self._http.request(
-                method.upper(),
-                url,
-                params=tuple(_form_pairs(params)) if params else None,
-                content=body,
-                headers=send_headers,
-                auth=httpx.BasicAuth(*auth) if auth is not None else None,
-                timeout=httpx.Timeout(timeout) if timeout is not None else httpx.USE_CLIENT_DEFAULT,
-                follow_redirects=allow_redirects,
-            )
-        except httpx.HTTPError as exc:
-            # The exception text can hold the URL, never credentials (those ride in a header).
-            raise TwilioTransportError(
-                f"Twilio {method.upper()} {urlsplit(url).path} failed: {type(exc).__name__}"
-            ) from None
+        # The exception text can hold the URL, never credentials (those ride in a header).
+        what = f"Twilio {method.upper()} {urlsplit(url).path}"
+        deadline = timeout if timeout is not None else self.timeout
+        reply: httpx.Response | None = None
+        # httpx's timeout bounds each network operation, not the exchange: a
+        # server that trickles its answer a byte at a time would hold the
+        # request, and the webhook job waiting on it, forever.
+        with trio.move_on_after(deadline if deadline is not None else float("inf")):
+            try:
+                reply = await self._http.request(
+                    method.upper(),
+                    url,
+                    params=tuple(_form_pairs(params)) if params else None,
+                    content=body,
+                    headers=send_headers,
+                    auth=httpx.BasicAuth(*auth) if auth is not None else None,
+                    timeout=httpx.Timeout(timeout)
+                    if timeout is not None
+                    else httpx.USE_CLIENT_DEFAULT,
+                    follow_redirects=allow_redirects,
+                )
+            except httpx.HTTPError as exc:
+                raise TwilioTransportError(f"{what} failed: {type(exc).__name__}") from None
+        if reply is None:
+            raise TwilioTransportError(f"{what} failed: no complete answer within {deadline:g} s")
         return Response(reply.status_code, reply.text, reply.headers)
 
     async def aclose(self) -> None:

@@ -18,6 +18,8 @@ import argparse
 import base64
 import binascii
 import itertools
+import socket
+import struct
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
@@ -44,6 +46,60 @@ def _new_id(prefix: str) -> str:
     return f"{prefix}_{next(_ids):08x}"
 
 
+# Kernel TCP states (linux/tcp_states.h), as :meth:`FakeConnection.tcp_state` reports them.
+TCP_ESTABLISHED = 1
+TCP_CLOSE = 7  # the peer reset the connection (or it is fully closed)
+TCP_CLOSE_WAIT = 8  # the peer sent FIN: an orderly close
+
+
+class _Valve:
+    """One direction of a connection's byte flow: open (the default) or shut."""
+
+    def __init__(self) -> None:
+        self._open = trio.Event()
+        self._open.set()
+
+    @property
+    def is_open(self) -> bool:
+        return self._open.is_set()
+
+    def shut(self) -> None:
+        if self._open.is_set():
+            self._open = trio.Event()
+
+    def open(self) -> None:
+        self._open.set()
+
+    async def wait_open(self) -> None:
+        await self._open.wait()
+
+
+class _FaultStream(trio.abc.Stream):
+    """The accepted socket as the WebSocket layer sees it, with a valve on each
+    direction, so a test can make the fake a peer that stops reading or writing
+    at the TCP level (kernel buffers fill; pings go unanswered)."""
+
+    def __init__(self, inner: trio.SocketStream) -> None:
+        self.inner = inner
+        self.reading = _Valve()
+        self.writing = _Valve()
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.writing.wait_open()
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.writing.wait_open()
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        await self.reading.wait_open()
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
 def chunk_audio(seq: int, size: int) -> bytes:
     """Audio chunk number ``seq`` of a connection: its 4-byte big-endian sequence
     number, then filler, so a test can check order and byte identity."""
@@ -61,7 +117,13 @@ class _Response:
 class FakeConnection:
     """One handshake the fake received, and (if accepted) its whole conversation."""
 
-    def __init__(self, fake: FakeRealtime, stream: trio.SocketStream, request: Any) -> None:
+    def __init__(
+        self,
+        fake: FakeRealtime,
+        stream: trio.SocketStream,
+        request: Any,
+        faults: _FaultStream | None = None,
+    ) -> None:
         self.fake = fake
         self.dialect = fake.dialect
         self.path: str = request.path
@@ -82,12 +144,14 @@ class FakeConnection:
         self.closed = trio.Event()
         self.session = _initial_session(self.dialect, self.query.get("model", "gpt-realtime"))
         self._stream = stream
+        self._faults = faults if faults is not None else _FaultStream(stream)
         self._ws: trio_websocket.WebSocketConnection | None = None
         self._nursery: trio.Nursery | None = None
         self._active: _Response | None = None
         self._truncated_ms: dict[str, int] = {}
         self._seq = 0
         self._aborted = False
+        self._last_tcp_state: int | None = None
         self._close_done = trio.Event()
         self._activity = trio.Event()
 
@@ -137,10 +201,44 @@ class FakeConnection:
         finally:
             self._close_done.set()
 
-    def abort(self) -> None:
-        """Drop the TCP connection with no close frame."""
+    def abort(self, *, reset: bool = False) -> None:
+        """Drop the TCP connection with no close frame: an orderly TCP close (FIN),
+        or with ``reset`` a TCP reset (RST, ``SO_LINGER`` 0), as a crashed host or
+        a middlebox does."""
         self._aborted = True
+        self.tcp_state()  # what the peer had done by then, kept for later reads
+        if reset:
+            self._stream.socket.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+            )
         self._stream.socket.close()
+
+    def stop_reading(self) -> None:
+        """Take no more bytes from the socket: what the peer sends piles up in the
+        kernel buffers, then in the peer; its pings and close frames go unseen."""
+        self._faults.reading.shut()
+
+    def stop_writing(self) -> None:
+        """Send nothing more, not even a pong: the reader stalls on its first pong,
+        so from then on the fake is silent and, once its buffer fills, deaf."""
+        self._faults.writing.shut()
+
+    def resume(self) -> None:
+        """Undo :meth:`stop_reading` and :meth:`stop_writing`."""
+        self._faults.reading.open()
+        self._faults.writing.open()
+
+    def tcp_state(self) -> int | None:
+        """The kernel's state of this TCP connection, read without touching the
+        data: ``TCP_ESTABLISHED``, ``TCP_CLOSE`` once the peer reset it,
+        ``TCP_CLOSE_WAIT`` once the peer closed it in order. After the fake
+        closed its socket: the state just before that (None if unknown)."""
+        sock = self._stream.socket
+        if sock.fileno() < 0:
+            return self._last_tcp_state
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
+        self._last_tcp_state = info[0]
+        return info[0]
 
     async def emit_speech_started(
         self, audio_start_ms: int, item_id: str | None = None, *, interrupt: bool = True
@@ -154,20 +252,33 @@ class FakeConnection:
             self._active.stop.set()
         return item_id
 
-    def respond(self, *, chunks: int | None = None) -> str:
+    def respond(
+        self,
+        *,
+        chunks: int | None = None,
+        chunk_bytes: int | None = None,
+        chunk_interval: float | None = None,
+    ) -> str:
         """Start a spoken response now (as ``response.create`` would); returns its item id.
 
-        Raises ``RuntimeError`` if one is already in progress."""
+        ``chunk_bytes`` and ``chunk_interval`` override the fake's knobs for this
+        response only. Raises ``RuntimeError`` if one is already in progress."""
         if self._active is not None:
             raise RuntimeError("a response is already in progress")
         assert self._nursery is not None, "the handshake was not accepted"
         self._active = _Response(_new_id("resp"), _new_id("item"))
         self.item_audio[self._active.item_id] = 0
         n = self.fake.response_chunks if chunks is None else chunks
-        self._nursery.start_soon(self._speak, self._active, n)
+        self._nursery.start_soon(self._speak, self._active, n, chunk_bytes, chunk_interval)
         return self._active.item_id
 
-    async def _speak(self, resp: _Response, chunks: int) -> None:
+    async def _speak(
+        self,
+        resp: _Response,
+        chunks: int,
+        chunk_bytes: int | None = None,
+        chunk_interval: float | None = None,
+    ) -> None:
         d, fake = self.dialect, self.fake
         ids = dict(response_id=resp.response_id, item_id=resp.item_id,
                    output_index=0, content_index=0)  # fmt: skip
@@ -181,14 +292,16 @@ class FakeConnection:
             for _ in range(chunks):
                 if resp.stop.is_set():
                     break
-                audio = chunk_audio(self._seq, fake.chunk_bytes)
+                size = fake.chunk_bytes if chunk_bytes is None else chunk_bytes
+                audio = chunk_audio(self._seq, size)
                 self._seq += 1
                 # Counted before sending: the peer can never have seen more than this.
                 self.item_audio[resp.item_id] += len(audio)
                 await self._emit(d.audio_delta, **ids, delta=base64.b64encode(audio).decode())
                 # Wait on the stop event rather than cancel a send: a cancelled send
                 # could leave half a frame on the wire.
-                with trio.move_on_after(fake.chunk_interval):
+                interval = fake.chunk_interval if chunk_interval is None else chunk_interval
+                with trio.move_on_after(interval):
                     await resp.stop.wait()
             if not resp.stop.is_set():
                 await self._emit(d.transcript_delta, **ids, delta="Hello.")
@@ -392,18 +505,21 @@ class FakeRealtime:
         try:
             async with trio.open_nursery() as nursery:  # holds the connection's reader task
                 request = None
+                faults = _FaultStream(stream)
                 with trio.move_on_after(10):  # a peer that never sends a request
                     request = await trio_websocket.wrap_server_stream(
-                        nursery, stream, self.message_queue_size, self.max_message_size
+                        nursery, faults, self.message_queue_size, self.max_message_size
                     )
                 if request is not None:
-                    conn = FakeConnection(self, stream, request)
+                    conn = FakeConnection(self, stream, request, faults)
                     self.connections.append(conn)
                     self._activity.set()
                     self._activity = trio.Event()
                     await self._serve(conn, request)
                 nursery.cancel_scope.cancel()
         finally:
+            if conn is not None:
+                conn.tcp_state()  # how the peer left, kept for reads after the close
             try:
                 await trio.aclose_forcefully(stream)
             finally:  # closing checkpoints, and a cancelled checkpoint raises

@@ -42,6 +42,7 @@ from hypercorn.trio import serve
 __all__ = [
     "FakeCall",
     "FakeConversation",
+    "FakeFault",
     "FakeMessage",
     "FakeParticipant",
     "FakeTwilio",
@@ -237,6 +238,30 @@ class FakeCall:
         }
 
 
+@dataclass
+class FakeFault:
+    """How the fake misbehaves for requests whose path contains ``match``.
+
+    Exactly one of: ``status`` (answer it with Twilio's error body, plus a
+    ``Retry-After`` header when ``retry_after`` is set), ``hang`` (read the
+    request, then never answer), ``trickle`` (answer 200 and then one body
+    byte every ``trickle`` seconds, never finishing: each read succeeds, so
+    only an overall deadline ends it). ``times`` limits how many requests it
+    hits (None: all of them).
+    """
+
+    match: str
+    status: int | None = None
+    retry_after: int | None = None
+    hang: bool = False
+    trickle: float | None = None
+    times: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.status is not None) + self.hang + (self.trickle is not None) != 1:
+            raise ValueError("a fault is exactly one of status, hang or trickle")
+
+
 class FakeTwilio:
     """State and knobs of the fake; an ASGI app. Create with :func:`fake_twilio`."""
 
@@ -254,6 +279,9 @@ class FakeTwilio:
         self.fail_next = 0
         self.fail_match: str | None = None
         self.delay = 0.0
+        # Per-path faults, first match wins; checked before everything else but
+        # the /_fake/ control routes. Also settable in process mode.
+        self.faults: list[FakeFault] = []
         # Chat completions: reply text, wait before answering (see chat_delay), or
         # fail with a status.
         self.chat_reply = "Hello from the fake assistant."
@@ -354,12 +382,66 @@ class FakeTwilio:
                 break
         request = RecordedRequest.from_asgi(scope, body)
         self.requests.append(request)
+        fault = self._fault_for(request)
+        if fault is not None:
+            await self._misbehave(fault, request, receive, send)
+            return
         status, payload = await self._route(request)
         request.status = status
         headers = [(b"content-type", b"application/json")] if payload is not None else []
         await send({"type": "http.response.start", "status": status, "headers": headers})
         data = json.dumps(payload).encode() if payload is not None else b""
         await send({"type": "http.response.body", "body": data})
+
+    def _fault_for(self, req: RecordedRequest) -> FakeFault | None:
+        if req.path.startswith("/_fake/"):
+            return None
+        for fault in self.faults:
+            if fault.match in req.path and (fault.times is None or fault.times > 0):
+                if fault.times is not None:
+                    fault.times -= 1
+                return fault
+        return None
+
+    async def _misbehave(
+        self,
+        fault: FakeFault,
+        req: RecordedRequest,
+        receive: Callable[[], Awaitable[Any]],
+        send: Callable[[Any], Awaitable[None]],
+    ) -> None:
+        async def client_gone() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        if fault.hang:
+            # Accepted and read; the answer never comes (status stays 0). Only
+            # the client's leaving (or the fake's shutdown) ends this.
+            await client_gone()
+            return
+        headers = [(b"content-type", b"application/json")]
+        if fault.trickle is not None:
+            req.status = 200
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            async with trio.open_nursery() as nursery:
+
+                async def trickle(interval: float) -> None:
+                    while True:
+                        await send({"type": "http.response.body", "body": b" ", "more_body": True})
+                        await trio.sleep(interval)
+
+                nursery.start_soon(trickle, fault.trickle)
+                await client_gone()
+                nursery.cancel_scope.cancel()
+            return
+        assert fault.status is not None
+        req.status = fault.status
+        if fault.retry_after is not None:
+            headers.append((b"retry-after", str(fault.retry_after).encode()))
+        code = {429: 20429, 500: 20500, 503: 20503}.get(fault.status, fault.status)
+        body = json.dumps(twilio_error(code, "Fake failure", fault.status)).encode()
+        await send({"type": "http.response.start", "status": fault.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
 
     async def _route(self, req: RecordedRequest) -> Reply:
         path, method = req.path, req.method
@@ -520,6 +602,8 @@ class FakeTwilio:
             ):
                 if knob in body:
                     setattr(self, knob, body[knob])
+            if "faults" in body:
+                self.faults = [FakeFault(**f) for f in body["faults"]]
             return 200, {"ok": True}
         if req.path == "/_fake/conversations" and req.method == "POST":
             convo = self.add_conversation(

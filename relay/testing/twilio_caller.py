@@ -18,6 +18,8 @@ import base64
 import binascii
 import itertools
 import secrets
+import socket
+import struct
 import urllib.parse
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
@@ -105,6 +107,7 @@ class TwilioCall:
         account_sid: str,
         custom_parameters: Mapping[str, str],
         frames: Iterable[bytes] | None,
+        stream: trio.abc.Stream | None = None,
     ) -> None:
         self.stream_sid = stream_sid
         self.call_sid = call_sid
@@ -121,6 +124,7 @@ class TwilioCall:
         self.sent_audio = bytearray()  # every caller media payload, in order
         self.closed = trio.Event()
         self._ws = ws
+        self._stream = stream
         self._nursery = nursery
         self._frames = frames
         self._send_lock = trio.Lock()  # a sequenceNumber and its send go out together
@@ -196,8 +200,10 @@ class TwilioCall:
             "timestamp": str(int((trio.current_time() - t0) * 1000)),
             "payload": base64.b64encode(payload).decode(),
         }
-        self.sent_audio += payload
         await self._send({"event": "media", "streamSid": self.stream_sid, "media": media})
+        # Recorded once sent: stop() cancels this task, possibly at the send's first
+        # checkpoint, and a frame that never left must not count as sent audio.
+        self.sent_audio += payload
 
     async def send_dtmf(self, digit: str) -> None:
         dtmf = {"track": "inbound_track", "digit": digit}
@@ -216,6 +222,20 @@ class TwilioCall:
     async def close(self, code: int = 1000, reason: str | None = None) -> None:
         self._audio_scope.cancel()
         await self._ws.aclose(code, reason)
+
+    def abort(self, *, reset: bool = False) -> None:
+        """Drop the TCP connection with no close frame, as a crashed Twilio edge
+        would: an orderly TCP close (FIN), or with ``reset`` a TCP reset (RST,
+        ``SO_LINGER`` 0). Caller audio stops; the relay's answer is never read."""
+        stream = self._stream
+        if isinstance(stream, trio.SSLStream):
+            stream = stream.transport_stream
+        if not isinstance(stream, trio.SocketStream):
+            raise RuntimeError("abort() needs the call's TCP stream")
+        self._audio_scope.cancel()
+        if reset:
+            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        stream.socket.close()
 
     async def _send(self, message: Json, numbered: bool = True) -> None:
         async with self._send_lock:
@@ -422,6 +442,7 @@ async def twilio_call(
                 account_sid=account_sid or "AC" + secrets.token_hex(16),
                 custom_parameters=custom_parameters or {},
                 frames=frames if send_audio else None,
+                stream=stream,
             )
             nursery.start_soon(call._receive)
             nursery.start_soon(call._echo_marks)
