@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("keygen", help="print a new random ENCRYPTION_KEY (32 bytes, base64url)")
     # Listed here for --help only: main() hands `bench` and its arguments to relay.bench.
     sub.add_parser("bench", help="measure calls per core (see `relay bench --help`)")
+    sub.add_parser("soak", help="hold calls and clients for minutes, watch for leaks "
+                   "(see `relay soak --help`)")  # fmt: skip
     return parser
 
 
@@ -44,6 +46,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from relay.bench import main as bench_main
 
         return bench_main(argv[1:])
+    if argv[:1] == ["soak"]:
+        # The same for the soak: its own parser, and only real sockets to the relay.
+        from relay.bench.soak import main as soak_main
+
+        return soak_main(argv[1:])
     args = _parser().parse_args(argv)
     # Imports are deferred so `relay keygen` and `--help` stay instant.
     from relay.config import ConfigError, describe, load_settings

@@ -17,15 +17,19 @@ test fails if the hook stops taking effect.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import hypercorn.trio.run as hypercorn_run
 import trio
 
-from relay.ws.handshake import MAX_HEAD, key_problem, parse_head
+from relay.ws.handshake import MAX_HEAD, key_problem, parse_head, refusal_response
 from relay.ws.server import ServerWebSocket
 from relay.ws.transport import Transport
+
+log = logging.getLogger("relay.listener")
 
 WebSocketHandler = Callable[[ServerWebSocket], Awaitable[None]]
 
@@ -61,28 +65,35 @@ class Router:
 
     async def serve(self, app: Any, config: Any, context: Any, state: Any, stream: Any) -> None:
         if not isinstance(stream, trio.SocketStream):
-            await _ORIGINAL(app, config, context, state, stream)  # TLS: Hypercorn does it all
+            await _to_hypercorn(app, config, context, state, stream)  # TLS: all Hypercorn's
             return
         data = b""
         with trio.move_on_after(self.head_seconds):
             try:
-                while b"\r\n\r\n" not in data and len(data) < MAX_HEAD:
+                while _head_end(data) < 0 and len(data) < MAX_HEAD:
                     chunk = await stream.receive_some(MAX_HEAD)
                     if not chunk:
                         break
                     data += chunk
-                    if not data.startswith(b"GET "[: len(data)]):
-                        break  # not an upgrade: no need to wait for the whole head
             except (trio.BrokenResourceError, OSError):
                 await trio.aclose_forcefully(stream)
                 return
-        end = data.find(b"\r\n\r\n")
-        head = parse_head(data[:end]) if end >= 0 else None
+        end = _head_end(data)
+        head = parse_head(data[:end]) if end >= 0 and data[end : end + 4] == b"\r\n\r\n" else None
+        if head is None and end >= 0:
+            # A GET head that is complete but not valid HTTP/1.1 (bare LF line ends,
+            # a target without "/", a header without a colon...): answered here,
+            # because Hypercorn's WebSocket path crashes on several such heads.
+            await _refuse_raw(stream, 400, "malformed request")
+            return
         if head is None or not head.is_websocket_upgrade:
+            if head is not None and "websocket" in head.tokens(b"upgrade"):
+                await _refuse_raw(stream, 400, "malformed WebSocket upgrade")
+                return
             if not data:
                 await trio.aclose_forcefully(stream)  # connected and said nothing
                 return
-            await _ORIGINAL(app, config, context, state, Replayed(stream, data))
+            await _to_hypercorn(app, config, context, state, Replayed(stream, data))
             return
         addr = stream.socket.getpeername()
         peer = str(addr[0]) if isinstance(addr, tuple) else ""
@@ -105,6 +116,37 @@ class Router:
             await self.handler(ws)
         finally:
             transport.close()
+
+
+def _head_end(data: bytes) -> int:
+    """Where the head ends (its blank line), CRLF or bare LF; -1 if not yet."""
+    crlf, lf = data.find(b"\r\n\r\n"), data.find(b"\n\n")
+    if crlf < 0 or (0 <= lf < crlf):
+        return lf
+    return crlf
+
+
+async def _refuse_raw(stream: trio.SocketStream, status: int, reason: str) -> None:
+    with trio.move_on_after(5), contextlib.suppress(trio.BrokenResourceError, OSError):
+        await stream.send_all(refusal_response(status, reason))
+    await trio.aclose_forcefully(stream)
+
+
+async def _to_hypercorn(app: Any, config: Any, context: Any, state: Any, stream: Any) -> None:
+    """Hypercorn serves the connection; an error it raises ends only this connection
+    (unhandled, it would reach the listeners' nursery and stop the daemon)."""
+    try:
+        await _ORIGINAL(app, config, context, state, stream)
+    except Exception as exc:
+        # One line, not a traceback: whoever can send bytes can trigger these.
+        log.warning("HTTP connection failed: %s", _describe(exc))
+        await trio.aclose_forcefully(stream)
+
+
+def _describe(exc: BaseException) -> str:
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return f"{type(exc).__name__}: {str(exc)[:200]}"
 
 
 class Replayed(trio.abc.HalfCloseableStream):

@@ -1,6 +1,7 @@
 """The daemon's whole lifecycle, top to bottom: start, serve, drain, stop.
 
 trio.run(main)
+├── ws liveness      (system task) pings silent WebSockets, aborts stalled ones
 ├── signal watcher     first SIGTERM/SIGINT drains, a second stops at once
 ├── refusal summary    once a minute, the count of refusals not logged one by one
 ├── sd_notify watchdog WATCHDOG=1 from the main loop, so a wedged loop misses it
@@ -33,6 +34,7 @@ from relay.sd_notify import Notifier
 from relay.store.select import create_store
 from relay.upgrades import FrontDoor
 from relay.wiring import client_runner, twilio_routes, twilio_runner
+from relay.ws import liveness
 
 log = logging.getLogger("relay.server")
 
@@ -58,6 +60,7 @@ def hypercorn_config(settings: Settings) -> HypercornConfig:
 async def main(settings: Settings, *, notifier: Notifier | None = None) -> None:
     """Serve until a signal; return once drained (exit status 0)."""
     hypercorn_fix.apply()  # before any connection: see the module for why
+    liveness.sweeper()  # WebSocket liveness: one system task for every socket
     notifier = notifier or Notifier()
     store = create_store(settings.store)
     rt = Runtime(settings, store)

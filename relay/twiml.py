@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
 
 from quart import Response
@@ -12,6 +13,13 @@ from relay.runtime import Runtime
 from relay.twilio_auth import TwilioGate, public_ws_url
 
 MEDIA_PATH = "/twilio/media"
+# Characters XML 1.0 cannot carry even escaped (controls other than tab, LF, CR;
+# surrogates; U+FFFE/U+FFFF): Twilio's library copies values as they are.
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def xml_safe(value: str) -> str:
+    return _NOT_XML.sub("", value)
 
 
 def connect_twiml(stream_url: str, direction: str, amd: str | None) -> str:
@@ -19,7 +27,8 @@ def connect_twiml(stream_url: str, direction: str, amd: str | None) -> str:
     response = VoiceResponse()
     connect = Connect()
     stream = Stream(url=stream_url)
-    stream.parameter(name="direction", value=direction)
+    stream.parameter(name="direction", value=xml_safe(direction))
+    amd = xml_safe(amd) if amd else None
     if amd:
         stream.parameter(name="amd", value=amd)
     connect.append(stream)

@@ -93,3 +93,21 @@ async def test_silent_connection_is_closed_and_a_split_head_is_read(daemon: Daem
             while b"ok" not in answer:
                 answer += await stream.receive_some(65536)
         assert answer.startswith(b"HTTP/1.1 200 ")
+
+
+async def test_malformed_upgrade_heads_get_400_and_the_daemon_lives(daemon: Daemon) -> None:
+    """Regression (fuzz): heads like these reached Hypercorn's WebSocket path, whose
+    exception stopped the whole daemon."""
+    key = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+    for head in (
+        f"GET x HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n{key}\r\nX",
+        f"GET / HTTP/1.0\r\nHost: x\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade, \x80\r\n{key}\r\n",
+        "GET /t HTTP/1.1\nHost: x\nUpgrade: websocket\nConnection: Upgrade\n\nX",
+    ):
+        answer = await exchange(daemon.port, head.encode("latin-1"))
+        assert answer.startswith(b"HTTP/1.1 400 "), (head, answer)
+    answer = await exchange(
+        daemon.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    assert answer.startswith(b"HTTP/1.1 200 ")

@@ -123,14 +123,21 @@ async def client_handshake(
 
 async def server_handshake(conn: Conn) -> tuple[str, bytes]:
     """Accept any upgrade; returns the request target and bytes received after it."""
+    target, _, rest = await server_handshake_headers(conn)
+    return target, rest
+
+
+async def server_handshake_headers(conn: Conn) -> tuple[str, dict[str, str], bytes]:
+    """Accept any upgrade; returns the request target, its headers (names lower-cased,
+    the last of a repeated one) and bytes received after it."""
     head, rest = await read_head(conn)
     lines = head.decode("latin-1").split("\r\n")
     target = lines[0].split(" ")[1] if " " in lines[0] else "/"
-    key = ""
+    headers: dict[str, str] = {}
     for line in lines[1:]:
         name, _, value = line.partition(":")
-        if name.strip().lower() == "sec-websocket-key":
-            key = value.strip()
+        headers[name.strip().lower()] = value.strip()
+    key = headers.get("sec-websocket-key", "")
     accept = base64.b64encode(hashlib.sha1(key.encode() + _GUID).digest()).decode()
     await conn.send(
         (
@@ -138,7 +145,7 @@ async def server_handshake(conn: Conn) -> tuple[str, bytes]:
             f"Connection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
         ).encode()
     )
-    return target, rest
+    return target, headers, rest
 
 
 def frame(payload: bytes, opcode: int = OP_TEXT, *, masked: bool = False) -> bytes:

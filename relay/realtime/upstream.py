@@ -7,9 +7,10 @@ Guarantees of :func:`open_upstream`:
   dialect only); the key is never logged nor put in an error;
 - it either returns an open connection or raises :class:`UpstreamError`, within
   ``timeout`` seconds for TCP, TLS and the WebSocket handshake together;
-- no socket outlives a failure, and the connection's socket is closed when the
-  caller's nursery is cancelled (a task there holds it: the connection itself
-  has no reader task, see ``relay.ws.connection``).
+- no socket outlives a failure, and the connection's socket is closed as soon
+  as the connection is over (the peer closed, it was lost, our close finished)
+  or the caller's nursery is cancelled: a task there holds it, the connection
+  itself has no reader task (see ``relay.ws.connection``).
 """
 
 from __future__ import annotations
@@ -90,22 +91,24 @@ async def open_upstream(
                 raise
     except trio.TooSlowError:
         raise UpstreamError("upstream connect timed out") from None
-    nursery.start_soon(_hold, transport)
-    return WebSocket(
+    ws = WebSocket(
         transport,
         client=True,
         max_message=max_message_size,
         stall_seconds=stall_seconds,
         buffered=buffered,
     )
+    nursery.start_soon(_hold, ws)
+    return ws
 
 
-async def _hold(transport: Transport) -> None:
-    """Closes the socket when the caller's nursery is cancelled (or ends)."""
+async def _hold(ws: WebSocket) -> None:
+    """Closes the socket once the connection is over, or when the caller's nursery
+    is cancelled, whichever comes first."""
     try:
-        await trio.sleep_forever()
+        await ws.finished.wait()
     finally:
-        transport.close()
+        ws.transport.close()
 
 
 async def _open_transport(host: str, port: int, tls: bool) -> Transport:

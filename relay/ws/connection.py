@@ -9,10 +9,11 @@ kernel takes at once is done without a checkpoint; otherwise the sender waits
 until its bytes are in the kernel, one task draining at a time, so memory per
 connection stays bounded by one message per waiting sender.
 
-Liveness (``stall_seconds``): a peer that takes none of our bytes for that long
-while we have some for it, or that sends nothing for that long and then does
-not answer a ping within that long again, is dead: the connection is aborted
-and :class:`Disconnected` with ``stalled=True`` is raised.
+Liveness (``stall_seconds``, watched by ``relay.ws.liveness``): a peer that
+takes none of our bytes for that long while we have some for it, or that sends
+nothing for that long and then does not answer a ping within that long again,
+is dead: the connection is aborted and :class:`Disconnected` with
+``stalled=True`` is raised.
 
 Errors are :class:`Disconnected` (``relay.ws.errors``): the peer's close code,
 1006 for a connection lost without a close, or ``local=True`` with the code we
@@ -26,6 +27,7 @@ import socket
 
 import trio
 
+from relay.ws import liveness
 from relay.ws.errors import Disconnected, UpstreamClosed
 from relay.ws.frames import (
     BINARY,
@@ -54,9 +56,11 @@ class WebSocket:
         "_messages",
         "_parser",
         "_pending",
-        "_ping_sent",
         "_sending",
-        "_stall",
+        "finished",
+        "reading",
+        "rx_count",
+        "stall_seconds",
         "transport",
     )
 
@@ -73,14 +77,23 @@ class WebSocket:
         self._mask = client  # clients mask what they send, and receive unmasked frames
         self._parser = FrameParser(masked=not client, max_message=max_message)
         self._messages = self._parser.messages
-        self._stall = stall_seconds
+        self.stall_seconds = stall_seconds
+        self.rx_count = 0  # reads so far: the liveness sweeper watches it change
+        # True while a task waits for input: silence only counts then (a pump that
+        # is blocked sending elsewhere is not listening, and the peer is not silent).
+        self.reading = False
         self._gone: Disconnected | None = None  # why receiving is over, once it is
         self._kind: type[Disconnected] = UpstreamClosed if client else Disconnected
         self._close_sent = False
         self._sending = False  # one task is waiting for the kernel to take queued bytes
         self._lot = trio.lowlevel.ParkingLot()
-        self._ping_sent = False
         self._pending: bytes = buffered  # bytes read with the handshake
+        # Set once nothing more will be exchanged: the peer closed, the connection
+        # was lost or aborted, or our close completed. (Not on a protocol error by
+        # the peer: the session still owes it a close frame.)
+        self.finished = trio.Event()
+        if stall_seconds is not None:
+            liveness.watch(self, stall_seconds)
 
     @property
     def max_message(self) -> int:
@@ -116,14 +129,11 @@ class WebSocket:
             data, self._pending = self._pending, b""
         else:
             try:
-                if self._stall is None:
+                self.reading = True
+                try:
                     await t.wait_readable()
-                else:
-                    with trio.move_on_after(self._stall) as quiet:
-                        await t.wait_readable()
-                    if quiet.cancelled_caught:
-                        await self._quiet_peer()
-                        return
+                finally:
+                    self.reading = False
                 data = t.read_nowait()
             except (Broken, trio.ClosedResourceError):
                 self._lost("connection lost")
@@ -133,7 +143,7 @@ class WebSocket:
             if not data:
                 self._lost("closed without a close frame")
                 return
-        self._ping_sent = False
+        self.rx_count += 1
         try:
             controls = self._parser.feed(data)
         except ProtocolError as err:
@@ -141,12 +151,6 @@ class WebSocket:
             return
         for opcode, payload in controls:
             await self._control(opcode, payload)
-
-    async def _quiet_peer(self) -> None:
-        if self._ping_sent:
-            self._dead()
-        self._ping_sent = True
-        await self._write(encode(PING, b"relay", mask=self._mask))
 
     async def _control(self, opcode: int, payload: bytes) -> None:
         if opcode == PING:
@@ -159,6 +163,7 @@ class WebSocket:
                 self._gone = self._kind(err.code, err.reason, local=True)
                 return
             self._gone = self._kind(code, reason)
+            self.finished.set()
             if not self._close_sent:
                 # Echo the close (RFC 6455 §5.5.1); a peer that left meanwhile is no matter.
                 self._close_sent = True
@@ -173,13 +178,25 @@ class WebSocket:
     def _lost(self, why: str) -> None:
         if self._gone is None:
             self._gone = self._kind(1006, why)
+        self.finished.set()
         self.transport.close()
 
-    def _dead(self) -> None:
-        """A stalled peer: abort at once (an RST; a close frame could never be read)."""
-        self._gone = self._kind(1006, "stalled", stalled=True)
+    # -- liveness (called by relay.ws.liveness) ----------------------------------
+    def ping_nowait(self) -> None:
+        if self._close_sent or self.transport.closed:
+            return
+        try:
+            self.transport.write(encode(PING, b"relay", mask=self._mask))
+        except Broken:
+            self._lost("connection lost")
+
+    def stalled(self) -> None:
+        """Abort a stalled peer at once (an RST: a close frame could never be read).
+        Whatever task waits on the socket wakes and raises ``stalled``."""
+        if self._gone is None or not self._gone.stalled:
+            self._gone = self._kind(1006, "stalled", stalled=True)
+        self.finished.set()
         self.transport.close(reset=True)
-        raise self._gone.again()
 
     # -- sending ----------------------------------------------------------------
     async def send(self, data: str | bytes) -> None:
@@ -206,12 +223,10 @@ class WebSocket:
             if t.out:
                 self._sending = True
                 try:
-                    await t.drain(self._stall)
+                    await t.drain(None)  # a drain that never moves is the sweeper's
                 finally:
                     self._sending = False
                     self._lot.unpark_all()
-        except trio.TooSlowError:
-            self._dead()
         except (Broken, trio.ClosedResourceError):
             self._lost("connection lost")
             raise (self._gone or self._kind(1006, "connection lost")).again() from None
@@ -239,6 +254,7 @@ class WebSocket:
                     await self._read()
             except (Disconnected, trio.BusyResourceError, OSError):
                 pass
+        self.finished.set()
 
     async def _discard_input(self) -> None:
         t = self.transport

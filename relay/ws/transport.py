@@ -29,7 +29,7 @@ class Broken(Exception):
 
 
 class Transport:
-    __slots__ = ("_in", "_out_bio", "_tls", "closed", "out", "sock")
+    __slots__ = ("_in", "_out_bio", "_tls", "closed", "out", "sent", "sock")
 
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)
@@ -38,6 +38,7 @@ class Transport:
         self._in: ssl.MemoryBIO | None = None
         self._out_bio: ssl.MemoryBIO | None = None
         self.out = bytearray()  # bytes the kernel has not taken yet, in order
+        self.sent = 0  # bytes the kernel has taken (the liveness sweeper watches it move)
         self.closed = False
 
     @classmethod
@@ -164,6 +165,7 @@ class Transport:
             sent = 0
         except OSError as exc:
             raise Broken(str(exc)) from None
+        self.sent += sent
         if sent < len(data):
             self.out += memoryview(data)[sent:]
             return False
@@ -179,6 +181,7 @@ class Transport:
                 return False
             except OSError as exc:
                 raise Broken(str(exc)) from None
+            self.sent += sent
             del out[:sent]
         return True
 
