@@ -351,8 +351,10 @@ async def test_300_sessions_leave_no_fd_or_task_behind() -> None:
             with trio.fail_after(10):  # sessions finish their closes asynchronously
                 while await scrape(d, 'relay_sessions_active{kind="client"}') != 0:
                     await trio.sleep(0.05)
-            # Closing handshakes finish in the background; give them a moment, no more.
-            with trio.move_on_after(5):
+            # Closing handshakes finish in the background (each bounded by CLOSE_TIMEOUT,
+            # 2 s a side). On a loaded CI machine one extra task was seen still there at
+            # 5 s but never reproduced alone; a real leak stays past 15 s just the same.
+            with trio.move_on_after(15):
                 while d.fd_count() > fds or await settled_tasks(d) > tasks:
                     await trio.sleep(0.1)
             fds_after, tasks_after = d.fd_count(), await settled_tasks(d)
