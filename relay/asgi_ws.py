@@ -93,11 +93,17 @@ class AsgiWebSocket:
         raw_headers = [(b"content-type", b"text/plain; charset=utf-8")]
         raw_headers += [(k.lower().encode(), v.encode()) for k, v in headers]
         raw_headers.append((b"content-length", str(len(body)).encode()))
-        await self._send(
-            {"type": "websocket.http.response.start", "status": status, "headers": raw_headers}
-        )
-        await self._send({"type": "websocket.http.response.body", "body": body, "more_body": False})
         self.closed = True
+        # Hypercorn can refuse these for a request it has already half answered (h11
+        # in SEND_BODY after a mangled keep-alive request, found by fuzzing); then
+        # there is nobody left to tell, and raising would only log a traceback.
+        with contextlib.suppress(Exception):
+            await self._send(
+                {"type": "websocket.http.response.start", "status": status, "headers": raw_headers}
+            )
+            await self._send(
+                {"type": "websocket.http.response.body", "body": body, "more_body": False}
+            )
 
     async def accept(self, subprotocol: str | None = None) -> None:
         await self._send({"type": "websocket.accept", "subprotocol": subprotocol})
