@@ -21,6 +21,7 @@ import os
 import socket
 import time
 from array import array
+from collections.abc import AsyncIterator
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -48,6 +49,24 @@ def stamp_frame(seq: int, sent_ns: int, call: int) -> bytes:
 def read_stamp(head: bytes) -> tuple[int, int]:
     """(sequence, send time ns) from a frame's first 12 bytes."""
     return int.from_bytes(head[:4], "big"), int.from_bytes(head[4:12], "big")
+
+
+async def ticks() -> AsyncIterator[tuple[int, int, int]]:
+    """``(tick, due, now)`` every ``TICK_NS`` on the monotonic clock (ns), for the
+    generators' slot schedules. A tick that is already late still passes through
+    the scheduler, so a generator behind schedule never starves its readers."""
+    start = time.monotonic_ns()
+    tick = 0
+    while True:
+        due = start + tick * TICK_NS
+        now = time.monotonic_ns()
+        if due > now:
+            await trio.sleep((due - now) / 1e9)
+            now = time.monotonic_ns()
+        else:
+            await trio.lowlevel.checkpoint()
+        yield tick, due, now
+        tick += 1
 
 
 class Window:
@@ -102,13 +121,7 @@ class Fake:
     async def ticker(self) -> None:
         """Every 1 ms, one delta to each streaming connection in that slot."""
         prefix, window = self.delta_prefix, self.window
-        start = time.monotonic_ns()
-        tick = 0
-        while True:
-            due = start + tick * TICK_NS
-            now = time.monotonic_ns()
-            if due > now:
-                await trio.sleep((due - now) / 1e9)
+        async for tick, _, _ in ticks():
             for up in list(self.slots[tick % SLOTS]):
                 sent = time.monotonic_ns()
                 audio = base64.b64encode(stamp_frame(up.seq, sent, up.number))
@@ -120,7 +133,6 @@ class Fake:
                     continue
                 if sent in window:
                     self.down_sent += 1
-            tick += 1
 
     async def serve(self, listener: socket.socket) -> None:
         async with trio.open_nursery() as nursery:

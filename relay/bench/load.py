@@ -24,7 +24,7 @@ import orjson
 import trio
 
 from relay.bench import wire
-from relay.bench.fake import SLOTS, TICK_NS, read_stamp, stamp_frame
+from relay.bench.fake import SLOTS, read_stamp, stamp_frame, ticks
 
 
 @dataclass(frozen=True)
@@ -185,14 +185,7 @@ class Loader:
 
     async def ticker(self) -> None:
         """Every 1 ms, one caller frame from each call in that slot."""
-        start = time.monotonic_ns()
-        tick = 0
-        while True:
-            due = start + tick * TICK_NS
-            now = time.monotonic_ns()
-            if due > now:
-                await trio.sleep((due - now) / 1e9)
-                now = time.monotonic_ns()
+        async for tick, due, now in ticks():
             if self.t0 <= now < self.t1:
                 self.lag.append((now - due) / 1e6)
             for call in list(self.slots[tick % SLOTS]):
@@ -209,7 +202,6 @@ class Loader:
                     continue  # its receive task notices and counts the drop
                 if self.t0 <= sent < self.t1:
                     self.up_sent += 1
-            tick += 1
 
     async def set_calls(self, n: int, nursery: trio.Nursery, rate: float) -> None:
         """Open or close calls until ``n`` are up; opens at most ``rate`` per second."""

@@ -54,7 +54,7 @@ import orjson
 import trio
 
 from relay.bench import wire
-from relay.bench.fake import FRAME_BYTES, SLOTS, TICK_NS, read_stamp, stamp_frame
+from relay.bench.fake import FRAME_BYTES, SLOTS, read_stamp, stamp_frame, ticks
 from relay.bench.outbox import Outbox
 from relay.realtime.dialect import GA
 from relay.testing.daemon import TEST_OPENAI_KEY
@@ -157,17 +157,8 @@ class SoakFake:
 
     async def ticker(self) -> None:
         """Every 1 ms, serve the peers of that slot (one frame period is 20 slots)."""
-        start = time.monotonic_ns()
-        tick = 0
         fig = self.fig
-        while True:
-            due = start + tick * TICK_NS
-            now = time.monotonic_ns()
-            if due > now:
-                await trio.sleep((due - now) / 1e9)
-                now = time.monotonic_ns()
-            else:
-                await trio.lowlevel.checkpoint()  # behind schedule: still let the readers run
+        async for tick, due, now in ticks():
             fig.ticks += 1
             lag = now - due
             if lag > LATE_TICK_NS:
@@ -179,7 +170,6 @@ class SoakFake:
                         peer.tick(now)
                     except wire.Closed:
                         continue  # its receive task sees the close and records it
-            tick += 1
 
     async def serve(self, listener: socket.socket) -> None:
         async with trio.open_nursery() as nursery:

@@ -37,7 +37,7 @@ import orjson
 import trio
 
 from relay.bench import wire
-from relay.bench.fake import SLOTS, TICK_NS, read_stamp, stamp_frame
+from relay.bench.fake import SLOTS, read_stamp, stamp_frame, ticks
 from relay.bench.outbox import Outbox
 from relay.realtime.dialect import GA
 
@@ -208,16 +208,7 @@ class SoakLoader:
     # -- sending ------------------------------------------------------------------
     async def ticker(self) -> None:
         """Every 1 ms, the frames (and due mark echoes) of the streams in that slot."""
-        start = time.monotonic_ns()
-        tick = 0
-        while True:
-            due = start + tick * TICK_NS
-            now = time.monotonic_ns()
-            if due > now:
-                await trio.sleep((due - now) / 1e9)
-                now = time.monotonic_ns()
-            else:
-                await trio.lowlevel.checkpoint()  # behind schedule: still let the readers run
+        async for tick, due, now in ticks():
             self.ticks += 1
             if now - due > LATE_TICK_NS:
                 self.late_ticks += 1
@@ -227,7 +218,6 @@ class SoakLoader:
                     self._tick(stream, time.monotonic_ns())
                 except wire.Closed:
                     continue  # its receive task sees the close and records it
-            tick += 1
 
     def _tick(self, s: _Stream, now: int) -> None:
         if s.hanging_up:
