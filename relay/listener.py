@@ -81,15 +81,15 @@ class Router:
         end = _head_end(data)
         head = parse_head(data[:end]) if end >= 0 and data[end : end + 4] == b"\r\n\r\n" else None
         if head is None and end >= 0:
-            # A GET head that is complete but not valid HTTP/1.1 (bare LF line ends,
-            # a target without "/", a header without a colon...): answered here,
+            # A head that is complete but not valid HTTP/1.1 (bare LF line ends, a
+            # target without "/", a header without a colon...): answered here,
             # because Hypercorn's WebSocket path crashes on several such heads.
             await _refuse_raw(stream, 400, "malformed request")
             return
+        if head is not None and head.asks_websocket and not head.is_websocket_upgrade:
+            await _refuse_raw(stream, 400, "malformed WebSocket upgrade")  # same reason
+            return
         if head is None or not head.is_websocket_upgrade:
-            if head is not None and "websocket" in head.tokens(b"upgrade"):
-                await _refuse_raw(stream, 400, "malformed WebSocket upgrade")
-                return
             if not data:
                 await trio.aclose_forcefully(stream)  # connected and said nothing
                 return

@@ -25,6 +25,8 @@ log = logging.getLogger("relay.client")
 
 
 def _too_big(message: str | bytes, limit: int) -> bool:
+    """For client messages: over ASGI (an upgrade on a keep-alive connection)
+    Hypercorn limits text in characters, not UTF-8 bytes, so the session checks."""
     if isinstance(message, bytes):
         return len(message) > limit
     # A str of n chars is between n and 4n UTF-8 bytes: encode only when it matters.
@@ -135,15 +137,14 @@ class ClientSession:
 
     async def _upstream_to_client(self, up: WebSocket, scope: trio.CancelScope) -> None:
         counter = self.rt.metrics.messages("client", "downstream")
-        limit = self.limit
         while True:
             try:
+                # The upstream socket refuses a message over the limit itself (UTF-8
+                # bytes, from the frame header): that arrives here as UpstreamClosed
+                # 1009 and becomes 1009 to the client, 1000 upstream.
                 message = await up.receive()
             except UpstreamClosed as closed:
                 self._end(self._upstream_gone(closed), scope)
-                return
-            if _too_big(message, limit):
-                self._end(Ending("oversize", 1009, "message too big", 1000), scope)
                 return
             try:
                 await self.ws.send(message)

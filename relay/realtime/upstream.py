@@ -158,10 +158,7 @@ async def _handshake(
         while b"\r\n\r\n" not in data:
             if len(data) > MAX_HEAD:
                 raise UpstreamError("upstream handshake failed")
-            await transport.wait_readable()
-            chunk = transport.read_nowait()
-            if chunk is None:
-                continue
+            chunk = await transport.read()
             if not chunk:
                 raise UpstreamError("upstream closed the connection during the handshake")
             data += chunk

@@ -23,6 +23,7 @@ chooses what close to send (the SPEC says which).
 
 from __future__ import annotations
 
+import contextlib
 import socket
 
 import trio
@@ -96,10 +97,6 @@ class WebSocket:
             liveness.watch(self, stall_seconds)
 
     @property
-    def max_message(self) -> int:
-        return self._parser.max_message
-
-    @property
     def buffered_bytes(self) -> int:
         """Memory held for this connection right now: partial input and unsent output."""
         return self._parser.buffered + len(self.transport.out)
@@ -124,22 +121,17 @@ class WebSocket:
 
     async def _read(self) -> None:
         t = self.transport
-        data: bytes | None
         if self._pending:
             data, self._pending = self._pending, b""
         else:
+            self.reading = True
             try:
-                self.reading = True
-                try:
-                    await t.wait_readable()
-                finally:
-                    self.reading = False
-                data = t.read_nowait()
+                data = await t.read()
             except (Broken, trio.ClosedResourceError):
                 self._lost("connection lost")
                 return
-            if data is None:
-                return
+            finally:
+                self.reading = False
             if not data:
                 self._lost("closed without a close frame")
                 return
@@ -259,14 +251,9 @@ class WebSocket:
     async def _discard_input(self) -> None:
         t = self.transport
         t.sock.shutdown(socket.SHUT_WR)
-        while True:
-            await t.wait_readable()
-            try:
-                data = t.read_nowait()
-            except Broken:
-                return
-            if data == b"":
-                return
+        with contextlib.suppress(Broken):
+            while await t.read():
+                pass
 
     @property
     def closed(self) -> bool:

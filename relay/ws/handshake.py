@@ -35,11 +35,16 @@ class RequestHead:
         return {t.strip().lower() for t in value.split(",") if t.strip()}
 
     @property
+    def asks_websocket(self) -> bool:
+        """``Upgrade: websocket``, valid request or not."""
+        return "websocket" in self.tokens(b"upgrade")
+
+    @property
     def is_websocket_upgrade(self) -> bool:
         return (
             self.method == "GET"
             and self.http_version == "1.1"
-            and "websocket" in self.tokens(b"upgrade")
+            and self.asks_websocket
             and "upgrade" in self.tokens(b"connection")
         )
 

@@ -140,8 +140,15 @@ class Transport:
             return b"".join(chunks)
         return b"" if eof or not data else None
 
-    async def wait_readable(self) -> None:
-        await trio.lowlevel.wait_readable(self.sock)
+    async def read(self) -> bytes:
+        """Wait for input: the bytes that arrived, ``b""`` at end of stream.
+        Waits for readability first: on a relay's sockets input is rarely already
+        there, and a failed ``recv`` would cost a syscall for nothing."""
+        while True:
+            await trio.lowlevel.wait_readable(self.sock)
+            data = self.read_nowait()
+            if data is not None:
+                return data
 
     # -- writing --------------------------------------------------------------
     def write(self, data: bytes) -> bool:
