@@ -35,6 +35,7 @@ from relay.testing.fake_realtime import FakeConnection, FakeRealtime, fake_realt
 from relay.testing.fuzz import (
     LOCAL_ORIGIN,
     DaemonKeeper,
+    FuzzEnv,
     Watch,
     client_session,
     client_url,
@@ -173,30 +174,21 @@ class Session:
         return self.held.value
 
 
-class Env:
-    """The module's fake, daemon, canary and tallies (a plain class with a short repr:
-    hypothesis prints every argument of a failing example)."""
+class Env(FuzzEnv):
+    """The module's fake, daemon, canary and tallies."""
 
     def __init__(self, portal: Portal, fake: FakeRealtime, keeper: DaemonKeeper) -> None:
+        super().__init__()
         self.portal = portal
         self.fake = fake
         self.keeper = keeper
         self.watch: Watch | None = None
         self.canary: Session | None = None
         self.current: Session | None = None
-        self.examples: dict[str, int] = {}
-        self.cases: dict[str, int] = {}
-
-    def __repr__(self) -> str:
-        return "Env(...)"
 
     @property
     def daemon(self) -> Daemon:
         return self.keeper.daemon
-
-    def count(self, prop: str, cases: int) -> None:
-        self.examples[prop] = self.examples.get(prop, 0) + 1
-        self.cases[prop] = self.cases.get(prop, 0) + cases
 
     async def open(self) -> Session:
         index = len(self.fake.connections)
@@ -259,9 +251,8 @@ def env() -> Iterator[Env]:
             if e.canary is not None:
                 portal.run(e.canary.held.release)
             e.keeper.stop()
-            per = "; ".join(f"{k}: {e.examples[k]} examples, {e.cases[k]} cases" for k in e.cases)
             took = time.monotonic() - started
-            print(f"\nclient fuzz: {sum(e.cases.values())} cases ({per}) in {took:.0f} s")
+            print(f"\nclient fuzz: {e.tally()} in {took:.0f} s")
             if e.watch is not None:
                 print("client fuzz: " + "; ".join(e.watch.history))
             for death in e.keeper.deaths:

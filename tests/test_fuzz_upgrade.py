@@ -41,6 +41,7 @@ from relay.testing.daemon import TEST_OPENAI_KEY, TEST_TWILIO_TOKEN, Daemon, run
 from relay.testing.fake_realtime import FakeRealtime, fake_realtime
 from relay.testing.fuzz import (
     DaemonKeeper,
+    FuzzEnv,
     Response,
     Watch,
     client_session,
@@ -605,28 +606,20 @@ class Node:
         return self.keeper.daemon
 
 
-class Env:
-    """The module's fake, daemons and tallies. A plain class with a short repr:
-    hypothesis prints every argument of a failing example, dataclass fields too."""
+class Env(FuzzEnv):
+    """The module's fake, daemons and tallies (a plain class, not a dataclass:
+    hypothesis prints every argument of a failing example, dataclass fields too)."""
 
     def __init__(self, portal: Portal, fake: FakeRealtime, main: Node, limited: Node) -> None:
+        super().__init__()
         self.portal = portal
         self.fake = fake
         self.main = main
         self.limited = limited
-        self.cases: dict[str, int] = {}
-        self.examples: dict[str, int] = {}
         self.secrets: list[str] = []  # tokens and signatures sent during this property
         self.statuses: Counter[int | None] = Counter()
         self.ips = itertools.count(1)
         self.io_seconds = 0.0  # spent on sockets, as against generating examples
-
-    def __repr__(self) -> str:
-        return "Env(...)"
-
-    def count(self, prop: str, cases: int) -> None:
-        self.examples[prop] = self.examples.get(prop, 0) + 1
-        self.cases[prop] = self.cases.get(prop, 0) + cases
 
     def open(self, node: Node) -> None:
         """(Re)start the node's canary and baseline on its current daemon."""
@@ -691,9 +684,7 @@ def env() -> Iterator[Env]:
                 if node.canary is not None:
                     portal.run(node.canary.release)
                 node.keeper.stop()
-            total = sum(e.cases.values())
-            per = "; ".join(f"{k}: {e.examples[k]} examples, {e.cases[k]} cases" for k in e.cases)
-            print(f"\nupgrade fuzz: {total} cases ({per})")
+            print(f"\nupgrade fuzz: {e.tally()}")
             print(f"upgrade fuzz: answers {dict(sorted(e.statuses.items(), key=str))}")
             print(f"upgrade fuzz: {e.io_seconds:.1f} s in requests")
             for node in (main, limited):

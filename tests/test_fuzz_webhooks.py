@@ -46,6 +46,7 @@ from relay.testing.fake_realtime import FakeRealtime, fake_realtime
 from relay.testing.fake_twilio import FakeTwilio, RecordedRequest, fake_twilio
 from relay.testing.fuzz import (
     DaemonKeeper,
+    FuzzEnv,
     Response,
     Watch,
     client_session,
@@ -236,13 +237,13 @@ events = st.builds(
 # -- the module's fakes and daemon ---------------------------------------------------------
 
 
-class Env:
-    """The module's fakes, daemon, canary and oracle state (a plain class with a short
-    repr: hypothesis prints every argument of a failing example)."""
+class Env(FuzzEnv):
+    """The module's fakes, daemon, canary and oracle state."""
 
     def __init__(
         self, portal: Portal, twilio: FakeTwilio, realtime: FakeRealtime, keeper: DaemonKeeper
     ) -> None:
+        super().__init__()
         self.portal = portal
         self.twilio = twilio
         self.realtime = realtime
@@ -255,22 +256,13 @@ class Env:
         self.seen: set[str] = set()  # dedupe keys the daemon has seen
         self.message_sids: list[str] = []
         self.takes: dict[str, deque[float]] = {}  # convo -> times of accepted events
-        self.examples: dict[str, int] = {}
-        self.cases: dict[str, int] = {}
         self.outcomes: dict[str, int] = {}
         self.statuses: Counter[tuple[str, int]] = Counter()  # (path, status) answered
         self.slowest = 0.0  # the longest a signed convo webhook took to answer
 
-    def __repr__(self) -> str:
-        return "Env(...)"
-
     @property
     def daemon(self) -> Daemon:
         return self.keeper.daemon
-
-    def count(self, prop: str, cases: int) -> None:
-        self.examples[prop] = self.examples.get(prop, 0) + 1
-        self.cases[prop] = self.cases.get(prop, 0) + cases
 
     def start(self) -> None:
         d = self.daemon
@@ -349,9 +341,8 @@ def env() -> Iterator[Env]:
             if e.canary is not None:
                 portal.run(e.canary.release)
             e.keeper.stop()
-            per = "; ".join(f"{k}: {e.examples[k]} examples, {e.cases[k]} cases" for k in e.cases)
             took = time.monotonic() - started
-            print(f"\nwebhook fuzz: {sum(e.cases.values())} cases ({per}) in {took:.0f} s")
+            print(f"\nwebhook fuzz: {e.tally()} in {took:.0f} s")
             print(f"webhook fuzz: convo outcomes {e.outcomes}")
             print(f"webhook fuzz: answers {dict(sorted(e.statuses.items()))}")
             print(f"webhook fuzz: slowest signed answer {e.slowest:.3f} s")

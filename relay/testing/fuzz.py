@@ -414,6 +414,29 @@ async def _wait_exit(daemon: Daemon, timeout: float) -> int | None:
     return daemon.proc.returncode
 
 
+class FuzzEnv:
+    """Base of a fuzz module's environment: examples and cases per property, and a
+    short repr (hypothesis prints every argument of a failing example)."""
+
+    def __init__(self) -> None:
+        self.examples: dict[str, int] = {}
+        self.cases: dict[str, int] = {}
+
+    def __repr__(self) -> str:
+        return "Env(...)"
+
+    def count(self, prop: str, cases: int) -> None:
+        self.examples[prop] = self.examples.get(prop, 0) + 1
+        self.cases[prop] = self.cases.get(prop, 0) + cases
+
+    def tally(self) -> str:
+        """``N cases (prop: e examples, c cases; ...)`` for the module's report."""
+        per = "; ".join(
+            f"{k}: {self.examples[k]} examples, {self.cases[k]} cases" for k in self.cases
+        )
+        return f"{sum(self.cases.values())} cases ({per})"
+
+
 class DaemonKeeper:
     """One ``relay serve`` held open in a portal for a whole module.
 
