@@ -26,6 +26,7 @@ import struct
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import httpx
@@ -454,19 +455,35 @@ async def test_upstream_that_stops_reading_is_dead_after_stall_seconds() -> None
             nursery.start_soon(flood_call, call)
             nursery.start_soon(flood_page, page)
             await ok.check("while two upstreams took no bytes")
-            call_s = await stamps.seconds("call", t0, STALL_BOUND)
-            page_s = await stamps.seconds("page", t0, STALL_BOUND)
-            print(
-                f"\nupstream stopped reading: call closed {call.close_code} "
-                f"{call.close_reason!r} after {call_s:.2f} s, page closed {page.close} "
-                f"after {page_s:.2f} s (stall_seconds {STALL_SECONDS:g})"
-            )
-            assert (call.close_code, call.close_reason) == UPSTREAM_STALLED
-            assert page.close == UPSTREAM_STALLED
-            # Aborted: a reset reached the fake (a polite close could not: it reads nothing).
-            await until(lambda: call_up.tcp_state() == TCP_CLOSE, 2, "call upstream reset")
-            await until(lambda: page_up.tcp_state() == TCP_CLOSE, 2, "page upstream reset")
+            await both_stalled("upstream stopped reading", stamps, t0, STALL_BOUND, call, page)
+            await upstreams_reset(call_up, page_up)
         await back_to_baseline(watch, "upstream stopped reading")
+
+
+async def both_stalled(
+    label: str, stamps: Stamps, t0: float, bound: float, call: TwilioCall, page: Browser
+) -> None:
+    """The call and the page both ended with 1011 "upstream stalled" within ``bound``."""
+    call_s = await stamps.seconds("call", t0, bound)
+    page_s = await stamps.seconds("page", t0, bound)
+    print(
+        f"\n{label}: call closed {call.close_code} "
+        f"{call.close_reason!r} after {call_s:.2f} s, page closed {page.close} "
+        f"after {page_s:.2f} s (stall_seconds {STALL_SECONDS:g})"
+    )
+    assert (call.close_code, call.close_reason) == UPSTREAM_STALLED
+    assert page.close == UPSTREAM_STALLED
+
+
+async def upstreams_reset(*ups: FakeConnection) -> None:
+    """Aborted: a reset reached each fake (a polite close could not: a stalled peer
+    reads nothing)."""
+    for n, up in enumerate(ups):
+        await until(partial(is_reset, up), 2, f"upstream {n} reset")
+
+
+def is_reset(up: FakeConnection) -> bool:
+    return up.tcp_state() == TCP_CLOSE
 
 
 async def page_keeps_talking(page: Browser) -> None:
@@ -495,17 +512,8 @@ async def test_silent_upstream_that_answers_no_ping_is_dead() -> None:
             t0 = trio.current_time()
             nursery.start_soon(page_keeps_talking, page)
             await ok.check("while two upstreams were silent")
-            call_s = await stamps.seconds("call", t0, SILENCE_BOUND)
-            page_s = await stamps.seconds("page", t0, SILENCE_BOUND)
-            print(
-                f"\nupstream silent, no pong: call closed {call.close_code} "
-                f"{call.close_reason!r} after {call_s:.2f} s, page closed {page.close} "
-                f"after {page_s:.2f} s (stall_seconds {STALL_SECONDS:g})"
-            )
-            assert (call.close_code, call.close_reason) == UPSTREAM_STALLED
-            assert page.close == UPSTREAM_STALLED
-            await until(lambda: call_up.tcp_state() == TCP_CLOSE, 2, "call upstream reset")
-            await until(lambda: page_up.tcp_state() == TCP_CLOSE, 2, "page upstream reset")
+            await both_stalled("upstream silent, no pong", stamps, t0, SILENCE_BOUND, call, page)
+            await upstreams_reset(call_up, page_up)
             await ok.check("after two upstreams were found dead")
         await back_to_baseline(watch, "upstream silent")
 

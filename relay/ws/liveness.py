@@ -4,10 +4,10 @@ Why not a timeout around each read: a cancel scope per ``recv`` cost ~5-10 µs,
 as much as parsing the frame. Instead each connection bumps a counter when it
 reads, and this system task looks at all of them a few times per
 ``stall_seconds``: a connection silent for ``stall_seconds`` while a task is
-waiting to read it gets a ping; one
-still silent ``stall_seconds`` later, or one whose queued output has not moved
-for ``stall_seconds``, is aborted (``WebSocket.stalled``), which wakes whatever
-task waits on its socket.
+waiting to read it gets a ping; one still silent ``stall_seconds`` later, or
+one whose queued output has found no room in the kernel for ``stall_seconds``
+(``Transport.writable``), is aborted (``WebSocket.stalled``), which wakes
+whatever task waits on its socket.
 """
 
 from __future__ import annotations
@@ -26,13 +26,13 @@ _SWEEPER: trio.lowlevel.RunVar[Sweeper] = trio.lowlevel.RunVar("relay_ws_sweeper
 
 
 class _Watch:
-    __slots__ = ("pinged_at", "quiet_since", "rx", "sent", "stuck_since")
+    __slots__ = ("pinged_at", "quiet_since", "rx", "stuck_since", "writable")
 
     def __init__(self, now: float) -> None:
         self.rx = -1
         self.quiet_since = now
         self.pinged_at: float | None = None
-        self.sent = -1
+        self.writable = -1
         self.stuck_since = now
 
 
@@ -81,8 +81,8 @@ class Sweeper:
             w.pinged_at = now
             ws.ping_nowait()
         t = ws.transport
-        if not t.out or t.sent != w.sent:
-            w.sent, w.stuck_since = t.sent, now
+        if not t.out or t.writable != w.writable:
+            w.writable, w.stuck_since = t.writable, now
         elif now - w.stuck_since >= stall:
             ws.stalled()
 

@@ -29,7 +29,7 @@ class Broken(Exception):
 
 
 class Transport:
-    __slots__ = ("_in", "_out_bio", "_tls", "closed", "out", "sent", "sock")
+    __slots__ = ("_in", "_out_bio", "_tls", "closed", "out", "sock", "writable")
 
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)
@@ -38,7 +38,10 @@ class Transport:
         self._in: ssl.MemoryBIO | None = None
         self._out_bio: ssl.MemoryBIO | None = None
         self.out = bytearray()  # bytes the kernel has not taken yet, in order
-        self.sent = 0  # bytes the kernel has taken (the liveness sweeper watches it move)
+        # Times a wait for room in the kernel ended: the liveness sweeper's measure of
+        # progress. Not bytes: a peer with a closed window can still take a byte or
+        # two per window probe, which is no reader at all.
+        self.writable = 0
         self.closed = False
 
     @classmethod
@@ -172,7 +175,6 @@ class Transport:
             sent = 0
         except OSError as exc:
             raise Broken(str(exc)) from None
-        self.sent += sent
         if sent < len(data):
             self.out += memoryview(data)[sent:]
             return False
@@ -188,7 +190,6 @@ class Transport:
                 return False
             except OSError as exc:
                 raise Broken(str(exc)) from None
-            self.sent += sent
             del out[:sent]
         return True
 
@@ -202,6 +203,7 @@ class Transport:
             else:
                 with trio.fail_after(stall_seconds):
                     await trio.lowlevel.wait_writable(self.sock)
+            self.writable += 1
 
     # -- closing --------------------------------------------------------------
     def close(self, *, reset: bool = False) -> None:
