@@ -58,7 +58,7 @@ from relay.bench.fake import FRAME_BYTES, SLOTS, read_stamp, stamp_frame, ticks
 from relay.bench.outbox import Outbox
 from relay.realtime.dialect import GA
 from relay.testing.daemon import TEST_OPENAI_KEY
-from relay.testing.fake_realtime import _session_problem
+from relay.testing.fake_realtime import _session_problem, truncate_problem
 
 CLIENT_MODEL = "gpt-realtime-mini"
 PREBUFFER = 15  # deltas sent at once when a response starts: 300 ms ahead of the caller
@@ -506,18 +506,7 @@ class _Peer:
     def _on_truncate(self, event: Event) -> None:
         fig = self.fake.fig
         item_id, end_ms = event.get("item_id"), event.get("audio_end_ms")
-        problem: tuple[str, str] | None = None  # (param, message), as the real service words it
-        if not isinstance(item_id, str) or item_id not in self.item_bytes:
-            problem = "item_id", "Only model output audio messages can be truncated"
-        elif event.get("content_index") != 0:
-            problem = "content_index", "Invalid 'content_index'."
-        elif not isinstance(end_ms, int) or isinstance(end_ms, bool) or end_ms < 0:
-            problem = "audio_end_ms", "Invalid 'audio_end_ms'."
-        else:
-            have = min(self.item_bytes[item_id] // 8, self.truncated_ms.get(item_id, end_ms))
-            if end_ms > have:
-                message = f"Audio content of {have} ms is already shorter than {end_ms} ms"
-                problem = "audio_end_ms", message
+        problem = truncate_problem(event, self.item_bytes, self.truncated_ms)
         if problem is not None:
             self.error("invalid_value", problem[1], problem[0], event)
             return

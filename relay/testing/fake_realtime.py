@@ -21,7 +21,7 @@ import itertools
 import socket
 import struct
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from functools import partial
@@ -418,19 +418,7 @@ class FakeConnection:
 
     async def _on_truncate(self, event: Event) -> None:
         item_id, end_ms = event.get("item_id"), event.get("audio_end_ms")
-        problem: tuple[str, str] | None = None  # (param, message)
-        if not isinstance(item_id, str) or item_id not in self.item_audio:
-            problem = "item_id", "Only model output audio messages can be truncated"
-        elif event.get("content_index") != 0:
-            problem = "content_index", "Invalid 'content_index'."
-        elif not isinstance(end_ms, int) or isinstance(end_ms, bool) or end_ms < 0:
-            problem = "audio_end_ms", "Invalid 'audio_end_ms'."
-        else:
-            # A truncated item keeps only the audio before the cut.
-            have = min(self.item_ms(item_id), self._truncated_ms.get(item_id, end_ms))
-            if end_ms > have:
-                message = f"Audio content of {have} ms is already shorter than {end_ms} ms"
-                problem = "audio_end_ms", message
+        problem = truncate_problem(event, self.item_audio, self._truncated_ms)
         if problem is not None:
             await self._error("invalid_value", problem[1], param=problem[0], cause=event)
             return
@@ -603,6 +591,26 @@ _BETA_FORMATS = {"pcm16", "g711_ulaw", "g711_alaw"}
 _VADS = {"server_vad", "semantic_vad"}
 VOICES = frozenset({"alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse",
                     "marin", "cedar"})  # fmt: skip
+
+
+def truncate_problem(
+    event: Event, item_bytes: Mapping[str, int], truncated_ms: Mapping[str, int]
+) -> tuple[str, str] | None:
+    """What the real service refuses in a ``conversation.item.truncate``, as
+    ``(param, message)`` in its words; None if valid. ``item_bytes``: μ-law audio
+    sent per item; ``truncated_ms``: where earlier truncates cut (a truncated item
+    keeps only the audio before the cut)."""
+    item_id, end_ms = event.get("item_id"), event.get("audio_end_ms")
+    if not isinstance(item_id, str) or item_id not in item_bytes:
+        return "item_id", "Only model output audio messages can be truncated"
+    if event.get("content_index") != 0:
+        return "content_index", "Invalid 'content_index'."
+    if not isinstance(end_ms, int) or isinstance(end_ms, bool) or end_ms < 0:
+        return "audio_end_ms", "Invalid 'audio_end_ms'."
+    have = min(item_bytes[item_id] // BYTES_PER_MS, truncated_ms.get(item_id, end_ms))
+    if end_ms > have:
+        return "audio_end_ms", f"Audio content of {have} ms is already shorter than {end_ms} ms"
+    return None
 
 
 def _session_problem(d: Dialect, s: Event) -> tuple[str, str, str] | None:
