@@ -138,12 +138,7 @@ class Fake:
         async with trio.open_nursery() as nursery:
             if self.profile == "twilio":
                 nursery.start_soon(self.ticker)
-            while True:
-                await trio.lowlevel.wait_readable(listener)
-                try:
-                    sock, _ = listener.accept()
-                except BlockingIOError:
-                    continue
+            async for sock in wire.accepted(listener):
                 self.connections += 1
                 nursery.start_soon(_Up(self, wire.Conn(sock), self.connections).run)
 

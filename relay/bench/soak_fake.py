@@ -174,12 +174,7 @@ class SoakFake:
     async def serve(self, listener: socket.socket) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.ticker)
-            while True:
-                await trio.lowlevel.wait_readable(listener)
-                try:
-                    sock, _ = listener.accept()
-                except BlockingIOError:
-                    continue
+            async for sock in wire.accepted(listener):
                 self.fig.connections += 1
                 peer = _Peer(self, wire.Conn(sock), self.fig.connections)
                 nursery.start_soon(peer.run)

@@ -14,6 +14,7 @@ import base64
 import hashlib
 import os
 import socket
+from collections.abc import AsyncIterator
 
 import trio
 
@@ -222,3 +223,14 @@ class Reader:
                 out.append((opcode, payload))
         del buf[:pos]
         return out
+
+
+async def accepted(listener: socket.socket) -> AsyncIterator[socket.socket]:
+    """The connections a non-blocking listening socket accepts, as they come."""
+    while True:
+        await trio.lowlevel.wait_readable(listener)
+        try:
+            sock, _ = listener.accept()
+        except BlockingIOError:
+            continue  # woken, but the connection was already gone
+        yield sock
