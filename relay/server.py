@@ -2,6 +2,8 @@
 
 trio.run(main)
 ├── ws liveness      (system task) pings silent WebSockets, aborts stalled ones
+├── ws reactor       (system task) one epoll set for every WebSocket; runs the
+│                      sessions' fast paths (media relayed without a task switch)
 ├── signal watcher     first SIGTERM/SIGINT drains, a second stops at once
 ├── refusal summary    once a minute, the count of refusals not logged one by one
 ├── sd_notify watchdog WATCHDOG=1 from the main loop, so a wedged loop misses it
@@ -34,7 +36,7 @@ from relay.sd_notify import Notifier
 from relay.store.select import create_store
 from relay.upgrades import FrontDoor
 from relay.wiring import client_runner, twilio_routes, twilio_runner
-from relay.ws import liveness
+from relay.ws import liveness, reactor
 
 log = logging.getLogger("relay.server")
 
@@ -61,6 +63,7 @@ async def main(settings: Settings, *, notifier: Notifier | None = None) -> None:
     """Serve until a signal; return once drained (exit status 0)."""
     hypercorn_fix.apply()  # before any connection: see the module for why
     liveness.sweeper()  # WebSocket liveness: one system task for every socket
+    reactor.reactor()  # WebSocket readiness: one epoll set, one system task
     notifier = notifier or Notifier()
     store = create_store(settings.store)
     rt = Runtime(settings, store)

@@ -25,6 +25,7 @@ import base64
 import binascii
 import contextlib
 import logging
+from collections import deque
 from typing import Any
 
 import orjson
@@ -92,7 +93,7 @@ def _parse(raw: str | bytes) -> dict[str, Any] | None:
     return event if isinstance(event, dict) and "event" in event else None
 
 
-def _append_messages(frames: list[str]) -> list[str]:
+def _append_message(frames: list[str]) -> str:
     """The ``input_audio_buffer.append`` carrying ``frames`` (base64 audio), in order."""
     if len(frames) > 1:
         # Twilio's 160-byte frames end in padding, so base64 strings cannot be
@@ -101,7 +102,7 @@ def _append_messages(frames: list[str]) -> list[str]:
         frames = [joined.decode("ascii")]
     # orjson on a small dict is cheaper than validating the payload for splicing
     # it into a template (measured: 2.6 µs against 3.7 µs per frame).
-    return [orjson.dumps(rt_dialect.append_audio(frames[0])).decode()]
+    return orjson.dumps(rt_dialect.append_audio(frames[0])).decode()
 
 
 class TwilioSession:
@@ -128,6 +129,12 @@ class TwilioSession:
         self.bargeins = 0
         self._up: WebSocket | None = None
         self._scope: trio.CancelScope | None = None
+        self._up_counter = rt.metrics.messages("twilio", "upstream")
+        self._down_counter = rt.metrics.messages("twilio", "downstream")
+        d = self.dialect
+        # Upstream events the upstream pump acts on; every other kind but audio is
+        # ignored (a tuple: compared with ==, so an unhashable kind cannot raise).
+        self._task_kinds = (d.speech_started, "response.created", d.response_done, "error")
 
     # -- lifecycle ------------------------------------------------------------
     async def run(self) -> None:
@@ -171,6 +178,21 @@ class TwilioSession:
         self._log_end(trio.current_time() - started)
 
     async def _call(self, started: float) -> None:
+        up = self._up
+        assert up is not None
+        if isinstance(self.ws, WebSocket):
+            # The steady stream (media up, marks in, audio down) is relayed by the
+            # reactor while the pumps are parked; they handle everything else.
+            self.ws.fast_path = self._fast_from_twilio
+            up.fast_path = self._fast_from_upstream
+        try:
+            await self._pumps(started)
+        finally:
+            up.fast_path = None
+            if isinstance(self.ws, WebSocket):
+                self.ws.fast_path = None
+
+    async def _pumps(self, started: float) -> None:
         limits = self.rt.settings.limits
         async with trio.open_nursery() as nursery:
             self._scope = nursery.cancel_scope
@@ -203,7 +225,6 @@ class TwilioSession:
 
     # -- Twilio → OpenAI ------------------------------------------------------
     async def _twilio_to_upstream(self) -> None:
-        counter = self.rt.metrics.messages("twilio", "upstream")
         up = self._up
         assert up is not None
         held: dict[str, Any] | None = None  # an event read ahead while joining frames
@@ -223,26 +244,21 @@ class TwilioSession:
             try:
                 kind = event["event"]
                 if kind == "media":
-                    if self.stream_sid is None or self.voicemail or self.closing:
+                    payload = self._media_payload(event)
+                    if payload is None:
                         continue
-                    payload = event["media"]["payload"]
-                    if not is_audio(payload):
-                        continue  # OpenAI would answer every such append with an error
                     # Join the frames that are already waiting (SPEC §6 allows it; it
                     # never waits for more): under load one append then carries
                     # several frames, and the upstream send is the costly part.
                     frames = [payload]
                     held, left = self._take_waiting_frames(frames)
-                    for message in _append_messages(frames):
-                        await up.send(message)
-                    counter.inc(len(frames))
-                    self.up_count += len(frames)
+                    await up.send(_append_message(frames))
+                    self._sent_up(len(frames))
                     if left:
                         self._end(Ending("twilio_closed", None))
                         return
                 elif kind == "mark":
-                    self.playback.on_mark(str(event["mark"]["name"]), trio.current_time() * 1000)
-                    self._maybe_close()
+                    self._on_mark(event)
                 elif kind == "start":
                     await self._on_start(event)
                 elif kind == "stop":
@@ -254,6 +270,76 @@ class TwilioSession:
             except UpstreamClosed as closed:
                 self._end(self._upstream_gone(closed))
                 return
+
+    def _media_payload(self, event: dict[str, Any]) -> str | None:
+        """The audio of a media event if it goes upstream now, else None. Raises
+        KeyError/TypeError for a malformed one (which is ignored too)."""
+        if self.stream_sid is None or self.voicemail or self.closing:
+            return None
+        payload = event["media"]["payload"]
+        # Not audio: OpenAI would answer every such append with an error.
+        return payload if is_audio(payload) else None
+
+    def _sent_up(self, frames: int) -> None:
+        self._up_counter.inc(frames)
+        self.up_count += frames
+
+    def _on_mark(self, event: dict[str, Any]) -> None:
+        self.playback.on_mark(str(event["mark"]["name"]), trio.current_time() * 1000)
+        self._maybe_close()
+
+    def _fast_from_twilio(self, messages: deque[str | bytes]) -> None:
+        """The reactor's path for Twilio's steady stream (``WebSocket.fast_path``):
+        media up and marks, exactly as :meth:`_twilio_to_upstream` handles them, as
+        long as nothing has to wait; any other event, or an upstream that cannot
+        take a frame now, is left (in order) to that task."""
+        up = self._up
+        assert up is not None
+        while messages and self.ending is None:
+            event = _parse(messages[0])
+            if event is None:
+                messages.popleft()
+                continue
+            kind = event["event"]
+            if kind == "mark":
+                messages.popleft()
+                with contextlib.suppress(KeyError, TypeError, AttributeError):
+                    self._on_mark(event)
+                continue
+            if kind != "media":
+                return
+            try:
+                payload = self._media_payload(event)
+            except (KeyError, TypeError):
+                payload = None
+            if payload is None:
+                messages.popleft()
+                continue
+            if not up.can_send_now():
+                return
+            messages.popleft()
+            frames = [payload]
+            self._join_queued_frames(messages, frames)
+            up.send_now(_append_message(frames))
+            self._sent_up(len(frames))
+
+    @staticmethod
+    def _join_queued_frames(messages: deque[str | bytes], frames: list[str]) -> None:
+        """:meth:`_take_waiting_frames` for the fast path: the media already queued."""
+        while messages:
+            event = _parse(messages[0])
+            if event is None:
+                messages.popleft()
+                continue
+            if event["event"] != "media":
+                return
+            messages.popleft()
+            try:
+                payload = event["media"]["payload"]
+            except (KeyError, TypeError):
+                continue
+            if is_audio(payload):
+                frames.append(payload)
 
     def _take_waiting_frames(self, frames: list[str]) -> tuple[dict[str, Any] | None, bool]:
         """Append to ``frames`` the payloads of media messages already queued, without
@@ -332,7 +418,6 @@ class TwilioSession:
         up = self._up
         assert up is not None
         d = self.dialect
-        counter = self.rt.metrics.messages("twilio", "downstream")
         while True:
             try:
                 raw = await up.receive()
@@ -346,9 +431,12 @@ class TwilioSession:
                 continue
             try:
                 if kind == d.audio_delta:
-                    if await self._on_delta(event):
-                        counter.inc()
-                        self.down_count += 1
+                    pair = self._delta_messages(event)
+                    if pair is not None:
+                        # Only this task writes to Twilio, so the media/mark pair cannot
+                        # be split by another message; both go out in one write.
+                        await self.ws.send_many(pair)
+                        self._sent_down()
                 elif kind == d.speech_started:
                     await self._barge_in()
                 elif kind == "response.created":
@@ -379,28 +467,57 @@ class TwilioSession:
                 self._end(_twilio_gone(gone))
                 return
 
-    async def _on_delta(self, event: dict[str, Any]) -> bool:
+    def _delta_messages(self, event: dict[str, Any]) -> tuple[str, str] | None:
+        """The Twilio ``media`` and ``mark`` for an audio delta (recorded as sent), or
+        None when it is not played. Raises KeyError/TypeError for a malformed one."""
         sid = self.stream_sid
         payload = event["delta"]
         item_id = event.get("item_id")
         # Audio that is not base64 would reach Twilio as a malformed media (31924), and
         # audio of no item could never be truncated: neither is played.
         if sid is None or not is_audio(payload) or not isinstance(item_id, str) or not item_id:
-            return False
+            return None
         if self.playback.was_truncated(item_id):
-            return False  # audio of an interrupted answer still in flight: never play it
+            return None  # audio of an interrupted answer still in flight: never play it
         mark = self.playback.on_delta(item_id, b64_len(payload), trio.current_time() * 1000)
-        # Only this task writes to Twilio, so the media/mark pair cannot be split by
-        # another message; both go out in one write.
-        await self.ws.send_many(
-            (
-                orjson.dumps(
-                    {"event": "media", "streamSid": sid, "media": {"payload": payload}}
-                ).decode(),
-                orjson.dumps({"event": "mark", "streamSid": sid, "mark": {"name": mark}}).decode(),
-            )
-        )
-        return True
+        media = {"event": "media", "streamSid": sid, "media": {"payload": payload}}
+        marker = {"event": "mark", "streamSid": sid, "mark": {"name": mark}}
+        return orjson.dumps(media).decode(), orjson.dumps(marker).decode()
+
+    def _sent_down(self) -> None:
+        self._down_counter.inc()
+        self.down_count += 1
+
+    def _fast_from_upstream(self, messages: deque[str | bytes]) -> None:
+        """The reactor's path for the assistant's audio (``WebSocket.fast_path``):
+        deltas to Twilio as :meth:`_upstream_to_twilio` sends them, and the kinds
+        it ignores, as long as Twilio's socket takes them now; barge-ins, response
+        events, errors and anything that would wait are left (in order) to it."""
+        ws = self.ws
+        assert isinstance(ws, WebSocket)
+        audio, task_kinds = self.dialect.audio_delta, self._task_kinds
+        while messages and self.ending is None:
+            try:
+                event = orjson.loads(messages[0])
+                kind = event["type"]
+            except (orjson.JSONDecodeError, TypeError, KeyError):
+                messages.popleft()
+                continue
+            if kind != audio:
+                if kind in task_kinds:
+                    return
+                messages.popleft()
+                continue
+            if not ws.can_send_now():
+                return
+            messages.popleft()
+            try:
+                pair = self._delta_messages(event)
+            except (KeyError, TypeError, AttributeError):
+                continue
+            if pair is not None:
+                ws.send_now(*pair)
+                self._sent_down()
 
     async def _barge_in(self) -> None:
         if self.closing or self.stream_sid is None:

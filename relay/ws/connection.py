@@ -24,7 +24,10 @@ chooses what close to send (the SPEC says which).
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
+from collections import deque
+from collections.abc import Callable
 
 import trio
 
@@ -46,10 +49,13 @@ from relay.ws.transport import Broken, Transport
 
 CLOSE_TIMEOUT = 2.0
 
+log = logging.getLogger(__name__)
+
 
 class WebSocket:
     __slots__ = (
         "_close_sent",
+        "_controls",
         "_gone",
         "_kind",
         "_lot",
@@ -58,6 +64,7 @@ class WebSocket:
         "_parser",
         "_pending",
         "_sending",
+        "fast_path",
         "finished",
         "reading",
         "rx_count",
@@ -89,12 +96,18 @@ class WebSocket:
         self._sending = False  # one task is waiting for the kernel to take queued bytes
         self._lot = trio.lowlevel.ParkingLot()
         self._pending: bytes = buffered  # bytes read with the handshake
+        self._controls: list[tuple[int, bytes]] = []  # control frames read, not yet acted on
+        # Set by a session: called by the reactor with the queue of arrived messages
+        # while the reader is parked; it pops from the left those it has handled
+        # completely (without waiting) and leaves the rest to the reader, in order.
+        self.fast_path: Callable[[deque[str | bytes]], None] | None = None
         # Set once nothing more will be exchanged: the peer closed, the connection
         # was lost or aborted, or our close completed. (Not on a protocol error by
         # the peer: the session still owes it a close frame.)
         self.finished = trio.Event()
         if stall_seconds is not None:
             liveness.watch(self, stall_seconds)
+        transport.watch()
 
     @property
     def buffered_bytes(self) -> int:
@@ -120,29 +133,63 @@ class WebSocket:
         return None
 
     async def _read(self) -> None:
-        t = self.transport
-        if self._pending:
-            data, self._pending = self._pending, b""
-        else:
+        if not self._pending and not self._controls:
+            t = self.transport
             self.reading = True
+            # While parked here the reactor runs the fast path (if any) on new input,
+            # and wakes us only for what it leaves: then there is nothing to read.
+            t.input_hook = self._on_input if self.fast_path is not None else None
             try:
-                data = await t.read()
-            except (Broken, trio.ClosedResourceError):
+                await t.wait_input()
+            except trio.ClosedResourceError:
                 self._lost("connection lost")
                 return
             finally:
+                t.input_hook = None
                 self.reading = False
-            if not data:
-                self._lost("closed without a close frame")
+            if self._messages or self._gone is not None:
                 return
-        self.rx_count += 1
-        try:
-            controls = self._parser.feed(data)
-        except ProtocolError as err:
-            self._gone = self._kind(err.code, err.reason, local=True)
-            return
+        self._take_input()
+        controls, self._controls = self._controls, []
         for opcode, payload in controls:
             await self._control(opcode, payload)
+
+    def _take_input(self) -> None:
+        """Read what the socket has (and what the handshake left) and parse it:
+        messages to the queue, control frames to ``_controls``, the end to ``_gone``."""
+        if self._pending:
+            data, self._pending = self._pending, b""
+        else:
+            try:
+                read = self.transport.read_nowait()
+            except Broken:
+                self._lost("connection lost")
+                return
+            if read is None:
+                return
+            if not read:
+                self._lost("closed without a close frame")
+                return
+            data = read
+        self.rx_count += 1
+        try:
+            self._controls += self._parser.feed(data)
+        except ProtocolError as err:
+            self._gone = self._kind(err.code, err.reason, local=True)
+
+    def _on_input(self) -> None:
+        """Run by the reactor when input arrives while the reader is parked: read,
+        let the fast path take what it can, wake the reader for the rest."""
+        self._take_input()
+        messages = self._messages
+        fast = self.fast_path
+        if messages and fast is not None and not self._controls and self._gone is None:
+            try:
+                fast(messages)
+            except Exception:  # the reader handles what is left, its own way
+                log.exception("fast path failed; the session handles the message")
+        if messages or self._controls or self._gone is not None:
+            self.transport.wake_reader()
 
     async def _control(self, opcode: int, payload: bytes) -> None:
         if opcode == PING:
@@ -203,6 +250,27 @@ class WebSocket:
         mask = self._mask
         await self._write(b"".join(encode(TEXT, m.encode("utf-8"), mask=mask) for m in messages))
 
+    # Non-waiting sends, for fast paths: check can_send_now(), then send_now().
+    def can_send_now(self) -> bool:
+        """True when a frame can be handed to the kernel without waiting for anyone."""
+        t = self.transport
+        return not (t.out or self._sending or t.closed or self._close_sent)
+
+    def send_now(self, *messages: str) -> None:
+        """Text messages, in one write, without waiting (after :meth:`can_send_now`).
+        Bytes the kernel does not take at once are pushed by the reactor as room
+        appears, and make :meth:`can_send_now` false until then. A broken socket
+        is marked lost (its reader learns it), never raised here."""
+        mask = self._mask
+        if len(messages) == 1:
+            frame = encode(TEXT, messages[0].encode("utf-8"), mask=mask)
+        else:
+            frame = b"".join(encode(TEXT, m.encode("utf-8"), mask=mask) for m in messages)
+        try:
+            self.transport.write(frame)
+        except Broken:
+            self._lost("connection lost")
+
     async def _write(self, frame: bytes, *, closing: bool = False) -> None:
         t = self.transport
         if t.closed or (self._close_sent and not closing):
@@ -227,6 +295,7 @@ class WebSocket:
     async def close(self, code: int = 1000, reason: str = "") -> None:
         """Send a close (once), wait briefly for the peer's, never hang; the owner
         of the transport closes the socket afterwards."""
+        self.fast_path = None  # nothing is relayed any more, whatever still arrives
         if self._close_sent or self.transport.closed:
             return
         self._close_sent = True

@@ -17,8 +17,12 @@ import contextlib
 import socket
 import ssl
 import struct
+from collections.abc import Callable
 
+import outcome
 import trio
+
+from relay.ws import reactor as _reactor
 
 RECV_SIZE = 65536
 _LINGER_RESET = struct.pack("ii", 1, 0)  # on, 0 s: close() sends an RST
@@ -29,7 +33,19 @@ class Broken(Exception):
 
 
 class Transport:
-    __slots__ = ("_in", "_out_bio", "_tls", "closed", "out", "sock", "writable")
+    __slots__ = (
+        "_in",
+        "_out_bio",
+        "_reactor",
+        "_reader",
+        "_tls",
+        "closed",
+        "input_hook",
+        "out",
+        "ready",
+        "sock",
+        "writable",
+    )
 
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)
@@ -43,6 +59,13 @@ class Transport:
         # two per window probe, which is no reader at all.
         self.writable = 0
         self.closed = False
+        # Reactor state (``watch``): input may be waiting (an edge was seen and no
+        # read has drained the socket since); the task parked in wait_input; and
+        # what the reactor runs instead of waking that task, if anything.
+        self._reactor: _reactor.Reactor | None = None
+        self.ready = False
+        self._reader: trio.lowlevel.Task | None = None
+        self.input_hook: Callable[[], None] | None = None
 
     @classmethod
     def adopt(
@@ -103,12 +126,19 @@ class Transport:
     # -- reading --------------------------------------------------------------
     def read_nowait(self) -> bytes | None:
         """What the socket has now: bytes, ``b""`` at end of stream, None if nothing."""
+        data: bytes | None
         try:
             data = self.sock.recv(RECV_SIZE)
         except (BlockingIOError, InterruptedError):
+            self.ready = False
             data = None
         except OSError as exc:
             raise Broken(str(exc)) from None
+        else:
+            # A short read drained the socket (new input raises a new edge); a full
+            # one may have left more. End of stream stays "ready" for good.
+            if 0 < len(data) < RECV_SIZE:
+                self.ready = False
         if self._tls is None:
             return data
         return self._decrypt(data)
@@ -152,6 +182,57 @@ class Transport:
             data = self.read_nowait()
             if data is not None:
                 return data
+
+    # -- the reactor ----------------------------------------------------------------
+    def watch(self) -> None:
+        """Hand this socket's readiness to the run's reactor: from now on wait for
+        input with :meth:`wait_input`, and queued output is pushed as room appears."""
+        if self._reactor is None and not self.closed:
+            self._reactor = _reactor.reactor()
+            self._reactor.add(self)
+            self.ready = True  # whatever arrived before the registration
+
+    async def wait_input(self) -> None:
+        """Return once input may be there (or raise ``trio.ClosedResourceError``).
+        Always a checkpoint; parks until the reactor sees input."""
+        if self.closed:
+            raise trio.ClosedResourceError("transport closed")
+        if self.ready:
+            await trio.lowlevel.checkpoint()
+            return
+        self._reader = trio.lowlevel.current_task()
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            self._reader = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+    @property
+    def parked(self) -> bool:
+        """A task is parked in :meth:`wait_input`."""
+        return self._reader is not None
+
+    def wake_reader(self, error: BaseException | None = None) -> None:
+        task, self._reader = self._reader, None
+        if task is not None:
+            result = outcome.Value(None) if error is None else outcome.Error(error)
+            trio.lowlevel.reschedule(task, result)
+
+    def on_events(self, events: int) -> None:
+        """Called by the reactor with this socket's epoll events."""
+        if events & _reactor.INPUT:
+            self.ready = True
+            if self._reader is not None:
+                hook = self.input_hook
+                if hook is None:
+                    self.wake_reader()
+                else:
+                    hook()
+        if events & _reactor.OUTPUT and self.out and not self.closed:
+            self.writable += 1
+            with contextlib.suppress(Broken):  # the next read or write reports it
+                self.flush_nowait()
 
     # -- writing --------------------------------------------------------------
     def write(self, data: bytes) -> bool:
@@ -214,7 +295,11 @@ class Transport:
         if reset:
             with contextlib.suppress(OSError):
                 self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-        # Trio must forget the fd before it is closed (a waiting task gets
-        # ClosedResourceError instead of a wait on a reused fd).
+        # Trio and the reactor must forget the fd before it is closed (a waiting task
+        # gets ClosedResourceError instead of a wait on a reused fd).
+        if self._reactor is not None:
+            self._reactor.discard(self, self.sock.fileno())
+            self.input_hook = None
+            self.wake_reader(trio.ClosedResourceError("transport closed"))
         trio.lowlevel.notify_closing(self.sock)
         self.sock.close()

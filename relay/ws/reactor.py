@@ -1,0 +1,95 @@
+"""One epoll set per Trio run for every WebSocket's socket: readiness without a
+Trio wake-up per frame.
+
+Why: with ``trio.lowlevel.wait_readable`` each frame cost a one-shot
+``epoll_ctl``, a pass through Trio's I/O manager, a reschedule and a resume of
+the reader's whole coroutine chain; on the media path that was a third of the
+relay's CPU. Here each socket is registered once, edge-triggered for input and
+output, in an epoll set of our own, and one system task waits on that set (an
+epoll fd is itself pollable) and handles everything that became ready in one
+pass:
+
+- input wakes the task parked in :meth:`Transport.wait_input`, or, when the
+  connection has an input hook (``WebSocket.fast_path``), runs the hook right
+  here: the steady stream of media frames is then relayed without any task
+  switch at all;
+- output room pushes bytes a non-waiting write left queued
+  (:meth:`Transport.write` from a fast path never waits).
+
+Edge-triggered means an event is only reported when something new happens, so
+:class:`~relay.ws.transport.Transport` remembers "input may be there" until a
+read shows the socket drained.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import select
+from typing import TYPE_CHECKING
+
+import trio
+
+if TYPE_CHECKING:
+    from relay.ws.transport import Transport
+
+log = logging.getLogger(__name__)
+
+INPUT = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP | select.EPOLLRDHUP
+OUTPUT = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
+_MASK = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
+
+_REACTOR: trio.lowlevel.RunVar[Reactor] = trio.lowlevel.RunVar("relay_ws_reactor")
+
+
+class Reactor:
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self._by_fd: dict[int, Transport] = {}
+
+    def add(self, transport: Transport) -> None:
+        fd = transport.sock.fileno()
+        self._epoll.register(fd, _MASK)
+        self._by_fd[fd] = transport
+
+    def discard(self, transport: Transport, fd: int) -> None:
+        """Forget ``transport`` (before its fd is closed, so a reused fd is never
+        mistaken for it)."""
+        if self._by_fd.get(fd) is transport:
+            del self._by_fd[fd]
+            with contextlib.suppress(OSError, ValueError):
+                self._epoll.unregister(fd)
+
+    @property
+    def watched(self) -> int:
+        return len(self._by_fd)
+
+    async def run(self) -> None:
+        epoll, by_fd = self._epoll, self._by_fd
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(epoll)
+                for fd, events in epoll.poll(0):
+                    transport = by_fd.get(fd)
+                    if transport is None:
+                        continue
+                    try:
+                        transport.on_events(events)
+                    except Exception:  # one connection's failure must not stop the rest
+                        log.exception("WebSocket event handling failed; connection aborted")
+                        transport.close(reset=True)
+        finally:
+            self._by_fd.clear()
+            self._epoll.close()
+
+
+def reactor() -> Reactor:
+    """This run's reactor, started on first use (the daemon starts it before it
+    listens, so its task is part of the baseline task count)."""
+    try:
+        return _REACTOR.get()
+    except LookupError:
+        found = Reactor()
+        _REACTOR.set(found)
+        trio.lowlevel.spawn_system_task(found.run, name="relay.ws.reactor")
+        return found
