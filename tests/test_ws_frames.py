@@ -153,3 +153,12 @@ def test_close_payloads() -> None:
     with pytest.raises(ProtocolError) as info:
         parse_close(b"\x03\xe8\xff")
     assert info.value.code == 1007
+
+
+def test_masking_keys_vary_across_refills_of_the_key_buffer() -> None:
+    """Keys come from a CSPRNG buffer of 1024; 3000 frames cross it twice."""
+    keys = [encode(TEXT, b"x", mask=True)[2:6] for _ in range(3000)]
+    assert all(len(k) == 4 for k in keys)
+    # 3000 random 32-bit keys collide with probability ~0.1%; a repeating or
+    # constant buffer would give at most 1024 distinct ones.
+    assert len(set(keys)) >= 2990

@@ -9,6 +9,7 @@ sockets are closed and no task of the session is left.
 from __future__ import annotations
 
 import logging
+from collections import deque
 
 import orjson
 import trio
@@ -47,6 +48,9 @@ class ClientSession:
         self.ending: Ending | None = None
         self.up_count = 0
         self.down_count = 0
+        self._up_counter = rt.metrics.messages("client", "upstream")
+        self._down_counter = rt.metrics.messages("client", "downstream")
+        self._up: WebSocket | None = None
 
     def _end(self, ending: Ending, scope: trio.CancelScope) -> None:
         if self.ending is None:
@@ -103,6 +107,43 @@ class ClientSession:
             conn.cancel_scope.cancel()
 
     async def _relay(self, up: WebSocket) -> None:
+        self._up = up
+        ws = self.ws
+        if isinstance(ws, WebSocket):
+            # Messages that can go on at once are relayed by the reactor while the
+            # pumps are parked; the pumps handle the rest (waits, limits, endings).
+            ws.fast_path = self._fast_to_upstream
+            up.fast_path = self._fast_to_client
+        try:
+            await self._pumps(up)
+        finally:
+            up.fast_path = None
+            if isinstance(ws, WebSocket):
+                ws.fast_path = None
+
+    def _fast_to_upstream(self, messages: deque[str | bytes]) -> None:
+        """``WebSocket.fast_path`` of the client's socket: what the pump would send."""
+        up, limit = self._up, self.limit
+        assert up is not None
+        while messages and self.ending is None:
+            if _too_big(messages[0], limit) or not up.can_send_now():
+                return
+            up.send_now(messages.popleft())
+            self._up_counter.inc()
+            self.up_count += 1
+
+    def _fast_to_client(self, messages: deque[str | bytes]) -> None:
+        """``WebSocket.fast_path`` of the upstream socket: what the pump would send."""
+        ws = self.ws
+        assert isinstance(ws, WebSocket)
+        while messages and self.ending is None:
+            if not ws.can_send_now():
+                return
+            ws.send_now(messages.popleft())
+            self._down_counter.inc()
+            self.down_count += 1
+
+    async def _pumps(self, up: WebSocket) -> None:
         s = self.rt.settings
         async with trio.open_nursery() as nursery:
             scope = nursery.cancel_scope
@@ -116,7 +157,7 @@ class ClientSession:
             )
 
     async def _client_to_upstream(self, up: WebSocket, scope: trio.CancelScope) -> None:
-        counter = self.rt.metrics.messages("client", "upstream")
+        counter = self._up_counter
         limit = self.limit
         while True:
             try:
@@ -136,7 +177,7 @@ class ClientSession:
             self.up_count += 1
 
     async def _upstream_to_client(self, up: WebSocket, scope: trio.CancelScope) -> None:
-        counter = self.rt.metrics.messages("client", "downstream")
+        counter = self._down_counter
         while True:
             try:
                 # The upstream socket refuses a message over the limit itself (UTF-8

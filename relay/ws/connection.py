@@ -52,6 +52,12 @@ CLOSE_TIMEOUT = 2.0
 log = logging.getLogger(__name__)
 
 
+def _frame(message: str | bytes, mask: bool) -> bytes:
+    if isinstance(message, str):
+        return encode(TEXT, message.encode("utf-8"), mask=mask)
+    return encode(BINARY, message, mask=mask)
+
+
 class WebSocket:
     __slots__ = (
         "_close_sent",
@@ -188,7 +194,9 @@ class WebSocket:
                 fast(messages)
             except Exception:  # the reader handles what is left, its own way
                 log.exception("fast path failed; the session handles the message")
-        if messages or self._controls or self._gone is not None:
+        # Also when more input may be waiting (a full read, or a hangup still to be
+        # read): no new edge would announce it.
+        if messages or self._controls or self._gone is not None or self.transport.ready:
             self.transport.wake_reader()
 
     async def _control(self, opcode: int, payload: bytes) -> None:
@@ -239,11 +247,7 @@ class WebSocket:
 
     # -- sending ----------------------------------------------------------------
     async def send(self, data: str | bytes) -> None:
-        if isinstance(data, str):
-            frame = encode(TEXT, data.encode("utf-8"), mask=self._mask)
-        else:
-            frame = encode(BINARY, data, mask=self._mask)
-        await self._write(frame)
+        await self._write(_frame(data, self._mask))
 
     async def send_many(self, messages: tuple[str, ...]) -> None:
         """Several text messages in one write (one syscall instead of several)."""
@@ -256,16 +260,17 @@ class WebSocket:
         t = self.transport
         return not (t.out or self._sending or t.closed or self._close_sent)
 
-    def send_now(self, *messages: str) -> None:
-        """Text messages, in one write, without waiting (after :meth:`can_send_now`).
-        Bytes the kernel does not take at once are pushed by the reactor as room
-        appears, and make :meth:`can_send_now` false until then. A broken socket
-        is marked lost (its reader learns it), never raised here."""
+    def send_now(self, *messages: str | bytes) -> None:
+        """Messages (text as str, binary as bytes), in one write, without waiting
+        (after :meth:`can_send_now`). Bytes the kernel does not take at once are
+        pushed by the reactor as room appears, and make :meth:`can_send_now` false
+        until then. A broken socket is marked lost (its reader learns it), never
+        raised here."""
         mask = self._mask
         if len(messages) == 1:
-            frame = encode(TEXT, messages[0].encode("utf-8"), mask=mask)
+            frame = _frame(messages[0], mask)
         else:
-            frame = b"".join(encode(TEXT, m.encode("utf-8"), mask=mask) for m in messages)
+            frame = b"".join(_frame(m, mask) for m in messages)
         try:
             self.transport.write(frame)
         except Broken:

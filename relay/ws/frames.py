@@ -58,8 +58,34 @@ def encode(opcode: int, payload: bytes, *, mask: bool) -> bytes:
         head = bytes((first, bit | 127)) + _U64.pack(n)
     if not mask:
         return head + payload
-    key = os.urandom(4)
+    key = _mask_key()
     return head + key + unmask(payload, key)
+
+
+class _MaskKeys:
+    """Masking keys from the OS CSPRNG, a thousand per ``getrandom`` call: one call
+    per frame was the relay's most frequent syscall after send and recv."""
+
+    __slots__ = ("_buf", "_pos")
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._pos = 0
+
+    def __call__(self) -> bytes:
+        pos = self._pos
+        if pos >= len(self._buf):
+            self._buf, pos = os.urandom(4096), 0
+        self._pos = pos + 4
+        return self._buf[pos : pos + 4]
+
+    def forget(self) -> None:
+        self._buf, self._pos = b"", 0
+
+
+_mask_key = _MaskKeys()
+# A forked child must never reuse its parent's upcoming keys.
+os.register_at_fork(after_in_child=_mask_key.forget)
 
 
 def close_payload(code: int | None, reason: str = "") -> bytes:

@@ -18,7 +18,8 @@ pass:
 
 Edge-triggered means an event is only reported when something new happens, so
 :class:`~relay.ws.transport.Transport` remembers "input may be there" until a
-read shows the socket drained.
+read shows the socket drained, and remembers a reported hangup for good: a FIN
+that arrived with the last data raises no edge of its own.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 
 INPUT = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP | select.EPOLLRDHUP
 OUTPUT = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
+HANGUP = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _MASK = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
 
 _REACTOR: trio.lowlevel.RunVar[Reactor] = trio.lowlevel.RunVar("relay_ws_reactor")

@@ -40,6 +40,7 @@ class Transport:
         "_reader",
         "_tls",
         "closed",
+        "hangup",
         "input_hook",
         "out",
         "ready",
@@ -64,6 +65,9 @@ class Transport:
         # what the reactor runs instead of waking that task, if anything.
         self._reactor: _reactor.Reactor | None = None
         self.ready = False
+        # The peer's FIN (or an error) was reported: the end of input is there to be
+        # read after any data, and no further edge will ever announce it.
+        self.hangup = False
         self._reader: trio.lowlevel.Task | None = None
         self.input_hook: Callable[[], None] | None = None
 
@@ -130,14 +134,14 @@ class Transport:
         try:
             data = self.sock.recv(RECV_SIZE)
         except (BlockingIOError, InterruptedError):
-            self.ready = False
+            self.ready = self.hangup
             data = None
         except OSError as exc:
             raise Broken(str(exc)) from None
         else:
             # A short read drained the socket (new input raises a new edge); a full
-            # one may have left more. End of stream stays "ready" for good.
-            if 0 < len(data) < RECV_SIZE:
+            # one may have left more; after a hangup the end is still to be read.
+            if 0 < len(data) < RECV_SIZE and not self.hangup:
                 self.ready = False
         if self._tls is None:
             return data
@@ -223,6 +227,8 @@ class Transport:
         """Called by the reactor with this socket's epoll events."""
         if events & _reactor.INPUT:
             self.ready = True
+            if events & _reactor.HANGUP:
+                self.hangup = True
             if self._reader is not None:
                 hook = self.input_hook
                 if hook is None:
