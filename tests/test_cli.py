@@ -120,14 +120,14 @@ def test_bind_in_use_exits_1_without_traceback(tmp_path: Path) -> None:
 async def test_second_signal_stops_at_once() -> None:
     async with fake_realtime() as fake:
         fake.echo = True
-        overrides = {
+        overrides: dict[str, dict[str, object]] = {
             "server": {"drain_seconds": 30},
             "openai": {"realtime_url": f"ws://127.0.0.1:{fake.port}/v1/realtime"},
         }
         async with running_daemon(overrides) as d:
             token = mint(decode_encryption_key(d.env["ENCRYPTION_KEY"]), 60)
             async with trio_websocket.open_websocket_url(
-                f"{d.ws_url}/token/{token}", extra_headers=[("Origin", "http://localhost:3000")]
+                f"{d.ws_url}/token/{token}", extra_headers=[(b"Origin", b"http://localhost:3000")]
             ) as ws:
                 d.signal(signal.SIGINT)
                 await trio.sleep(0.5)

@@ -60,7 +60,7 @@ def test_defaults_without_file() -> None:
 )
 def test_bad_config_names_the_key(doc: dict[str, object], needle: str) -> None:
     with pytest.raises(ConfigError) as err:
-        parse_settings(doc)  # type: ignore[arg-type]
+        parse_settings(doc)
     assert needle in str(err.value)
 
 

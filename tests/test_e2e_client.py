@@ -19,7 +19,7 @@ from relay.testing.daemon import TEST_OPENAI_KEY, Daemon, running_daemon
 from relay.testing.fake_realtime import FakeConnection, FakeRealtime, fake_realtime
 from relay.tokens import mint
 
-ORIGIN = [("Origin", "http://localhost:5173")]
+ORIGIN = [(b"Origin", b"http://localhost:5173")]
 SMALL = 1000  # max_message_bytes for the oversize tests
 
 

@@ -39,7 +39,7 @@ async def test_drain_with_client_call_and_job() -> None:
             ],
             messages=[("+14155550100", "hello there")],
         )
-        config = {
+        config: dict[str, dict[str, object]] = {
             "openai": {
                 "realtime_url": f"ws://127.0.0.1:{realtime.port}/v1/realtime",
                 "api_base": twilio.openai_base,

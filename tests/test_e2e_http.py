@@ -18,7 +18,7 @@ from relay.testing.daemon import Daemon
 from relay.tokens import mint
 
 ROOT = Path(__file__).resolve().parent.parent
-ORIGIN = [("Origin", "https://gateframes.com")]
+ORIGIN = [(b"Origin", b"https://gateframes.com")]
 
 
 def key_of(d: Daemon) -> bytes:
@@ -27,7 +27,7 @@ def key_of(d: Daemon) -> bytes:
     return decode_encryption_key(d.env["ENCRYPTION_KEY"])
 
 
-async def upgrade_status(url: str, headers: list[tuple[str, str]]) -> int:
+async def upgrade_status(url: str, headers: list[tuple[bytes, bytes]]) -> int:
     """The HTTP status of a refused upgrade (101 if it was accepted)."""
     try:
         async with trio_websocket.open_websocket_url(url, extra_headers=headers) as ws:
@@ -73,7 +73,7 @@ async def test_ws_upgrade_checks(start_daemon) -> None:  # type: ignore[no-untyp
         token = mint(key, 60)
         url = f"{d.ws_url}/token/{token}"
         # Bad origin, bad token, bad model/voice: each refused before accept.
-        assert await upgrade_status(url, [("Origin", "https://evil.example")]) == 403
+        assert await upgrade_status(url, [(b"Origin", b"https://evil.example")]) == 403
         assert await upgrade_status(url, []) == 403
         assert await upgrade_status(f"{d.ws_url}/token/not-a-token", ORIGIN) == 401
         assert await upgrade_status(f"{d.ws_url}/realtime", ORIGIN) == 401

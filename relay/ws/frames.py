@@ -35,11 +35,11 @@ class ProtocolError(Exception):
         self.reason = reason
 
 
-def unmask(payload: bytes, key: bytes) -> bytes:
+def unmask(payload: bytes | bytearray, key: bytes) -> bytes:
     """XOR with the 4-byte key, as one big-integer operation (C speed in CPython)."""
     n = len(payload)
     if n == 0:
-        return payload
+        return b""
     stream = key * ((n >> 2) + 1)
     value = int.from_bytes(payload, "little") ^ int.from_bytes(stream[:n], "little")
     return value.to_bytes(n, "little")
@@ -162,14 +162,14 @@ class FrameParser:
             if masked:
                 if size - head < 4:
                     break
-                key = data[head : head + 4]
                 head += 4
             end = head + length
             if end > size:
                 break
-            payload = bytes(data[head:end])  # a no-op copy-free view when data is bytes
             if masked:
-                payload = unmask(payload, bytes(key))
+                payload = unmask(data[head:end], bytes(data[head - 4 : head]))
+            else:
+                payload = bytes(data[head:end])  # no copy when data is bytes
             pos = end
             if opcode >= 8:
                 if opcode not in (CLOSE, PING, PONG):
