@@ -39,7 +39,11 @@ def config(fake: FakeRealtime, **limits: Any) -> dict[str, dict[str, Any]]:
 
 @asynccontextmanager
 async def call(d: Daemon, **params: Any) -> AsyncIterator[TwilioCall]:
-    kw = {k: params.pop(k) for k in ("send_audio", "frame_source", "sign") if k in params}
+    kw = {
+        k: params.pop(k)
+        for k in ("send_audio", "frame_source", "sign", "stream_sid")
+        if k in params
+    }
     async with twilio_call(
         f"{d.ws_url}/twilio/media",
         public_url=STREAM_URL,
@@ -103,6 +107,21 @@ async def test_call_greets_and_relays_audio_both_ways(fake: FakeRealtime) -> Non
         assert len(c.sent_audio) >= 20 * 160
         assert bytes(conn.input_audio) == bytes(c.sent_audio)
         assert conn.close_code == 1000
+
+
+async def test_an_odd_stream_sid_comes_back_verbatim(fake: FakeRealtime) -> None:
+    """The relay splices the sid (JSON-encoded once) into every media and mark."""
+    sid = 'MZ"odd\\sid\u00e9 \u260e</'
+    fake.response_chunks = 3
+    async with running_daemon(config(fake)) as d:
+        async with call(d, stream_sid=sid, direction="inbound") as c:
+            await c.start()
+            await until(lambda: len(c.received_events) >= 6)
+            assert [e["event"] for e in c.received_events] == ["media", "mark"] * 3
+            assert {e["streamSid"] for e in c.received_events} == {sid}
+            assert c.protocol_errors == []
+            await c.stop()
+            await wait_closed(c)
 
 
 async def test_beta_dialect_outbound_voice_and_dtmf_noise() -> None:

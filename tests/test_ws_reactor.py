@@ -209,3 +209,12 @@ async def test_a_hangup_behind_half_a_frame_reaches_a_reader_parked_with_a_fast_
         with trio.fail_after(5), pytest.raises(Disconnected) as info:
             await server.receive()
         assert info.value.code == 1006
+
+
+async def test_send_text_now_sends_prebuilt_utf8_as_text_frames() -> None:
+    client, server = pair()
+    async with closing(client, server):
+        server.send_text_now(b'{"a":"\xc3\xa9"}', b"")
+        with trio.fail_after(5):
+            assert await client.receive() == '{"a":"é"}'
+            assert await client.receive() == ""

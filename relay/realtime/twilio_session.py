@@ -93,8 +93,9 @@ def _parse(raw: str | bytes) -> dict[str, Any] | None:
     return event if isinstance(event, dict) and "event" in event else None
 
 
-def _append_message(frames: list[str]) -> str:
-    """The ``input_audio_buffer.append`` carrying ``frames`` (base64 audio), in order."""
+def _append_message(frames: list[str]) -> bytes:
+    """The ``input_audio_buffer.append`` (JSON, UTF-8) carrying ``frames`` (base64
+    audio), in order."""
     if len(frames) > 1:
         # Twilio's 160-byte frames end in padding, so base64 strings cannot be
         # concatenated as text; the audio bytes can (every frame passed is_audio).
@@ -102,7 +103,7 @@ def _append_message(frames: list[str]) -> str:
         frames = [joined.decode("ascii")]
     # orjson on a small dict is cheaper than validating the payload for splicing
     # it into a template (measured: 2.6 µs against 3.7 µs per frame).
-    return orjson.dumps(rt_dialect.append_audio(frames[0])).decode()
+    return orjson.dumps(rt_dialect.append_audio(frames[0]))
 
 
 class TwilioSession:
@@ -115,6 +116,7 @@ class TwilioSession:
         self.dialect = rt_dialect.dialect_for(s.openai.dialect)
         self.playback = Playback()
         self.stream_sid: str | None = None
+        self._sid_json = b'""'  # the stream sid as a JSON string, for the messages we build
         self.call_sid: str | None = None
         self.voicemail = False
         # "closing": a final response (voicemail or goodbye) was asked for; the call
@@ -252,7 +254,7 @@ class TwilioSession:
                     # several frames, and the upstream send is the costly part.
                     frames = [payload]
                     held, left = self._take_waiting_frames(frames)
-                    await up.send(_append_message(frames))
+                    await up.send(_append_message(frames).decode())
                     self._sent_up(len(frames))
                     if left:
                         self._end(Ending("twilio_closed", None))
@@ -320,7 +322,7 @@ class TwilioSession:
             messages.popleft()
             frames = [payload]
             self._join_queued_frames(messages, frames)
-            up.send_now(_append_message(frames))
+            up.send_text_now(_append_message(frames))
             self._sent_up(len(frames))
 
     @staticmethod
@@ -375,6 +377,7 @@ class TwilioSession:
         if not isinstance(params, dict):
             params = {}
         self.stream_sid = sid
+        self._sid_json = orjson.dumps(sid)
         call_sid = start.get("callSid")
         self.call_sid = call_sid if isinstance(call_sid, str) else None
         s = self.rt.settings
@@ -435,7 +438,7 @@ class TwilioSession:
                     if pair is not None:
                         # Only this task writes to Twilio, so the media/mark pair cannot
                         # be split by another message; both go out in one write.
-                        await self.ws.send_many(pair)
+                        await self.ws.send_many((pair[0].decode(), pair[1].decode()))
                         self._sent_down()
                 elif kind == d.speech_started:
                     await self._barge_in()
@@ -467,9 +470,10 @@ class TwilioSession:
                 self._end(_twilio_gone(gone))
                 return
 
-    def _delta_messages(self, event: dict[str, Any]) -> tuple[str, str] | None:
-        """The Twilio ``media`` and ``mark`` for an audio delta (recorded as sent), or
-        None when it is not played. Raises KeyError/TypeError for a malformed one."""
+    def _delta_messages(self, event: dict[str, Any]) -> tuple[bytes, bytes] | None:
+        """The Twilio ``media`` and ``mark`` (JSON, UTF-8) for an audio delta, recorded
+        as sent, or None when it is not played. Raises KeyError/TypeError for a
+        malformed one."""
         sid = self.stream_sid
         payload = event["delta"]
         item_id = event.get("item_id")
@@ -480,9 +484,14 @@ class TwilioSession:
         if self.playback.was_truncated(item_id):
             return None  # audio of an interrupted answer still in flight: never play it
         mark = self.playback.on_delta(item_id, b64_len(payload), trio.current_time() * 1000)
-        media = {"event": "media", "streamSid": sid, "media": {"payload": payload}}
-        marker = {"event": "mark", "streamSid": sid, "mark": {"name": mark}}
-        return orjson.dumps(media).decode(), orjson.dumps(marker).decode()
+        # Spliced, not serialised (2 µs against 5 per delta): the sid was JSON-encoded
+        # once, the payload passed is_audio (base64 only) and mark names are digits.
+        sid_json = self._sid_json
+        return (
+            b'{"event":"media","streamSid":%b,"media":{"payload":"%b"}}'
+            % (sid_json, payload.encode()),
+            b'{"event":"mark","streamSid":%b,"mark":{"name":"%b"}}' % (sid_json, mark.encode()),
+        )
 
     def _sent_down(self) -> None:
         self._down_counter.inc()
@@ -516,7 +525,7 @@ class TwilioSession:
             except (KeyError, TypeError, AttributeError):
                 continue
             if pair is not None:
-                ws.send_now(*pair)
+                ws.send_text_now(*pair)
                 self._sent_down()
 
     async def _barge_in(self) -> None:

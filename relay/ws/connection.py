@@ -268,9 +268,17 @@ class WebSocket:
         raised here."""
         mask = self._mask
         if len(messages) == 1:
-            frame = _frame(messages[0], mask)
+            self._push_now(_frame(messages[0], mask))
         else:
-            frame = b"".join(_frame(m, mask) for m in messages)
+            self._push_now(b"".join(_frame(m, mask) for m in messages))
+
+    def send_text_now(self, *texts: bytes) -> None:
+        """:meth:`send_now` for text already encoded as UTF-8 (JSON the caller built
+        itself): no decode and re-encode on the way to the frame."""
+        mask = self._mask
+        self._push_now(b"".join(encode(TEXT, t, mask=mask) for t in texts))
+
+    def _push_now(self, frame: bytes) -> None:
         try:
             self.transport.write(frame)
         except Broken:
