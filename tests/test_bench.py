@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from relay.bench.fake import read_stamp, stamp_frame
+from relay.bench.run import cpu_ratio_at_common_step
 from relay.bench.wire import OP_TEXT, Reader, frame
 
 
@@ -37,16 +38,48 @@ def test_wire_frames_round_trip() -> None:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_bench_twilio_prints_table_and_writes_json(tmp_path: Path) -> None:
     stdout, report = _bench(
-        tmp_path, "--mode", "twilio", "--calls", "2", "--seconds", "1.5", "--warmup", "0.5"
+        tmp_path,
+        *("--mode", "twilio", "--calls", "2", "--seconds", "1.5", "--warmup", "0.5"),
+        "--baseline",
     )
     assert "[relay] N=   2" in stdout
+    assert "[baseline] N=   2" in stdout
     assert "| relay | N |" in stdout
     results = report["results"]
     assert isinstance(results, dict)
-    step = results["relay"]["steps"][0]
-    assert step["calls"] == 2
-    assert step["up_frames"] > 0 and step["down_frames"] > 0
-    assert step["failed_calls"] == 0
+    for name in ("relay", "baseline"):
+        step = results[name]["steps"][0]
+        assert step["calls"] == 2
+        assert step["up_frames"] > 0 and step["down_frames"] > 0
+        assert step["failed_calls"] == 0
+    # Two calls are held by both: the report carries their CPU ratio at that step.
+    ratio = report["ratio"]
+    assert isinstance(ratio, dict)
+    common = ratio["cpu_at_common_step"]
+    assert common["calls"] == 2 and common["ratio"] > 0
+    assert "ratio relay/baseline at 2 calls (the most both held)" in stdout
+
+
+def _step(calls: int, cpu: float, p99: float = 5.0, lost: int = 0) -> dict[str, object]:
+    return {
+        "calls": calls,
+        "cpu_ms_per_call_s": cpu,
+        "up_p99_ms": p99,
+        "down_p99_ms": p99,
+        "up_lost": 0,
+        "down_lost": lost,
+        "failed_calls": 0,
+        "dropped_calls": 0,
+        "calls_up": calls,
+    }
+
+
+def test_cpu_ratio_is_taken_at_the_largest_step_both_passed() -> None:
+    ours = [_step(10, 24.0), _step(25, 18.0), _step(50, 13.0)]
+    theirs = [_step(10, 60.0), _step(25, 40.0, p99=300.0), _step(50, 30.0, lost=9)]
+    assert cpu_ratio_at_common_step(ours, theirs) == (10, 0.4)
+    assert cpu_ratio_at_common_step(ours, [_step(10, 60.0, lost=1)]) is None
+    assert cpu_ratio_at_common_step([_step(25, 9.0)], [_step(10, 60.0)]) is None
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")

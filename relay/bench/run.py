@@ -512,6 +512,22 @@ def _table(results: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def cpu_ratio_at_common_step(
+    ours: list[dict[str, Any]], theirs: list[dict[str, Any]]
+) -> tuple[int, float] | None:
+    """(N, our CPU per call-second / theirs) at the largest N both passed: the
+    ratio the report can always give, when one relay cannot hold 50 calls."""
+    passed = {s["calls"]: s for s in theirs if _ok(s)}
+    common = [s for s in ours if _ok(s) and s["calls"] in passed]
+    if not common:
+        return None
+    mine = max(common, key=lambda s: s["calls"])
+    other = passed[mine["calls"]]
+    if not other["cpu_ms_per_call_s"]:
+        return None
+    return mine["calls"], mine["cpu_ms_per_call_s"] / other["cpu_ms_per_call_s"]
+
+
 def _summary(res: dict[str, Any]) -> dict[str, Any]:
     steps = res["steps"]
     passing = [s["calls"] for s in steps if _ok(s)]
@@ -580,10 +596,16 @@ def main(argv: list[str] | None = None) -> int:
             ratio_cpu = rc / bc if rc is not None and bc else None
             rf, bf = r["cpu_us_per_frame_at_50"], b["cpu_us_per_frame_at_50"]
             ratio_frame = rf / bf if rf is not None and bf else None
+            common = cpu_ratio_at_common_step(
+                results["relay"]["steps"], results["baseline"]["steps"]
+            )
             report["ratio"] = {
                 "calls_per_core": ratio_calls,
                 "cpu_at_50": ratio_cpu,
                 "cpu_per_frame_at_50": ratio_frame,
+                "cpu_at_common_step": (
+                    {"calls": common[0], "ratio": common[1]} if common else None
+                ),
             }
             caveat = (
                 ""
@@ -595,6 +617,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"CPU per call-second at 50 calls {_fmt(ratio_cpu, 2)}x{caveat} "
                 f"(target ≤ 0.4x), CPU per relayed frame at 50 calls {_fmt(ratio_frame, 2)}x"
             )
+            if common is not None:
+                print(
+                    f"ratio relay/baseline at {common[0]} calls (the most both held): "
+                    f"CPU per call-second {common[1]:.2f}x"
+                )
     else:
         s = results["relay"]["steps"][0]
         print(
