@@ -129,8 +129,7 @@ class ClientSession:
             if _too_big(messages[0], limit) or not up.can_send_now():
                 return
             up.send_now(messages.popleft())
-            self._up_counter.inc()
-            self.up_count += 1
+            self._sent_up()
 
     def _fast_to_client(self, messages: deque[str | bytes]) -> None:
         """``WebSocket.fast_path`` of the upstream socket: what the pump would send."""
@@ -140,8 +139,15 @@ class ClientSession:
             if not ws.can_send_now():
                 return
             ws.send_now(messages.popleft())
-            self._down_counter.inc()
-            self.down_count += 1
+            self._sent_down()
+
+    def _sent_up(self) -> None:
+        self._up_counter.inc()
+        self.up_count += 1
+
+    def _sent_down(self) -> None:
+        self._down_counter.inc()
+        self.down_count += 1
 
     async def _pumps(self, up: WebSocket) -> None:
         s = self.rt.settings
@@ -157,7 +163,6 @@ class ClientSession:
             )
 
     async def _client_to_upstream(self, up: WebSocket, scope: trio.CancelScope) -> None:
-        counter = self._up_counter
         limit = self.limit
         while True:
             try:
@@ -173,11 +178,9 @@ class ClientSession:
             except UpstreamClosed as closed:
                 self._end(self._upstream_gone(closed), scope)
                 return
-            counter.inc()
-            self.up_count += 1
+            self._sent_up()
 
     async def _upstream_to_client(self, up: WebSocket, scope: trio.CancelScope) -> None:
-        counter = self._down_counter
         while True:
             try:
                 # The upstream socket refuses a message over the limit itself (UTF-8
@@ -195,8 +198,7 @@ class ClientSession:
             except Exception:  # the client's transport is gone mid-send (ASGI path)
                 self._end(Ending("client_closed", None, upstream_code=1000), scope)
                 return
-            counter.inc()
-            self.down_count += 1
+            self._sent_down()
 
     @staticmethod
     def _client_gone(gone: Disconnected) -> Ending:

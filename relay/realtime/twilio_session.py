@@ -26,6 +26,7 @@ import binascii
 import contextlib
 import logging
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -253,7 +254,12 @@ class TwilioSession:
                     # never waits for more): under load one append then carries
                     # several frames, and the upstream send is the costly part.
                     frames = [payload]
-                    held, left = self._take_waiting_frames(frames)
+                    try:
+                        stop = self._join_waiting(frames, self.ws.receive_nowait)
+                        left = False
+                    except Disconnected:  # Twilio is gone: send what came before it
+                        stop, left = None, True
+                    held = stop[0] if stop is not None else None
                     await up.send(_append_message(frames).decode())
                     self._sent_up(len(frames))
                     if left:
@@ -321,50 +327,33 @@ class TwilioSession:
                 return
             messages.popleft()
             frames = [payload]
-            self._join_queued_frames(messages, frames)
+            stop = self._join_waiting(frames, lambda: messages.popleft() if messages else None)
+            if stop is not None:
+                messages.appendleft(stop[1])  # the pump's, in order
             up.send_text_now(_append_message(frames))
             self._sent_up(len(frames))
 
     @staticmethod
-    def _join_queued_frames(messages: deque[str | bytes], frames: list[str]) -> None:
-        """:meth:`_take_waiting_frames` for the fast path: the media already queued."""
-        while messages:
-            event = _parse(messages[0])
-            if event is None:
-                messages.popleft()
-                continue
-            if event["event"] != "media":
-                return
-            messages.popleft()
-            try:
-                payload = event["media"]["payload"]
-            except (KeyError, TypeError):
-                continue
-            if is_audio(payload):
-                frames.append(payload)
-
-    def _take_waiting_frames(self, frames: list[str]) -> tuple[dict[str, Any] | None, bool]:
-        """Append to ``frames`` the payloads of media messages already queued, without
-        waiting; stop at the first other event and return it (to be handled next, in
-        order), and whether the client's disconnect was reached."""
-        while True:
-            try:
-                raw = self.ws.receive_nowait()
-            except Disconnected:
-                return None, True
-            if raw is None:
-                return None, False
+    def _join_waiting(
+        frames: list[str], take: Callable[[], str | bytes | None]
+    ) -> tuple[dict[str, Any], str | bytes] | None:
+        """Append to ``frames`` the payloads of the media messages that ``take`` hands
+        out until it has none (it never waits); stop at the first other event and
+        return it, parsed and raw, to be handled next, in order. Unparseable
+        messages and malformed media are skipped, as the pumps skip them."""
+        while (raw := take()) is not None:
             event = _parse(raw)
             if event is None:
-                continue  # ignored, as the main loop would
+                continue
             if event["event"] != "media":
-                return event, False
+                return event, raw
             try:
                 payload = event["media"]["payload"]
             except (KeyError, TypeError):
-                continue  # a malformed media is skipped, as the main loop would
+                continue
             if is_audio(payload):
                 frames.append(payload)
+        return None
 
     async def _on_start(self, event: dict[str, Any]) -> None:
         if self.stream_sid is not None:

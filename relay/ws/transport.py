@@ -212,11 +212,6 @@ class Transport:
 
         await trio.lowlevel.wait_task_rescheduled(abort)
 
-    @property
-    def parked(self) -> bool:
-        """A task is parked in :meth:`wait_input`."""
-        return self._reader is not None
-
     def wake_reader(self, error: BaseException | None = None) -> None:
         task, self._reader = self._reader, None
         if task is not None:
