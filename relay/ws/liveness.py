@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from relay.ws import per_run
+
 if TYPE_CHECKING:
     from relay.ws.connection import WebSocket
 
@@ -88,15 +90,8 @@ class Sweeper:
 
 
 def sweeper() -> Sweeper:
-    """This run's sweeper, started on first use (the daemon starts it before it
-    listens, so its task is part of the baseline task count)."""
-    try:
-        return _SWEEPER.get()
-    except LookupError:
-        found = Sweeper()
-        _SWEEPER.set(found)
-        trio.lowlevel.spawn_system_task(found.run, name="relay.ws.liveness")
-        return found
+    """This run's sweeper, started on first use."""
+    return per_run.service(_SWEEPER, Sweeper, "relay.ws.liveness")
 
 
 def watch(ws: WebSocket, stall: float) -> None:

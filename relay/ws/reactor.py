@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from relay.ws import per_run
+
 if TYPE_CHECKING:
     from relay.ws.transport import Transport
 
@@ -86,12 +88,5 @@ class Reactor:
 
 
 def reactor() -> Reactor:
-    """This run's reactor, started on first use (the daemon starts it before it
-    listens, so its task is part of the baseline task count)."""
-    try:
-        return _REACTOR.get()
-    except LookupError:
-        found = Reactor()
-        _REACTOR.set(found)
-        trio.lowlevel.spawn_system_task(found.run, name="relay.ws.reactor")
-        return found
+    """This run's reactor, started on first use."""
+    return per_run.service(_REACTOR, Reactor, "relay.ws.reactor")
