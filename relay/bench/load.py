@@ -26,6 +26,23 @@ import trio
 from relay.bench import wire
 from relay.bench.fake import SLOTS, read_stamp, stamp_frame, ticks
 
+CONNECTED = wire.frame(b'{"event":"connected","protocol":"Call","version":"1.0.0"}', masked=True)
+"""Twilio's first message on a stream, as one masked frame."""
+
+
+def start_body(stream_sid: str, number: int) -> str:
+    """The ``"start"`` event's fields (to wrap like any caller message) of an inbound
+    call numbered ``number`` on ``stream_sid``."""
+    start = {
+        "accountSid": "AC" + "0" * 32,
+        "streamSid": stream_sid,
+        "callSid": f"CA{number:032x}",
+        "tracks": ["inbound"],
+        "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+        "customParameters": {"direction": "inbound"},
+    }
+    return f'"start","start":{orjson.dumps(start).decode()}'
+
 
 @dataclass(frozen=True)
 class Target:
@@ -115,18 +132,8 @@ class Loader:
             return
         call = _Call(conn, number, f"MZ{number:032x}")
         nursery.start_soon(self._receive, call, rest)
-        start = {
-            "accountSid": "AC" + "0" * 32,
-            "streamSid": call.sid,
-            "callSid": f"CA{number:032x}",
-            "tracks": ["inbound"],
-            "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
-            "customParameters": {"direction": "inbound"},
-        }
-        await conn.send(
-            wire.frame(b'{"event":"connected","protocol":"Call","version":"1.0.0"}', masked=True)
-        )
-        await conn.send(call.message(f'"start","start":{orjson.dumps(start).decode()}'))
+        await conn.send(CONNECTED)
+        await conn.send(call.message(start_body(call.sid, number)))
         self.calls.append(call)
         call.slot = self.next_slot
         self.next_slot = (self.next_slot + 7) % SLOTS

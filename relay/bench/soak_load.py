@@ -38,6 +38,7 @@ import trio
 
 from relay.bench import wire
 from relay.bench.fake import SLOTS, read_stamp, stamp_frame, ticks
+from relay.bench.load import CONNECTED, start_body
 from relay.bench.outbox import Outbox
 from relay.realtime.dialect import GA
 
@@ -184,21 +185,8 @@ class SoakLoader:
         self.streams.append(stream)
         nursery.start_soon(self._receive, stream, rest)
         if stream.call:
-            start = {
-                "accountSid": "AC" + "0" * 32,
-                "streamSid": stream.sid,
-                "callSid": f"CA{spec.number:032x}",
-                "tracks": ["inbound"],
-                "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
-                "customParameters": {"direction": "inbound"},
-            }
-            connected = wire.frame(
-                b'{"event":"connected","protocol":"Call","version":"1.0.0"}', masked=True
-            )
             try:
-                stream.send(
-                    connected + stream.twilio(f'"start","start":{orjson.dumps(start).decode()}')
-                )
+                stream.send(CONNECTED + stream.twilio(start_body(stream.sid, spec.number)))
             except wire.Closed:
                 return  # its receive task records the drop
         stream.slot = self.next_slot
