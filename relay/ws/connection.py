@@ -58,6 +58,13 @@ def _frame(message: str | bytes, mask: bool) -> bytes:
     return encode(BINARY, message, mask=mask)
 
 
+def _frames(messages: tuple[str | bytes, ...], mask: bool) -> bytes:
+    """Several messages as the bytes of one write."""
+    if len(messages) == 1:
+        return _frame(messages[0], mask)
+    return b"".join(_frame(m, mask) for m in messages)
+
+
 class WebSocket:
     __slots__ = (
         "_close_sent",
@@ -232,10 +239,7 @@ class WebSocket:
     def ping_nowait(self) -> None:
         if self._close_sent or self.transport.closed:
             return
-        try:
-            self.transport.write(encode(PING, b"relay", mask=self._mask))
-        except Broken:
-            self._lost("connection lost")
+        self._push_now(encode(PING, b"relay", mask=self._mask))
 
     def stalled(self) -> None:
         """Abort a stalled peer at once (an RST: a close frame could never be read).
@@ -251,8 +255,7 @@ class WebSocket:
 
     async def send_many(self, messages: tuple[str, ...]) -> None:
         """Several text messages in one write (one syscall instead of several)."""
-        mask = self._mask
-        await self._write(b"".join(encode(TEXT, m.encode("utf-8"), mask=mask) for m in messages))
+        await self._write(_frames(messages, self._mask))
 
     # Non-waiting sends, for fast paths: check can_send_now(), then send_now().
     def can_send_now(self) -> bool:
@@ -266,11 +269,7 @@ class WebSocket:
         pushed by the reactor as room appears, and make :meth:`can_send_now` false
         until then. A broken socket is marked lost (its reader learns it), never
         raised here."""
-        mask = self._mask
-        if len(messages) == 1:
-            self._push_now(_frame(messages[0], mask))
-        else:
-            self._push_now(b"".join(_frame(m, mask) for m in messages))
+        self._push_now(_frames(messages, self._mask))
 
     def send_text_now(self, *texts: bytes) -> None:
         """:meth:`send_now` for text already encoded as UTF-8 (JSON the caller built
@@ -279,6 +278,7 @@ class WebSocket:
         self._push_now(b"".join(encode(TEXT, t, mask=mask) for t in texts))
 
     def _push_now(self, frame: bytes) -> None:
+        """Hand ``frame`` to the transport without waiting; a broken socket is lost."""
         try:
             self.transport.write(frame)
         except Broken:
