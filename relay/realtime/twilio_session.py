@@ -94,6 +94,16 @@ def _parse(raw: str | bytes) -> dict[str, Any] | None:
     return event if isinstance(event, dict) and "event" in event else None
 
 
+def _upstream_event(raw: str | bytes) -> tuple[Any, Any] | None:
+    """An upstream message as (event, its ``type``), or None for one that is not
+    JSON or has no type (which the call ignores)."""
+    try:
+        event = orjson.loads(raw)
+        return event, event["type"]
+    except (orjson.JSONDecodeError, TypeError, KeyError):
+        return None
+
+
 def _append_message(frames: list[str]) -> bytes:
     """The ``input_audio_buffer.append`` (JSON, UTF-8) carrying ``frames`` (base64
     audio), in order."""
@@ -416,11 +426,10 @@ class TwilioSession:
             except UpstreamClosed as closed:
                 self._end(self._upstream_gone(closed))
                 return
-            try:
-                event = orjson.loads(raw)
-                kind = event["type"]
-            except (orjson.JSONDecodeError, TypeError, KeyError):
+            parsed = _upstream_event(raw)
+            if parsed is None:
                 continue
+            event, kind = parsed
             try:
                 if kind == d.audio_delta:
                     pair = self._delta_messages(event)
@@ -495,12 +504,11 @@ class TwilioSession:
         assert isinstance(ws, WebSocket)
         audio, task_kinds = self.dialect.audio_delta, self._task_kinds
         while messages and self.ending is None:
-            try:
-                event = orjson.loads(messages[0])
-                kind = event["type"]
-            except (orjson.JSONDecodeError, TypeError, KeyError):
+            parsed = _upstream_event(messages[0])
+            if parsed is None:
                 messages.popleft()
                 continue
+            event, kind = parsed
             if kind != audio:
                 if kind in task_kinds:
                     return
