@@ -337,9 +337,10 @@ class TwilioSession:
                 return
             messages.popleft()
             frames = [payload]
-            stop = self._join_waiting(frames, lambda: messages.popleft() if messages else None)
-            if stop is not None:
-                messages.appendleft(stop[1])  # the pump's, in order
+            if messages:  # usually not: one frame per read, and no closure made for it
+                stop = self._join_waiting(frames, lambda: messages.popleft() if messages else None)
+                if stop is not None:
+                    messages.appendleft(stop[1])  # the pump's, in order
             up.send_text_now(_append_message(frames))
             self._sent_up(len(frames))
 
