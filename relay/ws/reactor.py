@@ -20,6 +20,14 @@ Edge-triggered means an event is only reported when something new happens, so
 :class:`~relay.ws.transport.Transport` remembers "input may be there" until a
 read shows the socket drained, and remembers a reported hangup for good: a FIN
 that arrived with the last data raises no edge of its own.
+
+Passes are paced: after a pass that found something, the next one starts no
+sooner than :data:`PASS_INTERVAL` after it began (the task sleeps, everyone
+else runs). Input that arrives after a quiet spell is handled at once; under
+load, what arrives within that millisecond is handled in one pass instead of
+one pass per socket. At 50 calls a pass handled ~2 events unpaced and ~7 paced,
+and the relay's CPU per call-second fell by about a fifth (README, Capacity),
+for at most 1 ms added per hop against the 20 ms a media frame lasts.
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ log = logging.getLogger(__name__)
 INPUT = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP | select.EPOLLRDHUP
 OUTPUT = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
 HANGUP = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+PASS_INTERVAL = 0.001  # seconds; see the module docstring
 _MASK = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
 
 _REACTOR: trio.lowlevel.RunVar[Reactor] = trio.lowlevel.RunVar("relay_ws_reactor")
@@ -73,15 +82,21 @@ class Reactor:
         try:
             while True:
                 await trio.lowlevel.wait_readable(epoll)
-                for fd, events in epoll.poll(0):
-                    transport = by_fd.get(fd)
-                    if transport is None:
-                        continue
-                    try:
-                        transport.on_events(events)
-                    except Exception:  # one connection's failure must not stop the rest
-                        log.exception("WebSocket event handling failed; connection aborted")
-                        transport.close(reset=True)
+                while True:
+                    began = trio.current_time()
+                    ready = epoll.poll(0)
+                    if not ready:
+                        break
+                    for fd, events in ready:
+                        transport = by_fd.get(fd)
+                        if transport is None:
+                            continue
+                        try:
+                            transport.on_events(events)
+                        except Exception:  # one connection's failure must not stop the rest
+                            log.exception("WebSocket event handling failed; connection aborted")
+                            transport.close(reset=True)
+                    await trio.sleep_until(began + PASS_INTERVAL)
         finally:
             self._by_fd.clear()
             self._epoll.close()
