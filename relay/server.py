@@ -6,6 +6,7 @@ trio.run(main)
 │                      sessions' fast paths (media relayed without a task switch)
 ├── signal watcher     first SIGTERM/SIGINT drains, a second stops at once
 ├── refusal summary    once a minute, the count of refusals not logged one by one
+├── task dump          on SIGUSR1, every live task and where it waits, to the log
 ├── sd_notify watchdog WATCHDOG=1 from the main loop, so a wedged loop misses it
 ├── store              prunes idle keys; with Redis also holds the connections and
 │                      watches its health (degraded ⇄ shared)
@@ -27,7 +28,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from prometheus_client import Gauge
 
-from relay import hypercorn_fix
+from relay import hypercorn_fix, tasks
 from relay.app import combine, create_http_app
 from relay.config import Settings
 from relay.listener import Router
@@ -74,7 +75,7 @@ async def main(settings: Settings, *, notifier: Notifier | None = None) -> None:
     # Live Trio tasks, read at scrape time: a leak of session tasks shows up here.
     Gauge(
         "relay_trio_tasks", "Live Trio tasks in the process", registry=rt.metrics.registry
-    ).set_function(_count_tasks)
+    ).set_function(tasks.count)
     gate_app = FrontDoor(rt, client_runner, twilio_runner)
     # WebSocket upgrades are served on the socket itself; Hypercorn gets the rest.
     Router(
@@ -92,6 +93,7 @@ async def main(settings: Settings, *, notifier: Notifier | None = None) -> None:
             # knows it is unreachable); the start never waits more than ~1 s on it.
             await root.start(store.run)
             root.start_soon(_flush_refusals, rt)
+            root.start_soon(tasks.dump_on_signal)
             async with trio.open_nursery() as jobs:
                 rt.attach_jobs(jobs)
                 binds = await jobs.start(
@@ -183,18 +185,6 @@ def _status_line(rt: Runtime) -> str:
 def _status(notifier: Notifier, rt: Runtime) -> None:
     if notifier.enabled:
         notifier.send(_status_line(rt))
-
-
-def _count_tasks() -> int:
-    count, stack = 0, [trio.lowlevel.current_root_task()]
-    while stack:
-        task = stack.pop()
-        if task is None:
-            continue
-        count += 1
-        for nursery in task.child_nurseries:
-            stack.extend(nursery.child_tasks)
-    return count
 
 
 def run(settings: Settings) -> None:

@@ -297,6 +297,39 @@ async def scrape(d: Daemon, name: str) -> float:
     raise AssertionError(f"{name} not in /metrics")
 
 
+async def task_dump(d: Daemon) -> list[str]:
+    """The daemon's live tasks and where each waits, as it logs them on SIGUSR1."""
+    marker = "task dump: "
+    before = d.log_text().count(marker)
+    d.signal(signal.SIGUSR1)
+    with trio.fail_after(10):
+        while True:
+            text = d.log_text()
+            if text.count(marker) > before:
+                head = text.rindex(marker)
+                total = int(text[head + len(marker) :].split()[0])
+                lines = [
+                    line.split("task: ", 1)[1]
+                    for line in text[head:].splitlines()
+                    if "task: " in line
+                ]
+                if len(lines) >= total:
+                    return lines[:total]
+            await trio.sleep(0.05)
+
+
+def tasks_gained(before: list[str], after: list[str]) -> str:
+    """The tasks in ``after`` that ``before`` did not have (a leak check's message)."""
+    left = list(before)
+    gained = []
+    for line in after:
+        if line in left:
+            left.remove(line)
+        else:
+            gained.append(line)
+    return "tasks gained:\n" + "\n".join(gained)
+
+
 async def settled_tasks(d: Daemon) -> float:
     """Live Trio tasks, the least of a few scrapes: each scrape's own HTTP connection
     adds tasks that end a moment after it, which is noise, not a leak."""
@@ -346,6 +379,7 @@ async def test_300_sessions_leave_no_fd_or_task_behind() -> None:
             await one("client_close")  # warm-up: lazily created pools and caches
             await trio.sleep(0.5)
             fds, tasks = d.fd_count(), await settled_tasks(d)
+            listed = await task_dump(d)
             for i in range(300):
                 await one(ways[i % len(ways)])
             with trio.fail_after(10):  # sessions finish their closes asynchronously
@@ -363,7 +397,7 @@ async def test_300_sessions_leave_no_fd_or_task_behind() -> None:
                 f"trio tasks {tasks} -> {tasks_after}"
             )
             assert fds_after <= fds
-            assert tasks_after <= tasks
+            assert tasks_after <= tasks, tasks_gained(listed, await task_dump(d))
 
 
 async def test_oversize_then_other_type(echo_fake: FakeRealtime) -> None:

@@ -198,3 +198,18 @@ async def test_distinct_ip_flood_keeps_memory_flat(start_daemon) -> None:  # typ
             f"(+{after - before} KiB)"
         )
         assert after - before < 8 * 1024
+
+
+async def test_sigusr1_lists_live_tasks_and_where_they_wait(daemon: Daemon) -> None:
+    from tests.test_e2e_client import task_dump
+
+    lines = await task_dump(daemon)
+    names = [line.split("  waits in ", 1)[0] for line in lines]
+    assert "relay.ws.reactor" in names and "relay.ws.liveness" in names
+    reactor = next(line for line in lines if line.startswith("relay.ws.reactor "))
+    assert "reactor.py" in reactor and " run" in reactor
+    # The daemon goes on serving: SIGUSR1 is a request for a listing, not a stop.
+    async with httpx.AsyncClient() as http:
+        assert (await http.get(daemon.http_url + "/healthz")).status_code == 200
+    again = await task_dump(daemon)
+    assert reactor in again and len(again) >= len(lines)

@@ -391,7 +391,7 @@ async def test_voice_webhook_twiml(fake: FakeRealtime) -> None:
 async def test_200_calls_leave_no_fd_or_task_behind(fake: FakeRealtime) -> None:
     fake.response_chunks = 2
     fake.chunk_interval = 0
-    from tests.test_e2e_client import scrape, settled_tasks
+    from tests.test_e2e_client import scrape, settled_tasks, task_dump, tasks_gained
 
     async with running_daemon(config(fake)) as d:
 
@@ -407,6 +407,7 @@ async def test_200_calls_leave_no_fd_or_task_behind(fake: FakeRealtime) -> None:
         await one(0)
         await trio.sleep(0.5)
         fds, tasks = d.fd_count(), await settled_tasks(d)
+        listed = await task_dump(d)
         for i in range(200):
             await one(i)
         with trio.fail_after(10):
@@ -421,7 +422,7 @@ async def test_200_calls_leave_no_fd_or_task_behind(fake: FakeRealtime) -> None:
         fds_after, tasks_after = d.fd_count(), await settled_tasks(d)
         print(f"\nafter 200 calls: fds {fds} -> {fds_after}, tasks {tasks} -> {tasks_after}")
         assert fds_after <= fds
-        assert tasks_after <= tasks
+        assert tasks_after <= tasks, tasks_gained(listed, await task_dump(d))
         assert all(conn.closed.is_set() for conn in fake.connections)
 
 
