@@ -10,6 +10,10 @@ monotonic clock is shared by all processes on the host).
 ``client`` profile: each connection is sent assistant deltas as fast as the
 socket takes them, and every message received is counted.
 
+Connections are accepted and upgraded by trio tasks; in the ``twilio`` profile a
+connection then belongs to the process's :class:`wire.Poller` (no trio wake-up
+per message), as do the delta ticks.
+
 It is not the protocol-checking fake of ``relay.testing.fake_realtime``: that
 one costs too much per message to sit beside the load generator on one core.
 """
@@ -96,6 +100,7 @@ class Fake:
         self.connections = 0
         self.msgs_in = 0  # client profile, in the window
         self.msgs_out = 0
+        self.poller = wire.Poller()
         self.delta_prefix = (
             '{"type":"response.output_audio.delta","response_id":"resp_bench",'
             f'"item_id":"{ITEM}","output_index":0,"content_index":0,"delta":"'
@@ -118,26 +123,25 @@ class Fake:
         ) = 0
         return result
 
-    async def ticker(self) -> None:
-        """Every 1 ms, one delta to each streaming connection in that slot."""
+    def tick(self, tick: int, due: int, now: int) -> None:
+        """One delta to each streaming connection in this tick's slot."""
         prefix, window = self.delta_prefix, self.window
-        async for tick, _, _ in ticks():
-            for up in list(self.slots[tick % SLOTS]):
-                sent = time.monotonic_ns()
-                audio = base64.b64encode(stamp_frame(up.seq, sent, up.number))
-                up.seq += 1
-                try:
-                    await up.conn.send(wire.frame(prefix + audio + b'"}'))
-                except wire.Closed:
-                    up.stop()
-                    continue
-                if sent in window:
-                    self.down_sent += 1
+        for up in list(self.slots[tick % SLOTS]):
+            sent = time.monotonic_ns()
+            audio = base64.b64encode(stamp_frame(up.seq, sent, up.number))
+            up.seq += 1
+            try:
+                up.conn.send_nowait(wire.frame(prefix + audio + b'"}'))
+            except wire.Closed:
+                up.close()
+                continue
+            if sent in window:
+                self.down_sent += 1
 
     async def serve(self, listener: socket.socket) -> None:
         async with trio.open_nursery() as nursery:
             if self.profile == "twilio":
-                nursery.start_soon(self.ticker)
+                nursery.start_soon(self.poller.run, self.tick, TICK_NS)
             async for sock in wire.accepted(listener):
                 self.connections += 1
                 nursery.start_soon(_Up(self, wire.Conn(sock), self.connections).run)
@@ -153,34 +157,79 @@ class _Up:
         self.seq = 0
         self.slot: int | None = None
         self.last_seen: dict[int, int] = {}  # caller number -> last caller sequence
+        self.reader = wire.Reader()
+        self.polled = False
+        self.closed = False
 
     def stop(self) -> None:
+        """No more deltas."""
         if self.slot is not None:
             self.fake.slots[self.slot].remove(self)
             self.slot = None
 
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.stop()
+        if self.polled:
+            self.fake.poller.remove(self.conn.sock)
+        self.conn.close()
+
     async def run(self) -> None:
         try:
             _, rest = await wire.server_handshake(self.conn)
-            await self.conn.send(wire.frame(b'{"type":"session.created","session":{}}'))
+            created = wire.frame(b'{"type":"session.created","session":{}}')
+            if self.fake.profile == "twilio":
+                # From here on nothing waits: the poller's handlers and ticks own it.
+                self.conn.send_nowait(created)
+                self.fake.poller.add(self.conn.sock, self._readable)
+                self.polled = True
+                self._input(rest)
+                return
+            await self.conn.send(created)
             async with trio.open_nursery() as nursery:
-                if self.fake.profile == "client":
-                    nursery.start_soon(self._firehose)
+                nursery.start_soon(self._firehose)
                 await self._receive(rest)
                 nursery.cancel_scope.cancel()
         except wire.Closed:
             pass
-        finally:
-            self.stop()
-            self.conn.close()
+        self.close()
+
+    def _readable(self) -> None:
+        try:
+            data = self.conn.recv_nowait()
+        except wire.Closed:
+            self.close()
+            return
+        if data:
+            self._input(data)
+
+    def _input(self, data: bytes) -> None:
+        """Twilio profile: what arrived, handled without waiting."""
+        try:
+            for opcode, payload in self.reader.feed(data):
+                if opcode == wire.OP_TEXT or opcode == wire.OP_BINARY:
+                    self._message(payload)
+                elif opcode == wire.OP_CLOSE:
+                    self.conn.send_nowait(wire.frame(payload[:2], wire.OP_CLOSE))
+                    self.close()
+                    return
+                elif opcode == wire.OP_PING:
+                    self.conn.send_nowait(wire.frame(payload, wire.OP_PONG))
+        except wire.Closed:
+            self.close()
 
     async def _receive(self, data: bytes) -> None:
+        """Client profile: count messages, answer pings and the close."""
         reader = wire.Reader()
+        fake = self.fake
         try:
             while True:
                 for opcode, payload in reader.feed(data):
                     if opcode == wire.OP_TEXT or opcode == wire.OP_BINARY:
-                        await self._message(payload)
+                        if time.monotonic_ns() in fake.window:
+                            fake.msgs_in += 1
                     elif opcode == wire.OP_CLOSE:
                         await self.conn.send(wire.frame(payload[:2], wire.OP_CLOSE))
                         return
@@ -190,12 +239,8 @@ class _Up:
         except wire.Closed:
             return
 
-    async def _message(self, payload: bytes) -> None:
+    def _message(self, payload: bytes) -> None:
         fake = self.fake
-        if fake.profile == "client":
-            if time.monotonic_ns() in fake.window:
-                fake.msgs_in += 1
-            return
         event = orjson.loads(payload)
         kind = event.get("type")
         if kind == "input_audio_buffer.append":
@@ -215,8 +260,8 @@ class _Up:
                 if sent in window:
                     fake.up_recv += 1
                     fake.up_lat.append((now - sent) / 1e6)
-        elif kind == "response.create" and self.slot is None:
-            await self.conn.send(
+        elif kind == "response.create" and self.slot is None and not self.closed:
+            self.conn.send_nowait(
                 wire.frame(b'{"type":"response.created","response":{"id":"resp_bench"}}')
             )
             self.slot = fake.next_slot

@@ -7,12 +7,15 @@ User-Agent, ``connected``, ``start``, one 160-byte μ-law ``media`` every 20 ms
 ``fake.stamp_frame``), every ``mark`` echoed as soon as it arrives, and ``stop``
 at the end. Frames go out from one 1 ms ticker per process, calls spread over
 the 20 slots of a frame period; how late the ticker runs is the *send lag*, the
-generator's own health figure.
+generator's own health figure. Calls are opened by trio tasks; once a call is
+up, its socket belongs to the process's :class:`wire.Poller` (no trio task, no
+trio wake-up per message).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import time
 from array import array
@@ -24,7 +27,7 @@ import orjson
 import trio
 
 from relay.bench import wire
-from relay.bench.fake import SLOTS, read_stamp, stamp_frame, ticks
+from relay.bench.fake import SLOTS, TICK_NS, read_stamp, stamp_frame
 
 CONNECTED = wire.frame(b'{"event":"connected","protocol":"Call","version":"1.0.0"}', masked=True)
 """Twilio's first message on a stream, as one masked frame."""
@@ -53,7 +56,7 @@ class Target:
 
 
 class _Call:
-    __slots__ = ("conn", "number", "scope", "seq", "sid", "slot", "sn")
+    __slots__ = ("conn", "last", "number", "reader", "seq", "sid", "slot", "sn")
 
     def __init__(self, conn: wire.Conn, number: int, sid: str) -> None:
         self.conn = conn
@@ -62,7 +65,8 @@ class _Call:
         self.seq = 0  # caller frames sent
         self.sn = 0  # Twilio sequenceNumber
         self.slot = -1
-        self.scope = trio.CancelScope()
+        self.reader = wire.Reader()
+        self.last = -1  # sequence of the last assistant frame received
 
     def message(self, body: str) -> bytes:
         self.sn += 1
@@ -81,6 +85,7 @@ class Loader:
         self.next_slot = index * 3
         self.opened = 0
         self.t0 = self.t1 = 1 << 62
+        self.poller = wire.Poller()
         self.reset()
 
     def reset(self) -> None:
@@ -115,7 +120,7 @@ class Loader:
         return result
 
     # -- calls ----------------------------------------------------------------
-    async def open_call(self, nursery: trio.Nursery) -> None:
+    async def open_call(self) -> None:
         t = self.target
         number = self.index * 1_000_000 + self.opened
         self.opened += 1
@@ -131,93 +136,110 @@ class Loader:
             self.failed += 1
             return
         call = _Call(conn, number, f"MZ{number:032x}")
-        nursery.start_soon(self._receive, call, rest)
-        await conn.send(CONNECTED)
-        await conn.send(call.message(start_body(call.sid, number)))
+        # From here on nothing waits: the poller's handlers and ticks own the socket.
+        try:
+            conn.send_nowait(CONNECTED + call.message(start_body(call.sid, number)))
+        except wire.Closed:
+            conn.close()
+            self.failed += 1
+            return
         self.calls.append(call)
         call.slot = self.next_slot
         self.next_slot = (self.next_slot + 7) % SLOTS
         self.slots[call.slot].append(call)
+        self.poller.add(conn.sock, lambda: self._readable(call))
+        if rest:
+            self._input(call, rest)
 
-    def _forget(self, call: _Call) -> None:
-        if call in self.calls:
-            self.calls.remove(call)
-            self.slots[call.slot].remove(call)
+    def _forget(self, call: _Call) -> bool:
+        """Take ``call`` out of the schedule and the poller; False if it already was."""
+        if call not in self.calls:
+            return False
+        self.calls.remove(call)
+        self.slots[call.slot].remove(call)
+        self.poller.remove(call.conn.sock)
+        return True
+
+    def _drop(self, call: _Call) -> None:
+        """The relay closed ``call`` on us."""
+        if self._forget(call):
+            self.dropped += 1
+            call.conn.close()
 
     async def close_call(self, call: _Call) -> None:
-        self._forget(call)
+        if not self._forget(call):
+            return
         stop = '"stop","stop":{"accountSid":"AC","callSid":"CA"}'
-        try:
+        with contextlib.suppress(wire.Closed):
             await call.conn.send(call.message(stop))
             await call.conn.send(wire.frame(b"\x03\xe8", wire.OP_CLOSE, masked=True))
-        except wire.Closed:
-            pass
-        call.scope.cancel()
-
-    async def _receive(self, call: _Call, data: bytes) -> None:
-        reader = wire.Reader()
-        last = -1
-        with call.scope:
-            try:
-                while True:
-                    for opcode, payload in reader.feed(data):
-                        if opcode == wire.OP_CLOSE:
-                            raise wire.Closed("close frame")
-                        if opcode != wire.OP_TEXT:
-                            continue
-                        event = orjson.loads(payload)
-                        kind = event["event"]
-                        if kind == "media":
-                            now = time.monotonic_ns()
-                            seq, sent = read_stamp(base64.b64decode(event["media"]["payload"][:16]))
-                            if seq != last + 1:
-                                self.reordered += 1
-                            last = seq
-                            if self.t0 <= now < self.t1:
-                                self.down_arrived += 1
-                            if self.t0 <= sent < self.t1:
-                                self.down_recv += 1
-                                self.down_lat.append((now - sent) / 1e6)
-                        elif kind == "mark":
-                            name = event["mark"]["name"]
-                            await call.conn.send(call.message(f'"mark","mark":{{"name":"{name}"}}'))
-                        elif kind == "clear":
-                            self.clears += 1
-                    data = await call.conn.recv()
-            except wire.Closed:
-                if call in self.calls:
-                    self.dropped += 1
-                    self._forget(call)
         call.conn.close()
 
-    async def ticker(self) -> None:
-        """Every 1 ms, one caller frame from each call in that slot."""
-        async for tick, due, now in ticks():
-            if self.t0 <= now < self.t1:
-                self.lag.append((now - due) / 1e6)
-            for call in list(self.slots[tick % SLOTS]):
-                sent = time.monotonic_ns()
-                payload = base64.b64encode(stamp_frame(call.seq, sent, call.number)).decode()
-                media = (
-                    f'"media","media":{{"track":"inbound","chunk":"{call.seq + 1}",'
-                    f'"timestamp":"{call.seq * 20}","payload":"{payload}"}}'
-                )
-                call.seq += 1
-                try:
-                    await call.conn.send(call.message(media))
-                except wire.Closed:
-                    continue  # its receive task notices and counts the drop
-                if self.t0 <= sent < self.t1:
-                    self.up_sent += 1
+    def _readable(self, call: _Call) -> None:
+        try:
+            data = call.conn.recv_nowait()
+        except wire.Closed:
+            self._drop(call)
+            return
+        if data:
+            self._input(call, data)
 
-    async def set_calls(self, n: int, nursery: trio.Nursery, rate: float) -> None:
+    def _input(self, call: _Call, data: bytes) -> None:
+        try:
+            for opcode, payload in call.reader.feed(data):
+                if opcode == wire.OP_CLOSE:
+                    raise wire.Closed("close frame")
+                if opcode != wire.OP_TEXT:
+                    continue
+                event = orjson.loads(payload)
+                kind = event["event"]
+                if kind == "media":
+                    now = time.monotonic_ns()
+                    seq, sent = read_stamp(base64.b64decode(event["media"]["payload"][:16]))
+                    if seq != call.last + 1:
+                        self.reordered += 1
+                    call.last = seq
+                    if self.t0 <= now < self.t1:
+                        self.down_arrived += 1
+                    if self.t0 <= sent < self.t1:
+                        self.down_recv += 1
+                        self.down_lat.append((now - sent) / 1e6)
+                elif kind == "mark":
+                    name = event["mark"]["name"]
+                    call.conn.send_nowait(call.message(f'"mark","mark":{{"name":"{name}"}}'))
+                elif kind == "clear":
+                    self.clears += 1
+        except wire.Closed:
+            self._drop(call)
+
+    def tick(self, tick: int, due: int, now: int) -> None:
+        """One caller frame from each call in this tick's slot."""
+        if self.t0 <= now < self.t1:
+            self.lag.append((now - due) / 1e6)
+        for call in list(self.slots[tick % SLOTS]):
+            sent = time.monotonic_ns()
+            payload = base64.b64encode(stamp_frame(call.seq, sent, call.number)).decode()
+            media = (
+                f'"media","media":{{"track":"inbound","chunk":"{call.seq + 1}",'
+                f'"timestamp":"{call.seq * 20}","payload":"{payload}"}}'
+            )
+            call.seq += 1
+            try:
+                call.conn.send_nowait(call.message(media))
+            except wire.Closed:
+                self._drop(call)
+                continue
+            if self.t0 <= sent < self.t1:
+                self.up_sent += 1
+
+    async def set_calls(self, n: int, rate: float) -> None:
         """Open or close calls until ``n`` are up; opens at most ``rate`` per second."""
         while len(self.calls) > n:
             await self.close_call(self.calls[-1])
         gap = 1.0 / rate
         while len(self.calls) < n:
             failed = self.failed
-            await self.open_call(nursery)
+            await self.open_call()
             if self.failed > failed + 20:
                 return
             await trio.sleep(gap)
@@ -264,11 +286,11 @@ async def _main(ctrl: Connection, target: Target, index: int, mode: str) -> None
     try:
         async with trio.open_nursery() as nursery:
             if mode == "twilio":
-                nursery.start_soon(loader.ticker)
+                nursery.start_soon(loader.poller.run, loader.tick, TICK_NS)
             while True:
                 cmd = await trio.to_thread.run_sync(ctrl.recv, abandon_on_cancel=True)
                 if cmd[0] == "set":
-                    await loader.set_calls(cmd[1], nursery, cmd[2])
+                    await loader.set_calls(cmd[1], cmd[2])
                     ctrl.send(("ready", len(loader.calls), loader.failed))
                 elif cmd[0] == "client":
                     try:
