@@ -64,26 +64,29 @@ def families(text: str) -> dict[str, Any]:
 # -- metrics: unit -------------------------------------------------------------------------
 
 
-def test_per_frame_counters_are_bound_once() -> None:
+def test_message_tallies_count_while_live_and_after_they_retire() -> None:
     m = Metrics()
-    child = m.messages("client", "upstream")
-    assert m.messages("client", "upstream") is child
 
-    # The hot path never goes back to the labelled parent.
-    def no_lookup(**_: str) -> None:
-        raise AssertionError("label lookup on the hot path")
+    def value(kind: str, direction: str) -> float | None:
+        labels = {"kind": kind, "direction": direction}
+        return m.registry.get_sample_value("relay_messages_total", labels)
 
-    m.messages_total.labels = no_lookup  # type: ignore[method-assign,assignment]
-    for kind in KINDS:
-        for direction in DIRECTIONS:
-            m.messages(kind, direction).inc()
-    child.inc(2)
-    assert (
-        m.registry.get_sample_value(
-            "relay_messages_total", {"kind": "client", "direction": "upstream"}
-        )
-        == 3
-    )
+    first, second = m.tally("client"), m.tally("twilio")
+    first.up += 3
+    first.down += 1
+    second.up += 5
+    assert value("client", "upstream") == 3 and value("client", "downstream") == 1
+    assert value("twilio", "upstream") == 5 and value("twilio", "downstream") == 0
+    m.retire(first)
+    m.retire(first)  # twice is once: a count never doubles
+    first.up += 100  # a retired tally no longer counts
+    assert value("client", "upstream") == 3
+    later = m.tally("client")
+    later.up += 2
+    assert value("client", "upstream") == 5
+    m.retire(later)
+    m.retire(second)
+    assert value("client", "upstream") == 5 and value("twilio", "upstream") == 5
 
 
 def test_known_series_exist_before_any_event() -> None:

@@ -46,10 +46,7 @@ class ClientSession:
         self.id = rt.new_session_id("client")
         self.limit = rt.settings.limits.max_message_bytes
         self.ending: Ending | None = None
-        self.up_count = 0
-        self.down_count = 0
-        self._up_counter = rt.metrics.messages("client", "upstream")
-        self._down_counter = rt.metrics.messages("client", "downstream")
+        self.tally = rt.metrics.tally("client")  # messages relayed, for logs and metrics
         self._up: WebSocket | None = None
 
     def _end(self, ending: Ending, scope: trio.CancelScope) -> None:
@@ -58,6 +55,12 @@ class ClientSession:
         scope.cancel()
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        finally:
+            self.rt.metrics.retire(self.tally)
+
+    async def _run(self) -> None:
         s = self.rt.settings
         async with trio.open_nursery() as conn:  # owns the upstream socket's reader task
             started = trio.current_time()
@@ -142,12 +145,10 @@ class ClientSession:
             self._sent_down()
 
     def _sent_up(self) -> None:
-        self._up_counter.inc()
-        self.up_count += 1
+        self.tally.up += 1
 
     def _sent_down(self) -> None:
-        self._down_counter.inc()
-        self.down_count += 1
+        self.tally.down += 1
 
     async def _pumps(self, up: WebSocket) -> None:
         s = self.rt.settings
@@ -259,7 +260,7 @@ class ClientSession:
                 "outcome": ending.outcome,
                 "close_code": ending.client_code,
                 "close_reason": ending.client_reason,
-                "messages_up": self.up_count,
-                "messages_down": self.down_count,
+                "messages_up": self.tally.up,
+                "messages_down": self.tally.down,
             },
         )

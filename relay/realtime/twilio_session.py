@@ -137,13 +137,10 @@ class TwilioSession:
         self.final_response_done = False
         self.response_active = False
         self.ending: Ending | None = None
-        self.up_count = 0
-        self.down_count = 0
         self.bargeins = 0
         self._up: WebSocket | None = None
         self._scope: trio.CancelScope | None = None
-        self._up_counter = rt.metrics.messages("twilio", "upstream")
-        self._down_counter = rt.metrics.messages("twilio", "downstream")
+        self.tally = rt.metrics.tally("twilio")  # messages relayed, for logs and metrics
         d = self.dialect
         # Upstream events the upstream pump acts on; every other kind but audio is
         # ignored (a tuple: compared with ==, so an unhashable kind cannot raise).
@@ -151,6 +148,12 @@ class TwilioSession:
 
     # -- lifecycle ------------------------------------------------------------
     async def run(self) -> None:
+        try:
+            await self._run()
+        finally:
+            self.rt.metrics.retire(self.tally)
+
+    async def _run(self) -> None:
         s = self.rt.settings
         started = trio.current_time()
         await self.ws.accept()
@@ -299,8 +302,7 @@ class TwilioSession:
         return payload if is_audio(payload) else None
 
     def _sent_up(self, frames: int) -> None:
-        self._up_counter.inc(frames)
-        self.up_count += frames
+        self.tally.up += frames
 
     def _on_mark(self, event: dict[str, Any]) -> None:
         self.playback.on_mark(str(event["mark"]["name"]), trio.current_time() * 1000)
@@ -493,8 +495,7 @@ class TwilioSession:
         )
 
     def _sent_down(self) -> None:
-        self._down_counter.inc()
-        self.down_count += 1
+        self.tally.down += 1
 
     def _fast_from_upstream(self, messages: deque[str | bytes]) -> None:
         """The reactor's path for the assistant's audio (``WebSocket.fast_path``):
@@ -599,8 +600,8 @@ class TwilioSession:
                 "outcome": ending.outcome if ending else None,
                 "close_code": ending.client_code if ending else None,
                 "close_reason": ending.client_reason if ending else None,
-                "messages_up": self.up_count,
-                "messages_down": self.down_count,
+                "messages_up": self.tally.up,
+                "messages_down": self.tally.down,
                 "bargeins": self.bargeins,
             },
         )
