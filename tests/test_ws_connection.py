@@ -191,12 +191,19 @@ def tls_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ssl.S
 
 
 async def test_wss_upstream_relays_over_tls(tls_files: ssl.SSLContext) -> None:
+    closed = trio.Event()
+    close_codes: list[int] = []
+
     async def echo(request: trio_websocket.WebSocketRequest) -> None:
         assert request.headers is not None
         ws = await request.accept()
-        while True:
-            message = await ws.get_message()
-            await ws.send_message(message)
+        try:
+            while True:
+                message = await ws.get_message()
+                await ws.send_message(message)
+        except trio_websocket.ConnectionClosed as exc:
+            close_codes.append(exc.reason.code if exc.reason else 1005)
+            closed.set()
 
     async with trio.open_nursery() as n:
         servers = await n.start(
@@ -220,4 +227,7 @@ async def test_wss_upstream_relays_over_tls(tls_files: ssl.SSLContext) -> None:
                 assert await up.receive() == m
             await up.close(1000)
             conn.cancel_scope.cancel()
+        with trio.fail_after(5):  # the server saw our close handshake, over TLS
+            await closed.wait()
+        assert close_codes == [1000]
         n.cancel_scope.cancel()
