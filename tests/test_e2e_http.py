@@ -213,3 +213,7 @@ async def test_sigusr1_lists_live_tasks_and_where_they_wait(daemon: Daemon) -> N
         assert (await http.get(daemon.http_url + "/healthz")).status_code == 200
     again = await task_dump(daemon)
     assert reactor in again and len(again) >= len(lines)
+    # /metrics counts the same tasks, plus those of the scrape's own connection.
+    from tests.test_e2e_client import scrape
+
+    assert await scrape(daemon, "relay_trio_tasks") > len(lines)
