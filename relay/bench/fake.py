@@ -173,7 +173,7 @@ class _Up:
         self.closed = True
         self.stop()
         if self.polled:
-            self.fake.poller.remove(self.conn.sock)
+            self.fake.poller.remove(self.conn)
         self.conn.close()
 
     async def run(self) -> None:
@@ -183,7 +183,7 @@ class _Up:
             if self.fake.profile == "twilio":
                 # From here on nothing waits: the poller's handlers and ticks own it.
                 self.conn.send_nowait(created)
-                self.fake.poller.add(self.conn.sock, self._readable)
+                self.fake.poller.add(self.conn, self._input, self.close)
                 self.polled = True
                 self._input(rest)
                 return
@@ -195,15 +195,6 @@ class _Up:
         except wire.Closed:
             pass
         self.close()
-
-    def _readable(self) -> None:
-        try:
-            data = self.conn.recv_nowait()
-        except wire.Closed:
-            self.close()
-            return
-        if data:
-            self._input(data)
 
     def _input(self, data: bytes) -> None:
         """Twilio profile: what arrived, handled without waiting."""

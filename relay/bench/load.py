@@ -147,7 +147,7 @@ class Loader:
         call.slot = self.next_slot
         self.next_slot = (self.next_slot + 7) % SLOTS
         self.slots[call.slot].append(call)
-        self.poller.add(conn.sock, lambda: self._readable(call))
+        self.poller.add(conn, lambda data: self._input(call, data), lambda: self._drop(call))
         if rest:
             self._input(call, rest)
 
@@ -157,7 +157,7 @@ class Loader:
             return False
         self.calls.remove(call)
         self.slots[call.slot].remove(call)
-        self.poller.remove(call.conn.sock)
+        self.poller.remove(call.conn)
         return True
 
     def _drop(self, call: _Call) -> None:
@@ -174,15 +174,6 @@ class Loader:
             await call.conn.send(call.message(stop))
             await call.conn.send(wire.frame(b"\x03\xe8", wire.OP_CLOSE, masked=True))
         call.conn.close()
-
-    def _readable(self, call: _Call) -> None:
-        try:
-            data = call.conn.recv_nowait()
-        except wire.Closed:
-            self._drop(call)
-            return
-        if data:
-            self._input(call, data)
 
     def _input(self, call: _Call, data: bytes) -> None:
         try:

@@ -40,19 +40,28 @@ class Conn:
         self.sock = sock
         self.pending = bytearray()  # what send_nowait could not hand to the kernel yet
 
+    def _send_some(self, data: bytes | memoryview) -> int:
+        """Hand the kernel what it takes of ``data`` now; how many bytes that was."""
+        try:
+            return self.sock.send(data)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            raise Closed(str(exc)) from None
+
+    def _behind_pending(self, data: bytes) -> bytes:
+        """``data`` behind what :meth:`send_nowait` left, which goes first."""
+        if not self.pending:
+            return data
+        data = bytes(self.pending) + data
+        self.pending.clear()
+        return data
+
     def send_nowait(self, data: bytes) -> None:
         """Send ``data`` without waiting; what the kernel does not take now is kept,
         in order, and goes out first on this connection's next send."""
-        if self.pending:
-            self.pending += data
-            data = bytes(self.pending)
-            self.pending.clear()
-        try:
-            sent = self.sock.send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError as exc:
-            raise Closed(str(exc)) from None
+        data = self._behind_pending(data)
+        sent = self._send_some(data)
         if sent < len(data):
             self.pending += memoryview(data)[sent:]
 
@@ -71,40 +80,19 @@ class Conn:
     async def send(self, data: bytes) -> None:
         """Send all of ``data`` (after anything :meth:`send_nowait` left); waits only
         when the kernel buffer is full."""
-        if self.pending:
-            data = bytes(self.pending) + data
-            self.pending.clear()
-        view = memoryview(data)
-        try:
-            sent = self.sock.send(view)
-        except BlockingIOError:
-            sent = 0
-        except OSError as exc:
-            raise Closed(str(exc)) from None
+        view = memoryview(self._behind_pending(data))
+        sent = self._send_some(view)
         while sent < len(view):
             await trio.lowlevel.wait_writable(self.sock)
-            try:
-                sent += self.sock.send(view[sent:])
-            except BlockingIOError:
-                pass
-            except OSError as exc:
-                raise Closed(str(exc)) from None
+            sent += self._send_some(view[sent:])
 
     async def recv(self) -> bytes:
         """The bytes available now (waiting for some); raises :class:`Closed` at EOF."""
-        while True:
-            try:
-                data = self.sock.recv(262144)
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(self.sock)
-                continue
-            except OSError as exc:
-                raise Closed(str(exc)) from None
-            if not data:
-                raise Closed("eof")
-            # A task that always finds data must still let the others run.
-            await trio.lowlevel.checkpoint()
-            return data
+        while (data := self.recv_nowait()) is None:
+            await trio.lowlevel.wait_readable(self.sock)
+        # A task that always finds data must still let the others run.
+        await trio.lowlevel.checkpoint()
+        return data
 
     def close(self) -> None:
         self.sock.close()
@@ -291,14 +279,27 @@ class Poller:
         self._epoll = select.epoll()
         self._handlers: dict[int, Callable[[], None]] = {}
 
-    def add(self, sock: socket.socket, on_readable: Callable[[], None]) -> None:
-        fd = sock.fileno()
-        self._epoll.register(fd, select.EPOLLIN)
-        self._handlers[fd] = on_readable
+    def add(
+        self, conn: Conn, on_data: Callable[[bytes], None], on_closed: Callable[[], None]
+    ) -> None:
+        """Watch ``conn``: ``on_data`` gets what arrives, ``on_closed`` its end."""
 
-    def remove(self, sock: socket.socket) -> None:
-        """Stop watching ``sock`` (before it is closed)."""
-        fd = sock.fileno()
+        def readable() -> None:
+            try:
+                data = conn.recv_nowait()
+            except Closed:
+                on_closed()
+                return
+            if data:
+                on_data(data)
+
+        fd = conn.sock.fileno()
+        self._epoll.register(fd, select.EPOLLIN)
+        self._handlers[fd] = readable
+
+    def remove(self, conn: Conn) -> None:
+        """Stop watching ``conn`` (before it is closed)."""
+        fd = conn.sock.fileno()
         if fd >= 0 and self._handlers.pop(fd, None) is not None:
             with contextlib.suppress(OSError):
                 self._epoll.unregister(fd)
