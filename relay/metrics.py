@@ -57,6 +57,12 @@ class Tally:
         self.down = 0  # and downstream
 
 
+def _add(totals: dict[tuple[str, str], int], tally: Tally) -> None:
+    """Add ``tally``'s counts into ``totals`` by (kind, direction)."""
+    for direction, count in (("upstream", tally.up), ("downstream", tally.down)):
+        totals[tally.kind, direction] = totals.get((tally.kind, direction), 0) + count
+
+
 class _Messages(Collector):
     """``relay_messages_total{kind,direction}``: what ended sessions relayed plus
     what the live ones have relayed so far (monotonic: a session's counts move
@@ -69,10 +75,7 @@ class _Messages(Collector):
     def collect(self) -> Iterator[CounterMetricFamily]:
         totals = dict(self.ended)
         for tally in self.live:
-            totals[tally.kind, "upstream"] = totals.get((tally.kind, "upstream"), 0) + tally.up
-            totals[tally.kind, "downstream"] = (
-                totals.get((tally.kind, "downstream"), 0) + tally.down
-            )
+            _add(totals, tally)
         family = CounterMetricFamily(
             "relay_messages", "Relayed messages", labels=["kind", "direction"]
         )
@@ -130,9 +133,7 @@ class Metrics:
         """The session is over: its counts join the ended sessions' totals."""
         if tally in self._messages.live:
             self._messages.live.remove(tally)
-            ended = self._messages.ended
-            ended[tally.kind, "upstream"] = ended.get((tally.kind, "upstream"), 0) + tally.up
-            ended[tally.kind, "downstream"] = ended.get((tally.kind, "downstream"), 0) + tally.down
+            _add(self._messages.ended, tally)
 
     def reject(self, reason: str) -> None:
         self.rejected_total.labels(reason=reason).inc()
