@@ -132,7 +132,7 @@ class ClientSession:
             if _too_big(messages[0], limit) or not up.can_send_now():
                 return
             up.send_now(messages.popleft())
-            self._sent_up()
+            self.tally.up += 1
 
     def _fast_to_client(self, messages: deque[str | bytes]) -> None:
         """``WebSocket.fast_path`` of the upstream socket: what the pump would send."""
@@ -142,13 +142,7 @@ class ClientSession:
             if not ws.can_send_now():
                 return
             ws.send_now(messages.popleft())
-            self._sent_down()
-
-    def _sent_up(self) -> None:
-        self.tally.up += 1
-
-    def _sent_down(self) -> None:
-        self.tally.down += 1
+            self.tally.down += 1
 
     async def _pumps(self, up: WebSocket) -> None:
         s = self.rt.settings
@@ -179,7 +173,7 @@ class ClientSession:
             except UpstreamClosed as closed:
                 self._end(self._upstream_gone(closed), scope)
                 return
-            self._sent_up()
+            self.tally.up += 1
 
     async def _upstream_to_client(self, up: WebSocket, scope: trio.CancelScope) -> None:
         while True:
@@ -199,7 +193,7 @@ class ClientSession:
             except Exception:  # the client's transport is gone mid-send (ASGI path)
                 self._end(Ending("client_closed", None, upstream_code=1000), scope)
                 return
-            self._sent_down()
+            self.tally.down += 1
 
     @staticmethod
     def _client_gone(gone: Disconnected) -> Ending:

@@ -274,7 +274,7 @@ class TwilioSession:
                         stop, left = None, True
                     held = stop[0] if stop is not None else None
                     await up.send(_append_message(frames).decode())
-                    self._sent_up(len(frames))
+                    self.tally.up += len(frames)
                     if left:
                         self._end(Ending("twilio_closed", None))
                         return
@@ -300,9 +300,6 @@ class TwilioSession:
         payload = event["media"]["payload"]
         # Not audio: OpenAI would answer every such append with an error.
         return payload if is_audio(payload) else None
-
-    def _sent_up(self, frames: int) -> None:
-        self.tally.up += frames
 
     def _on_mark(self, event: dict[str, Any]) -> None:
         self.playback.on_mark(str(event["mark"]["name"]), trio.current_time() * 1000)
@@ -344,7 +341,7 @@ class TwilioSession:
                 if stop is not None:
                     messages.appendleft(stop[1])  # the pump's, in order
             up.send_text_now(_append_message(frames))
-            self._sent_up(len(frames))
+            self.tally.up += len(frames)
 
     @staticmethod
     def _join_waiting(
@@ -440,7 +437,7 @@ class TwilioSession:
                         # Only this task writes to Twilio, so the media/mark pair cannot
                         # be split by another message; both go out in one write.
                         await self.ws.send_many((pair[0].decode(), pair[1].decode()))
-                        self._sent_down()
+                        self.tally.down += 1
                 elif kind == d.speech_started:
                     await self._barge_in()
                 elif kind == "response.created":
@@ -494,9 +491,6 @@ class TwilioSession:
             b'{"event":"mark","streamSid":%b,"mark":{"name":"%b"}}' % (sid_json, mark.encode()),
         )
 
-    def _sent_down(self) -> None:
-        self.tally.down += 1
-
     def _fast_from_upstream(self, messages: deque[str | bytes]) -> None:
         """The reactor's path for the assistant's audio (``WebSocket.fast_path``):
         deltas to Twilio as :meth:`_upstream_to_twilio` sends them, and the kinds
@@ -525,7 +519,7 @@ class TwilioSession:
                 continue
             if pair is not None:
                 ws.send_text_now(*pair)
-                self._sent_down()
+                self.tally.down += 1
 
     async def _barge_in(self) -> None:
         if self.closing or self.stream_sid is None:
