@@ -330,6 +330,28 @@ def tasks_gained(before: list[str], after: list[str]) -> str:
     return "tasks gained:\n" + "\n".join(gained)
 
 
+async def assert_nothing_left(d: Daemon, kind: str, fds: int, listed: list[str], what: str) -> None:
+    """Once the ``kind`` sessions are over, the daemon holds no more fds than ``fds``
+    and no more Trio tasks than its earlier listing ``listed``.
+
+    Tasks are counted from the daemon's SIGUSR1 listing, not /metrics: a scrape
+    counts its own HTTP connection, whose tasks vary by one with timing (the
+    "16 -> 17 tasks" these checks used to fail on now and then, with identical
+    listings before and after)."""
+    with trio.fail_after(10):  # sessions finish their closes asynchronously
+        while await scrape(d, f'relay_sessions_active{{kind="{kind}"}}') != 0:
+            await trio.sleep(0.05)
+    # Closing handshakes finish in the background (each bounded by CLOSE_TIMEOUT,
+    # 2 s a side); a real leak stays past 15 s just the same.
+    with trio.move_on_after(15):
+        while d.fd_count() > fds or len(await task_dump(d)) > len(listed):
+            await trio.sleep(0.1)
+    fds_after, after = d.fd_count(), await task_dump(d)
+    print(f"\nafter {what}: fds {fds} -> {fds_after}, trio tasks {len(listed)} -> {len(after)}")
+    assert fds_after <= fds
+    assert len(after) <= len(listed), tasks_gained(listed, after)
+
+
 async def test_300_sessions_leave_no_fd_or_task_behind() -> None:
     async with fake_realtime() as fake:
 
@@ -368,29 +390,10 @@ async def test_300_sessions_leave_no_fd_or_task_behind() -> None:
             ]
             await one("client_close")  # warm-up: lazily created pools and caches
             await trio.sleep(0.5)
-            # Tasks are counted from the daemon's SIGUSR1 listing, not /metrics: a
-            # scrape counts its own HTTP connection, whose tasks vary by one with
-            # timing (the "16 -> 17 tasks" these checks used to fail on now and then;
-            # the listings before and after were identical).
-            listed = await task_dump(d)
-            fds, tasks = d.fd_count(), len(listed)
+            fds, listed = d.fd_count(), await task_dump(d)
             for i in range(300):
                 await one(ways[i % len(ways)])
-            with trio.fail_after(10):  # sessions finish their closes asynchronously
-                while await scrape(d, 'relay_sessions_active{kind="client"}') != 0:
-                    await trio.sleep(0.05)
-            # Closing handshakes finish in the background (each bounded by CLOSE_TIMEOUT,
-            # 2 s a side); a real leak stays past 15 s just the same.
-            with trio.move_on_after(15):
-                while d.fd_count() > fds or len(await task_dump(d)) > tasks:
-                    await trio.sleep(0.1)
-            fds_after, after = d.fd_count(), await task_dump(d)
-            print(
-                f"\nafter 300 sessions: fds {fds} -> {fds_after}, "
-                f"trio tasks {tasks} -> {len(after)}"
-            )
-            assert fds_after <= fds
-            assert len(after) <= tasks, tasks_gained(listed, after)
+            await assert_nothing_left(d, "client", fds, listed, "300 sessions")
 
 
 async def test_oversize_then_other_type(echo_fake: FakeRealtime) -> None:
