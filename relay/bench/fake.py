@@ -158,22 +158,17 @@ class _Up:
         self.slot: int | None = None
         self.last_seen: dict[int, int] = {}  # caller number -> last caller sequence
         self.reader = wire.Reader()
-        self.polled = False
         self.closed = False
 
-    def stop(self) -> None:
-        """No more deltas."""
-        if self.slot is not None:
-            self.fake.slots[self.slot].remove(self)
-            self.slot = None
-
     def close(self) -> None:
+        """No more deltas, and the socket closed (the poller forgets it if it had it)."""
         if self.closed:
             return
         self.closed = True
-        self.stop()
-        if self.polled:
-            self.fake.poller.remove(self.conn)
+        if self.slot is not None:
+            self.fake.slots[self.slot].remove(self)
+            self.slot = None
+        self.fake.poller.remove(self.conn)
         self.conn.close()
 
     async def run(self) -> None:
@@ -184,7 +179,6 @@ class _Up:
                 # From here on nothing waits: the poller's handlers and ticks own it.
                 self.conn.send_nowait(created)
                 self.fake.poller.add(self.conn, self._input, self.close)
-                self.polled = True
                 self._input(rest)
                 return
             await self.conn.send(created)

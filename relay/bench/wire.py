@@ -298,7 +298,7 @@ class Poller:
         self._handlers[fd] = readable
 
     def remove(self, conn: Conn) -> None:
-        """Stop watching ``conn`` (before it is closed)."""
+        """Stop watching ``conn`` (before it is closed); nothing if it is not watched."""
         fd = conn.sock.fileno()
         if fd >= 0 and self._handlers.pop(fd, None) is not None:
             with contextlib.suppress(OSError):
