@@ -4,6 +4,7 @@ only that the bench runs end to end, prints its table and writes its JSON."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,13 +18,17 @@ from relay.bench.wire import OP_TEXT, Reader, frame
 
 def _bench(tmp_path: Path, *args: str) -> tuple[str, dict[str, object]]:
     out = tmp_path / "bench.json"
+    scratch = tmp_path / "tmp"  # the bench's TMPDIR: the relays' work directories
+    scratch.mkdir()
     proc = subprocess.run(
         [sys.executable, "-m", "relay", "bench", *args, "--json", str(out)],
         capture_output=True,
         text=True,
         timeout=120,
+        env={**os.environ, "TMPDIR": str(scratch)},
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert not [p.name for p in scratch.iterdir() if p.name.startswith("relay-bench-")]
     return proc.stdout, json.loads(out.read_text())
 
 

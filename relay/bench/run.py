@@ -14,6 +14,7 @@ import contextlib
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -99,14 +100,16 @@ class Served:
     workdir: Path | None = None
 
     def stop(self) -> None:
-        if self.popen is None or self.popen.poll() is not None:
-            return
-        self.popen.send_signal(signal.SIGTERM)
-        try:
-            self.popen.wait(10)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait()
+        if self.popen is not None and self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(10)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        # Its config, key and log: a failed start already reported the log's tail.
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 def _wait_listening(popen: subprocess.Popen[bytes], log: Path, timeout: float = 30) -> int:
@@ -157,6 +160,7 @@ def start_relay(name: str, fake_port: int, mode: str, cpu: int | None) -> Served
     except BaseException:
         popen.kill()
         popen.wait()
+        shutil.rmtree(workdir, ignore_errors=True)  # the error carries the log's tail
         raise
     return Served(name, "127.0.0.1", port, popen.pid, popen, workdir)
 
