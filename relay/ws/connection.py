@@ -275,7 +275,10 @@ class WebSocket:
         """:meth:`send_now` for text already encoded as UTF-8 (JSON the caller built
         itself): no decode and re-encode on the way to the frame."""
         mask = self._mask
-        self._push_now(b"".join(encode(TEXT, t, mask=mask) for t in texts))
+        if len(texts) == 1:  # the append upstream: no generator for one frame
+            self._push_now(encode(TEXT, texts[0], mask=mask))
+        else:
+            self._push_now(b"".join([encode(TEXT, t, mask=mask) for t in texts]))
 
     def _push_now(self, frame: bytes) -> None:
         """Hand ``frame`` to the transport without waiting; a broken socket is lost."""

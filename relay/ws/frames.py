@@ -181,7 +181,8 @@ class FrameParser:
                 continue
             self._data_frame(opcode, bool(b0 & 0x80), payload)
         if pos >= size:
-            self._buf = bytearray()
+            if data is self._buf:
+                self._buf = bytearray()
         elif pos or data is not self._buf:
             self._buf = bytearray(data[pos:])
         return controls
