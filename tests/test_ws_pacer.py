@@ -59,3 +59,25 @@ async def test_stopped_timerfd_does_not_tick_and_close_frees_its_fd() -> None:
     await pacer.tick()
     pacer.close()
     assert len(os.listdir("/proc/self/fd")) == fds
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="timerfd is Linux's")
+async def test_a_timer_that_cannot_be_set_falls_back_to_trio_sleep(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pacer = Pacer(INTERVAL)
+    read_end, write_end = os.pipe()
+    try:
+        # Fault injection: the pacer's fd replaced by one timerfd_settime refuses.
+        os.dup2(read_end, pacer._fd)
+        began = trio.current_time()  # ticks count from start()
+        pacer.start()
+        assert not pacer.uses_timerfd
+        assert "timerfd_settime failed" in caplog.text
+        await pacer.tick()
+        await pacer.tick()
+        assert trio.current_time() - began >= 2 * INTERVAL * 0.9
+    finally:
+        pacer.close()
+        os.close(read_end)
+        os.close(write_end)

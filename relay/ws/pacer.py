@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import os
 import time
 
 import trio
+
+log = logging.getLogger(__name__)
 
 _TFD_NONBLOCK = os.O_NONBLOCK
 _TFD_CLOEXEC = os.O_CLOEXEC  # timerfd's flags share the values of these open(2) flags
@@ -76,10 +79,9 @@ class Pacer:
         if self._armed:
             return
         self._armed = True
-        if self._fd < 0:
-            self._next = trio.current_time() + self.interval
-        else:
-            self._settime(self._on)
+        self._next = trio.current_time() + self.interval
+        if self._fd >= 0 and not self._settime(self._on):
+            self._give_up()
 
     def stop(self) -> None:
         """No more ticks until the next :meth:`start` (a tick already due is dropped)."""
@@ -87,8 +89,10 @@ class Pacer:
             return
         self._armed = False
         if self._fd >= 0:
-            self._settime(self._off)
-            self._clear()
+            if self._settime(self._off):
+                self._clear()
+            else:
+                self._give_up()
 
     async def tick(self) -> None:
         """Wait for the next tick (return at once, after a checkpoint, if one is
@@ -102,15 +106,24 @@ class Pacer:
 
     def close(self) -> None:
         if self._fd >= 0:
-            trio.lowlevel.notify_closing(self._fd)
-            os.close(self._fd)
-            self._fd = -1
+            fd, self._fd = self._fd, -1
+            trio.lowlevel.notify_closing(fd)
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
-    def _settime(self, spec: _Itimerspec) -> None:
+    def _settime(self, spec: _Itimerspec) -> bool:
         assert self._libc is not None
-        if self._libc.timerfd_settime(self._fd, 0, ctypes.byref(spec), None) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
+        done: int = self._libc.timerfd_settime(self._fd, 0, ctypes.byref(spec), None)
+        return done == 0
+
+    def _give_up(self) -> None:
+        """The timer cannot be set (never seen; a sandbox might refuse it): pace on
+        Trio's clock from now on rather than stop the reactor."""
+        log.warning(
+            "timerfd_settime failed (%s); pacing with trio.sleep_until",
+            os.strerror(ctypes.get_errno()),
+        )
+        self.close()
 
     def _clear(self) -> None:
         # The expiry count is of no interest: a late pass simply runs at once.
