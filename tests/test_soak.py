@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.bench.soak import slope_per_minute
+from relay.bench.soak import _relay_log, slope_per_minute
 
 
 def test_slope_per_minute_is_least_squares() -> None:
@@ -56,3 +56,12 @@ def test_short_soak_passes_with_barge_ins_and_no_loss(tmp_path: Path) -> None:
     assert len(report["samples"]) >= 4
     assert all(s["tasks"] is not None for s in report["samples"])
     assert report["passed"] is True and report["failures"] == []
+    # The log was judged, not missing (a missing log counts as an error).
+    log = report["relay_log"]
+    assert Path(log["path"]).is_file() and "listening on" in Path(log["path"]).read_text()
+
+
+def test_a_missing_relay_log_is_an_error_not_a_clean_log(tmp_path: Path) -> None:
+    assert _relay_log(tmp_path / "nope.log")["errors"] == 1
+    (tmp_path / "relay.log").write_text("t INFO relay: listening on http://127.0.0.1:1\n")
+    assert _relay_log(tmp_path / "relay.log")["errors"] == 0

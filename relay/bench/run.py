@@ -107,7 +107,9 @@ class Served:
             except subprocess.TimeoutExpired:
                 self.popen.kill()
                 self.popen.wait()
-        # Its config, key and log: a failed start already reported the log's tail.
+
+    def remove_workdir(self) -> None:
+        """Its config, key and log (a failed start already reported the log's tail)."""
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -311,6 +313,7 @@ class Bench:
             for child in loaders:
                 child.stop()
             served.stop()
+            served.remove_workdir()
 
     def _ladder(
         self, name: str, served: Served, loaders: list[Child], ladder: list[int], idle: int | None

@@ -157,7 +157,10 @@ def slope_per_minute(points: list[tuple[float, float]]) -> float | None:
 
 def _relay_log(path: Path) -> dict[str, Any]:
     """Errors and tracebacks the relay logged (text format: ``time LEVEL name: msg``)."""
-    text = path.read_text(errors="replace") if path.exists() else ""
+    if not path.exists():  # nothing to judge is a failure, not a clean log
+        return {"path": str(path), "errors": 1, "tracebacks": 0, "warnings": 0,
+                "samples": ["the relay's log is missing"]}  # fmt: skip
+    text = path.read_text(errors="replace")
     bad = [ln for ln in text.splitlines() if re.search(r" (ERROR|CRITICAL) ", ln)]
     warnings = [ln for ln in text.splitlines() if " WARNING " in ln]
     return {
