@@ -5,6 +5,7 @@ clients, 10 minutes) is on demand: `relay soak --json soak.json`."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +40,7 @@ def test_short_soak_passes_with_barge_ins_and_no_loss(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         timeout=90,
+        env={**os.environ, "TMPDIR": str(tmp_path)},  # where the soak keeps the relay's log
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "SOAK PASSED" in proc.stdout
