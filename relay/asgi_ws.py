@@ -147,9 +147,9 @@ class AsgiWebSocket:
         else:
             await self._send({"type": "websocket.send", "bytes": data})
 
-    async def send_many(self, messages: tuple[str, ...]) -> None:
-        for message in messages:
-            await self._send({"type": "websocket.send", "text": message})
+    async def send_texts(self, texts: tuple[bytes, ...]) -> None:
+        for text in texts:  # ASGI carries text as str
+            await self._send({"type": "websocket.send", "text": text.decode()})
 
     async def close(self, code: int, reason: str = "") -> None:
         """Close once; later calls, or a close after the client left, do nothing."""

@@ -57,7 +57,7 @@ async def test_fast_path_takes_what_it_can_and_the_reader_gets_the_rest_in_order
         assert got == []  # the parked reader was never handed those
         # Left to the reader: the first message the fast path declines, and what
         # arrived behind it in the same read (order is never broken).
-        await client.send_many(("slow3", "fast4"))
+        await client.send_texts((b"slow3", b"fast4"))
         with trio.fail_after(5):
             while len(got) < 2:
                 await trio.sleep(0.01)

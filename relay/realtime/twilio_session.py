@@ -439,7 +439,7 @@ class TwilioSession:
                     if pair is not None:
                         # Only this task writes to Twilio, so the media/mark pair cannot
                         # be split by another message; both go out in one write.
-                        await self.ws.send_many((pair[0].decode(), pair[1].decode()))
+                        await self.ws.send_texts(pair)
                         self.tally.down += 1
                 elif kind == d.speech_started:
                     await self._barge_in()

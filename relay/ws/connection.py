@@ -58,6 +58,13 @@ def _frame(message: str | bytes, mask: bool) -> bytes:
     return encode(BINARY, message, mask=mask)
 
 
+def _text_frames(texts: tuple[bytes, ...], mask: bool) -> bytes:
+    """Text messages already encoded as UTF-8, as the bytes of one write."""
+    if len(texts) == 1:  # the append upstream: no list for one frame
+        return encode(TEXT, texts[0], mask=mask)
+    return b"".join([encode(TEXT, t, mask=mask) for t in texts])
+
+
 def _frames(messages: tuple[str | bytes, ...], mask: bool) -> bytes:
     """Several messages as the bytes of one write."""
     if len(messages) == 1:
@@ -253,9 +260,10 @@ class WebSocket:
     async def send(self, data: str | bytes) -> None:
         await self._write(_frame(data, self._mask))
 
-    async def send_many(self, messages: tuple[str, ...]) -> None:
-        """Several text messages in one write (one syscall instead of several)."""
-        await self._write(_frames(messages, self._mask))
+    async def send_texts(self, texts: tuple[bytes, ...]) -> None:
+        """Text messages already encoded as UTF-8 (JSON the caller built itself), in
+        one write: one syscall, and no decode and re-encode on the way."""
+        await self._write(_text_frames(texts, self._mask))
 
     # Non-waiting sends, for fast paths: check can_send_now(), then send_now().
     def can_send_now(self) -> bool:
@@ -272,13 +280,8 @@ class WebSocket:
         self._push_now(_frames(messages, self._mask))
 
     def send_text_now(self, *texts: bytes) -> None:
-        """:meth:`send_now` for text already encoded as UTF-8 (JSON the caller built
-        itself): no decode and re-encode on the way to the frame."""
-        mask = self._mask
-        if len(texts) == 1:  # the append upstream: no generator for one frame
-            self._push_now(encode(TEXT, texts[0], mask=mask))
-        else:
-            self._push_now(b"".join([encode(TEXT, t, mask=mask) for t in texts]))
+        """:meth:`send_now` for text already encoded as UTF-8, as :meth:`send_texts`."""
+        self._push_now(_text_frames(texts, self._mask))
 
     def _push_now(self, frame: bytes) -> None:
         """Hand ``frame`` to the transport without waiting; a broken socket is lost."""
