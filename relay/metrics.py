@@ -123,11 +123,9 @@ class Metrics:
         for kind in KINDS:
             self.sessions_active.labels(kind=kind).set(0)
 
-    def tally(self, kind: str) -> Tally:
-        """A new session's message counts, read by every scrape until :meth:`retire`."""
-        tally = Tally(kind)
+    def track(self, tally: Tally) -> None:
+        """A live session's message counts, read by every scrape until :meth:`retire`."""
         self._messages.live.add(tally)
-        return tally
 
     def retire(self, tally: Tally) -> None:
         """The session is over: its counts join the ended sessions' totals."""

@@ -16,7 +16,7 @@ import trio
 
 from relay.config import Settings
 from relay.guards import OriginPolicy
-from relay.metrics import Metrics
+from relay.metrics import Metrics, Tally
 from relay.refusal_log import RefusalLog
 from relay.store.base import Store
 
@@ -50,16 +50,19 @@ class Runtime:
         return f"{kind[0]}{next(self._ids)}"
 
     @contextmanager
-    def session(self, kind: str) -> Iterator[None]:
-        """Count a live session for metrics, sd_notify STATUS and the drain."""
+    def session(self, kind: str, tally: Tally) -> Iterator[None]:
+        """Count a live session for metrics, sd_notify STATUS and the drain, and its
+        relayed messages (``tally``) in ``relay_messages_total``."""
         self.active[kind] += 1
         self.metrics.sessions_active.labels(kind=kind).inc()
+        self.metrics.track(tally)
         self._busy()
         try:
             yield
         finally:
             self.active[kind] -= 1
             self.metrics.sessions_active.labels(kind=kind).dec()
+            self.metrics.retire(tally)
             self._maybe_idle()
 
     # -- background jobs ------------------------------------------------------

@@ -27,7 +27,7 @@ from twilio.request_validator import RequestValidator
 
 from relay.config import decode_encryption_key
 from relay.logs import REDACTED, JsonFormatter, JsonLinesStream, Redactor, TextFormatter
-from relay.metrics import DIRECTIONS, KINDS, Metrics, ProcessMetrics
+from relay.metrics import DIRECTIONS, KINDS, Metrics, ProcessMetrics, Tally
 from relay.refusal_log import RefusalLog
 from relay.testing.daemon import (
     TEST_OPENAI_KEY,
@@ -71,7 +71,9 @@ def test_message_tallies_count_while_live_and_after_they_retire() -> None:
         labels = {"kind": kind, "direction": direction}
         return m.registry.get_sample_value("relay_messages_total", labels)
 
-    first, second = m.tally("client"), m.tally("twilio")
+    first, second = Tally("client"), Tally("twilio")
+    m.track(first)
+    m.track(second)
     first.up += 3
     first.down += 1
     second.up += 5
@@ -81,7 +83,8 @@ def test_message_tallies_count_while_live_and_after_they_retire() -> None:
     m.retire(first)  # twice is once: a count never doubles
     first.up += 100  # a retired tally no longer counts
     assert value("client", "upstream") == 3
-    later = m.tally("client")
+    later = Tally("client")
+    m.track(later)
     later.up += 2
     assert value("client", "upstream") == 5
     m.retire(later)
@@ -188,6 +191,14 @@ async def test_metrics_names_labels_allow_list_and_live_sessions() -> None:
 
             text = await wait_for_sample(http, 'relay_sessions_active{kind="twilio"} 0.0')
             got = families(text)
+
+    # Ended sessions' messages stay counted: the client session's one each way.
+    relayed = {
+        (s.labels["kind"], s.labels["direction"]): s.value
+        for s in got["relay_messages"].samples
+        if s.name == "relay_messages_total"
+    }
+    assert relayed["client", "upstream"] == 1 and relayed["client", "downstream"] == 1
 
     expected_labels = {
         "relay_sessions_active": {"kind"},

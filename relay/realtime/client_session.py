@@ -14,6 +14,7 @@ from collections import deque
 import orjson
 import trio
 
+from relay.metrics import Tally
 from relay.realtime.closing import Ending, client_code_for_upstream, clip_reason, close_upstream
 from relay.realtime.dialect import dialect_for, voice_update
 from relay.realtime.upstream import UpstreamError, open_upstream
@@ -46,7 +47,7 @@ class ClientSession:
         self.id = rt.new_session_id("client")
         self.limit = rt.settings.limits.max_message_bytes
         self.ending: Ending | None = None
-        self.tally = rt.metrics.tally("client")  # messages relayed, for logs and metrics
+        self.tally = Tally("client")  # messages relayed, for logs and metrics
         self._up: WebSocket | None = None
 
     def _end(self, ending: Ending, scope: trio.CancelScope) -> None:
@@ -55,12 +56,6 @@ class ClientSession:
         scope.cancel()
 
     async def run(self) -> None:
-        try:
-            await self._run()
-        finally:
-            self.rt.metrics.retire(self.tally)
-
-    async def _run(self) -> None:
         s = self.rt.settings
         async with trio.open_nursery() as conn:  # owns the upstream socket's reader task
             started = trio.current_time()
@@ -94,7 +89,7 @@ class ClientSession:
                 await close_upstream(up, 1000)
                 await self.ws.reject(502, "upstream closed during setup")
                 return
-            with self.rt.session("client"):
+            with self.rt.session("client", self.tally):
                 log.info(
                     "session start",
                     extra={

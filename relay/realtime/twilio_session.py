@@ -32,6 +32,7 @@ from typing import Any
 import orjson
 import trio
 
+from relay.metrics import Tally
 from relay.realtime import dialect as rt_dialect
 from relay.realtime.closing import Ending, close_upstream
 from relay.realtime.playback import Playback
@@ -140,7 +141,7 @@ class TwilioSession:
         self.bargeins = 0
         self._up: WebSocket | None = None
         self._scope: trio.CancelScope | None = None
-        self.tally = rt.metrics.tally("twilio")  # messages relayed, for logs and metrics
+        self.tally = Tally("twilio")  # messages relayed, for logs and metrics
         d = self.dialect
         # Upstream events the upstream pump acts on; every other kind but audio is
         # ignored (a tuple: compared with ==, so an unhashable kind cannot raise).
@@ -148,16 +149,10 @@ class TwilioSession:
 
     # -- lifecycle ------------------------------------------------------------
     async def run(self) -> None:
-        try:
-            await self._run()
-        finally:
-            self.rt.metrics.retire(self.tally)
-
-    async def _run(self) -> None:
         s = self.rt.settings
         started = trio.current_time()
         await self.ws.accept()
-        with self.rt.session("twilio"):
+        with self.rt.session("twilio", self.tally):
             async with trio.open_nursery() as conn:  # owns the upstream reader task
                 try:
                     self._up = await open_upstream(
