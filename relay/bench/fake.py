@@ -57,8 +57,10 @@ def read_stamp(head: bytes) -> tuple[int, int]:
 
 async def ticks() -> AsyncIterator[tuple[int, int, int]]:
     """``(tick, due, now)`` every ``TICK_NS`` on the monotonic clock (ns), for the
-    generators' slot schedules. A tick that is already late still passes through
-    the scheduler, so a generator behind schedule never starves its readers."""
+    soak's Trio-based generators (``soak_fake``, ``soak_load``; the bench's run
+    on ``relay.bench.wire.Poller`` and keep their own schedule). A tick that is
+    already late still passes through the scheduler, so a generator behind
+    schedule never starves its readers."""
     start = time.monotonic_ns()
     tick = 0
     while True:
