@@ -3,6 +3,7 @@ the fake Realtime server and the simulated Twilio caller, all on 127.0.0.1."""
 
 from __future__ import annotations
 
+import base64
 import random
 import signal
 import statistics
@@ -19,7 +20,7 @@ from twilio.request_validator import RequestValidator
 from relay.config import DEFAULT_PROMPTS
 from relay.testing.daemon import TEST_TWILIO_TOKEN, Daemon, daemon_env, running_daemon
 from relay.testing.fake_realtime import FakeConnection, FakeRealtime, chunk_audio, fake_realtime
-from relay.testing.twilio_caller import TwilioCall, twilio_call
+from relay.testing.twilio_caller import TwilioCall, pattern_frame, twilio_call
 
 PUBLIC = "https://relay.example.com"
 STREAM_URL = "wss://relay.example.com/twilio/media"
@@ -41,7 +42,7 @@ def config(fake: FakeRealtime, **limits: Any) -> dict[str, dict[str, Any]]:
 async def call(d: Daemon, **params: Any) -> AsyncIterator[TwilioCall]:
     kw = {
         k: params.pop(k)
-        for k in ("send_audio", "frame_source", "sign", "stream_sid")
+        for k in ("send_audio", "frame_source", "sign", "stream_sid", "echo_marks")
         if k in params
     }
     async with twilio_call(
@@ -203,6 +204,49 @@ async def test_no_truncate_when_nothing_is_unplayed(fake: FakeRealtime) -> None:
             await trio.sleep(0.3)
         assert c.clears == []
         assert [e for e in conn.events if e["type"] == "conversation.item.truncate"] == []
+
+
+async def test_a_mark_read_with_waiting_media_still_confirms_the_audio(
+    fake: FakeRealtime,
+) -> None:
+    """Caller frames and a mark that reach the relay in one read: the frames go up
+    joined into one append, and the mark that ended the join still confirms the
+    assistant's audio as played (else the barge-in below would truncate it)."""
+    fake.response_chunks = 3
+    async with running_daemon(config(fake)) as d:
+        async with call(d, send_audio=False, echo_marks=False) as c:
+            await c.start()
+            conn = await fake.wait_connection()
+            await until(lambda: len(c.pending_marks()) == 3)
+            await trio.sleep(0.1)  # the 60 ms of audio have played; the relay is idle
+            frames = [pattern_frame(i) for i in range(3)]
+            media = [
+                {
+                    "event": "media",
+                    "streamSid": c.stream_sid,
+                    "media": {
+                        "track": "inbound",
+                        "chunk": str(i + 1),
+                        "timestamp": str(20 * i),
+                        "payload": base64.b64encode(f).decode(),
+                    },
+                }
+                for i, f in enumerate(frames)
+            ]
+            last = {
+                "event": "mark",
+                "streamSid": c.stream_sid,
+                "mark": {"name": c.pending_marks()[-1]},
+            }
+            await c.send_together([*media, last])
+            await until(lambda: conn.input_audio.endswith(b"".join(frames)))
+            appends = [e for e in conn.events if e["type"] == "input_audio_buffer.append"]
+            assert base64.b64decode(appends[-1]["audio"]) == b"".join(frames)  # joined
+            await conn.emit_speech_started(100)
+            await trio.sleep(0.3)
+        assert c.clears == []
+        assert [e for e in conn.events if e["type"] == "conversation.item.truncate"] == []
+        assert conn.errors == []
 
 
 async def test_200_randomized_barge_ins_never_overshoot() -> None:

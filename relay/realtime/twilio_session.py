@@ -315,11 +315,7 @@ class TwilioSession:
             kind = event["event"]
             if kind == "mark":
                 messages.popleft()
-                # Not contextlib.suppress: a context manager per mark costs more.
-                try:  # noqa: SIM105
-                    self._on_mark(event)
-                except (KeyError, TypeError, AttributeError):
-                    pass
+                self._mark_quietly(event)
                 continue
             if kind != "media":
                 return
@@ -334,12 +330,28 @@ class TwilioSession:
                 return
             messages.popleft()
             frames = [payload]
+            stop = None
             if messages:  # usually not: one frame per read, and no closure made for it
                 stop = self._join_waiting(frames, lambda: messages.popleft() if messages else None)
-                if stop is not None:
-                    messages.appendleft(stop[1])  # the pump's, in order
             up.send_text_now(_append_message(frames))
             self.tally.up += len(frames)
+            if stop is not None:
+                # The event that ended the join, already parsed: a mark (the usual
+                # one) is handled here, as the loop would, without parsing it again;
+                # anything else goes back, in order, for the loop or the pump.
+                if stop[0]["event"] == "mark" and self.ending is None:
+                    self._mark_quietly(stop[0])
+                else:
+                    messages.appendleft(stop[1])
+
+    def _mark_quietly(self, event: dict[str, Any]) -> None:
+        """:meth:`_on_mark` for the fast path, which ignores a malformed mark as the
+        pump does."""
+        # Not contextlib.suppress: a context manager per mark costs more.
+        try:  # noqa: SIM105
+            self._on_mark(event)
+        except (KeyError, TypeError, AttributeError):
+            pass
 
     @staticmethod
     def _join_waiting(

@@ -40,6 +40,21 @@ USER_AGENT = "Twilio.TmeWs/1.0"
 Json = dict[str, Any]
 
 
+def _masked_text_frame(payload: bytes) -> bytes:
+    """One final text frame as a client sends it (RFC 6455 §5.2-5.3), written
+    here rather than borrowed from ``relay.ws`` so the relay's codec is not its
+    own witness."""
+    n = len(payload)
+    if n < 126:
+        head = bytes((0x81, 0x80 | n))
+    elif n < 65536:
+        head = bytes((0x81, 0x80 | 126)) + n.to_bytes(2, "big")
+    else:
+        head = bytes((0x81, 0x80 | 127)) + n.to_bytes(8, "big")
+    key = secrets.token_bytes(4)
+    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+
 def pattern_frame(index: int) -> bytes:
     """Caller frame ``index`` (from 0) of the default audio: 160 bytes, unlike its neighbours."""
     return bytes((index * 7 + k) & 0xFF for k in range(FRAME_BYTES))
@@ -218,6 +233,29 @@ class TwilioCall:
     async def send_raw(self, message: str | bytes) -> None:
         """Send anything as is (unknown events, malformed JSON)."""
         await self._ws.send_message(message)
+
+    async def send_together(self, messages: Iterable[Json]) -> None:
+        """Send Twilio messages (numbered as usual) as masked text frames in one
+        write, so that they reach the relay in one TCP segment and one ``recv``,
+        as they do when a Twilio edge catches up after a delay. Caller audio in
+        them counts as sent."""
+        async with self._send_lock:
+            wire = bytearray()
+            audio = bytearray()
+            for message in messages:
+                self._sequence += 1
+                message = {**message, "sequenceNumber": str(self._sequence)}
+                if message.get("event") == "media":
+                    audio += base64.b64decode(message["media"]["payload"])
+                wire += _masked_text_frame(orjson.dumps(message))
+            stream = self._stream
+            if stream is None:
+                raise RuntimeError("send_together() needs the call's stream")
+            # trio-websocket writes its own frames (pongs, close) under this lock;
+            # holding it keeps ours whole and the stream's send_all unshared.
+            async with self._ws._stream_lock:
+                await stream.send_all(bytes(wire))
+            self.sent_audio += audio
 
     async def close(self, code: int = 1000, reason: str | None = None) -> None:
         self._audio_scope.cancel()
@@ -405,6 +443,7 @@ async def twilio_call(
     user_agent: str = USER_AGENT,
     connect_timeout: float = 10.0,
     max_message_size: int = 16 * 2**20,
+    echo_marks: bool = True,
 ) -> AsyncIterator[TwilioCall]:
     """Connect to the relay at ``url`` as Twilio would; yield the call.
 
@@ -414,7 +453,9 @@ async def twilio_call(
     :class:`trio_websocket.ConnectionRejected` (``.status_code``), with the
     socket closed. Nothing is sent until :meth:`TwilioCall.start`; after it,
     with ``send_audio``, ``frame_source`` (default :func:`pattern_frames`) is
-    streamed one frame per 20 ms until exhausted, ``stop`` or close. On exit
+    streamed one frame per 20 ms until exhausted, ``stop`` or close. Marks are
+    echoed when their audio has played, unless ``echo_marks`` is false (then
+    they wait in :meth:`TwilioCall.pending_marks` for the test). On exit
     the socket is closed (1000) if still open and every task has ended.
     """
     public = url if public_url is None else public_url
@@ -445,7 +486,8 @@ async def twilio_call(
                 stream=stream,
             )
             nursery.start_soon(call._receive)
-            nursery.start_soon(call._echo_marks)
+            if echo_marks:
+                nursery.start_soon(call._echo_marks)
             try:
                 yield call
             finally:
