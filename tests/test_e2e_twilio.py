@@ -220,25 +220,8 @@ async def test_a_mark_read_with_waiting_media_still_confirms_the_audio(
             await until(lambda: len(c.pending_marks()) == 3)
             await trio.sleep(0.1)  # the 60 ms of audio have played; the relay is idle
             frames = [pattern_frame(i) for i in range(3)]
-            media = [
-                {
-                    "event": "media",
-                    "streamSid": c.stream_sid,
-                    "media": {
-                        "track": "inbound",
-                        "chunk": str(i + 1),
-                        "timestamp": str(20 * i),
-                        "payload": base64.b64encode(f).decode(),
-                    },
-                }
-                for i, f in enumerate(frames)
-            ]
-            last = {
-                "event": "mark",
-                "streamSid": c.stream_sid,
-                "mark": {"name": c.pending_marks()[-1]},
-            }
-            await c.send_together([*media, last])
+            last = c.mark_message(c.pending_marks()[-1])
+            await c.send_together([*(c.media_message(f) for f in frames), last])
             await until(lambda: conn.input_audio.endswith(b"".join(frames)))
             appends = [e for e in conn.events if e["type"] == "input_audio_buffer.append"]
             assert base64.b64decode(appends[-1]["audio"]) == b"".join(frames)  # joined

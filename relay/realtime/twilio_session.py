@@ -307,15 +307,21 @@ class TwilioSession:
         take a frame now, is left (in order) to that task."""
         up = self._up
         assert up is not None
+        held: dict[str, Any] | None = None  # messages[0] parsed already, by a join
         while messages and self.ending is None:
-            event = _parse(messages[0])
+            event = held if held is not None else _parse(messages[0])
+            held = None
             if event is None:
                 messages.popleft()
                 continue
             kind = event["event"]
             if kind == "mark":
                 messages.popleft()
-                self._mark_quietly(event)
+                # Not contextlib.suppress: a context manager per mark costs more.
+                try:  # noqa: SIM105
+                    self._on_mark(event)
+                except (KeyError, TypeError, AttributeError):
+                    pass
                 continue
             if kind != "media":
                 return
@@ -330,28 +336,15 @@ class TwilioSession:
                 return
             messages.popleft()
             frames = [payload]
-            stop = None
             if messages:  # usually not: one frame per read, and no closure made for it
                 stop = self._join_waiting(frames, lambda: messages.popleft() if messages else None)
+                if stop is not None:
+                    # The event that ended the join goes back, in order, for this
+                    # loop or the pump; the loop takes it without parsing it again.
+                    held, raw = stop
+                    messages.appendleft(raw)
             up.send_text_now(_append_message(frames))
             self.tally.up += len(frames)
-            if stop is not None:
-                # The event that ended the join, already parsed: a mark (the usual
-                # one) is handled here, as the loop would, without parsing it again;
-                # anything else goes back, in order, for the loop or the pump.
-                if stop[0]["event"] == "mark" and self.ending is None:
-                    self._mark_quietly(stop[0])
-                else:
-                    messages.appendleft(stop[1])
-
-    def _mark_quietly(self, event: dict[str, Any]) -> None:
-        """:meth:`_on_mark` for the fast path, which ignores a malformed mark as the
-        pump does."""
-        # Not contextlib.suppress: a context manager per mark costs more.
-        try:  # noqa: SIM105
-            self._on_mark(event)
-        except (KeyError, TypeError, AttributeError):
-            pass
 
     @staticmethod
     def _join_waiting(

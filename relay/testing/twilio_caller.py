@@ -32,27 +32,14 @@ import trio
 import trio_websocket
 from twilio.request_validator import RequestValidator
 
+from relay.testing.fuzz import ws_frame
+
 BYTES_PER_SECOND = 8000  # μ-law 8 kHz
 FRAME_BYTES = 160  # 20 ms
 FRAME_SECONDS = 0.02
 USER_AGENT = "Twilio.TmeWs/1.0"
 
 Json = dict[str, Any]
-
-
-def _masked_text_frame(payload: bytes) -> bytes:
-    """One final text frame as a client sends it (RFC 6455 §5.2-5.3), written
-    here rather than borrowed from ``relay.ws`` so the relay's codec is not its
-    own witness."""
-    n = len(payload)
-    if n < 126:
-        head = bytes((0x81, 0x80 | n))
-    elif n < 65536:
-        head = bytes((0x81, 0x80 | 126)) + n.to_bytes(2, "big")
-    else:
-        head = bytes((0x81, 0x80 | 127)) + n.to_bytes(8, "big")
-    key = secrets.token_bytes(4)
-    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
 
 
 def pattern_frame(index: int) -> bytes:
@@ -205,8 +192,9 @@ class TwilioCall:
             self._nursery.start_soon(self._stream_frames, self._frames)
             self._frames = None  # one stream per call, however often start() is called
 
-    async def send_media(self, payload: bytes) -> None:
-        """Send caller audio (raw μ-law) as one ``media``."""
+    def media_message(self, payload: bytes) -> Json:
+        """The next ``media`` carrying caller audio (raw μ-law), as Twilio numbers
+        its chunks and stamps them; for :meth:`send_media` or :meth:`send_together`."""
         self._chunk += 1
         t0 = trio.current_time() if self._t0 is None else self._t0
         media = {
@@ -215,7 +203,15 @@ class TwilioCall:
             "timestamp": str(int((trio.current_time() - t0) * 1000)),
             "payload": base64.b64encode(payload).decode(),
         }
-        await self._send({"event": "media", "streamSid": self.stream_sid, "media": media})
+        return {"event": "media", "streamSid": self.stream_sid, "media": media}
+
+    def mark_message(self, name: str) -> Json:
+        """The ``mark`` echo Twilio sends once mark ``name``'s audio has played."""
+        return {"event": "mark", "streamSid": self.stream_sid, "mark": {"name": name}}
+
+    async def send_media(self, payload: bytes) -> None:
+        """Send caller audio (raw μ-law) as one ``media``."""
+        await self._send(self.media_message(payload))
         # Recorded once sent: stop() cancels this task, possibly at the send's first
         # checkpoint, and a frame that never left must not count as sent audio.
         self.sent_audio += payload
@@ -247,7 +243,7 @@ class TwilioCall:
                 message = {**message, "sequenceNumber": str(self._sequence)}
                 if message.get("event") == "media":
                     audio += base64.b64decode(message["media"]["payload"])
-                wire += _masked_text_frame(orjson.dumps(message))
+                wire += ws_frame(0x1, orjson.dumps(message))  # text, not relay.ws's codec
             stream = self._stream
             if stream is None:
                 raise RuntimeError("send_together() needs the call's stream")
@@ -375,7 +371,7 @@ class TwilioCall:
 
     async def _echo(self, name: str) -> None:
         self.echoed_marks.append((trio.current_time(), name))
-        await self._send({"event": "mark", "streamSid": self.stream_sid, "mark": {"name": name}})
+        await self._send(self.mark_message(name))
 
     def _notify(self) -> None:
         self._changed.set()
