@@ -61,6 +61,35 @@ async def test_caller_audio_that_is_not_base64_is_not_sent_upstream() -> None:
         assert conn.errors == []
 
 
+async def test_oversize_right_behind_media_still_closes_1009() -> None:
+    """SPEC: a message over max_message_bytes closes the stream with 1009. When it
+    arrived right behind a media frame, the pump found it while joining waiting
+    frames, took it for Twilio hanging up and dropped the socket with no close
+    frame (Twilio saw 1006): found by tests/test_fuzz_twilio.py in a new user's
+    run, then 57 times in 60 with this sequence. Fixed in _twilio_to_upstream."""
+    async with fake_realtime() as fake, running_daemon(config(fake)) as d:
+        for i in range(3):  # the two frames land in one read or in two: both close 1009
+            async with twilio_call(
+                f"{d.ws_url}/twilio/media",
+                public_url=STREAM_URL,
+                auth_token=TEST_TWILIO_TOKEN,
+                send_audio=False,
+            ) as c:
+                await c.start()
+                conn = await fake.wait_connection(i)
+                await conn.wait_for("response.create")
+                await c.send_media(b"\x02" * 160)
+                await c.send_raw("x" * (LIMIT + 1))
+                with trio.fail_after(10):
+                    await c.closed.wait()
+                assert c.close_code == 1009, (c.close_code, d.log_text()[-1000:])
+                with trio.fail_after(10):
+                    await conn.closed.wait()
+                assert conn.close_code == 1000
+        await _alive(d)
+        assert d.log_text().count("outcome=twilio_closed close_code=1009") == 3
+
+
 async def test_assistant_audio_that_is_not_base64_is_not_sent_to_twilio() -> None:
     """A delta that is not base64 reaches Twilio as a media whose payload is not
     base64 (Twilio error 31924). Fixed in TwilioSession._on_delta."""

@@ -262,16 +262,18 @@ class TwilioSession:
                     # never waits for more): under load one append then carries
                     # several frames, and the upstream send is the costly part.
                     frames = [payload]
+                    left: Disconnected | None = None
                     try:
                         stop = self._join_waiting(frames, self.ws.receive_nowait)
-                        left = False
-                    except Disconnected:  # Twilio is gone: send what came before it
-                        stop, left = None, True
+                    except Disconnected as over:  # Twilio is gone: send what came before it
+                        stop, left = None, over
                     held = stop[0] if stop is not None else None
                     await up.send(_append_message(frames).decode())
                     self.tally.up += len(frames)
-                    if left:
-                        self._end(Ending("twilio_closed", None))
+                    if left is not None:
+                        # As when receive() raises it: a protocol error behind the
+                        # frames (an oversize message) still owes Twilio its close code.
+                        self._end(_twilio_gone(left))
                         return
                 elif kind == "mark":
                     self._on_mark(event)
