@@ -21,7 +21,13 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal, cast
 
-SECRET_NAMES = ("OPENAI_API_KEY", "ENCRYPTION_KEY", "TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN")
+SECRET_NAMES = (
+    "OPENAI_API_KEY",
+    "ENCRYPTION_KEY",
+    "TWILIO_ACCOUNT_SID",
+    "TWILIO_AUTH_TOKEN",
+    "REDIS_URL",
+)
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -85,6 +91,8 @@ class AuthSettings:
     allow_localhost: bool = True
     token_max_ttl_seconds: int = 300
     clock_skew_seconds: int = 30
+    # Concurrent sessions one client token (its nonce) may hold; 0 = no cap.
+    sessions_per_token: int = 1
 
 
 @dataclass(frozen=True)
@@ -123,6 +131,10 @@ class TwilioSettings:
         "Hi all! This group was started by a member of the chat. Reply here to talk to "
         "everyone; mention @ai to ask the assistant."
     )
+    # Numbers one @call or @group may name; the rest are refused in the reply.
+    max_call_targets: int = 5
+    # True: a media stream without a stream token (plain /twilio/media) is refused.
+    require_stream_token: bool = False
 
 
 @dataclass(frozen=True)
@@ -146,6 +158,14 @@ class LimitSettings:
     max_message_bytes: int = 4 * 1024 * 1024
     # A peer that takes no bytes, or answers no ping, for this long is dead.
     stall_seconds: float = 10.0
+    # Concurrent client sessions per client IP (429 before accept).
+    sessions_per_ip: int = 20
+    # Concurrent sessions, client and Twilio, per process (503 before accept).
+    max_sessions: int = 2000
+    # Concurrent TCP connections per process; beyond it a new one gets 503 and is closed.
+    max_connections: int = 10000
+    # IPv6 clients are counted per /ipv6_prefix in per-IP buckets and caps.
+    ipv6_prefix: int = 64
 
 
 @dataclass(frozen=True)
@@ -162,6 +182,7 @@ class Secrets:
     encryption_key: bytes | None = field(default=None, repr=False)
     twilio_account_sid: str | None = field(default=None, repr=False)
     twilio_auth_token: str | None = field(default=None, repr=False)
+    redis_url: str | None = field(default=None, repr=False)
 
     @property
     def twilio_ready(self) -> bool:
@@ -173,6 +194,7 @@ class Secrets:
             "ENCRYPTION_KEY": self.encryption_key is not None,
             "TWILIO_ACCOUNT_SID": self.twilio_account_sid is not None,
             "TWILIO_AUTH_TOKEN": self.twilio_auth_token is not None,
+            "REDIS_URL": self.redis_url is not None,
         }
 
 
@@ -322,12 +344,22 @@ def _validate(s: Settings) -> None:
         "limits.dedupe_seconds": s.limits.dedupe_seconds,
         "limits.max_message_bytes": s.limits.max_message_bytes,
         "limits.stall_seconds": s.limits.stall_seconds,
+        "limits.sessions_per_ip": s.limits.sessions_per_ip,
+        "limits.max_sessions": s.limits.max_sessions,
+        "limits.max_connections": s.limits.max_connections,
+        "twilio.max_call_targets": s.twilio.max_call_targets,
     }
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}: must be greater than 0, got {value!r}")
     if s.auth.clock_skew_seconds < 0:
         raise ConfigError("auth.clock_skew_seconds: must not be negative")
+    if s.auth.sessions_per_token < 0:
+        raise ConfigError("auth.sessions_per_token: must not be negative (0 = no cap)")
+    if not 1 <= s.limits.ipv6_prefix <= 128:
+        raise ConfigError(
+            f"limits.ipv6_prefix: must be from 1 to 128, got {s.limits.ipv6_prefix!r}"
+        )
     if s.limits.goodbye_seconds < 0 or s.limits.goodbye_seconds >= s.limits.session_seconds:
         raise ConfigError("limits.goodbye_seconds: must be at least 0 and below session_seconds")
 
@@ -380,6 +412,7 @@ def load_secrets(env: Mapping[str, str] | None = None) -> Secrets:
         encryption_key=decode_encryption_key(raw_key) if raw_key is not None else None,
         twilio_account_sid=read_secret("TWILIO_ACCOUNT_SID", env),
         twilio_auth_token=read_secret("TWILIO_AUTH_TOKEN", env),
+        redis_url=read_secret("REDIS_URL", env),
     )
 
 
