@@ -149,12 +149,14 @@ def escape(text: str) -> str:
 
 
 def _field(value: object) -> str:
-    """An extra's value as ``key=value`` wants it: escaped, and quoted (logfmt-style)
-    when it holds a space, ``=`` or ``"``, so a value cannot pose as another field."""
-    text = escape(str(value))
-    if text and not any(c in text for c in ' ="'):
+    r"""An extra's value as ``key=value`` wants it. Plain when it is printable and
+    holds no space, ``=``, ``"`` or backslash; else quoted logfmt-style (``\\`` and
+    ``\"`` inside, control characters escaped), so a value can neither break the
+    line nor pose as another field, and every escape reads one way."""
+    text = str(value)
+    if text and text.isprintable() and not any(c in text for c in ' ="\\'):
         return text
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return '"' + escape(text.replace("\\", "\\\\").replace('"', '\\"')) + '"'
 
 
 def _block(text: str) -> str:
