@@ -14,7 +14,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="relay",
         description="Relay browsers, Twilio phone calls and SMS chats to OpenAI Realtime.",
         epilog="Secrets come from the environment or $CREDENTIALS_DIRECTORY: "
-        "OPENAI_API_KEY, ENCRYPTION_KEY, TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN.",
+        "OPENAI_API_KEY, ENCRYPTION_KEY, TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, REDIS_URL.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = sub.add_parser("serve", help="run the daemon in the foreground until SIGTERM/SIGINT")
@@ -53,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return soak_main(argv[1:])
     args = _parser().parse_args(argv)
     # Imports are deferred so `relay keygen` and `--help` stay instant.
-    from relay.config import ConfigError, describe, load_settings
+    from relay.config import ConfigError, describe, load_settings, url_password
 
     try:
         if args.command == "keygen":
@@ -66,6 +66,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings(args.config)
         if args.command == "check-config":
             print(describe(settings))
+            from relay.risky import risky_settings
+
+            for line in risky_settings(settings):
+                print(f"relay: warning: {line}", file=sys.stderr)
             settings.require_serving_secrets()
             print("config ok", file=sys.stderr)
             return EXIT_OK
@@ -85,6 +89,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         secrets.twilio_auth_token,
                         secrets.twilio_account_sid,
                         secrets.encryption_key,
+                        # A Redis URL's password, wherever the URL came from.
+                        url_password(secrets.redis_url),
+                        url_password(settings.store.redis_url),
                     )
                     if v
                 ],

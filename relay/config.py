@@ -14,12 +14,14 @@ import base64
 import binascii
 import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal, cast
+from urllib.parse import parse_qs, urlsplit
 
 SECRET_NAMES = (
     "OPENAI_API_KEY",
@@ -447,13 +449,23 @@ def load_settings(path: str | Path | None, env: Mapping[str, str] | None = None)
 
 
 def describe(settings: Settings) -> str:
-    """The effective config as TOML-ish text, each secret shown only as set/unset."""
+    """The effective config as TOML-ish text, each secret shown only as set/unset.
+
+    ``store.redis_url`` is the URL the store will use (the REDIS_URL secret wins
+    over the file's) with any password masked (docs/contract.md §10 "Secrets").
+    """
     lines: list[str] = []
     for name in SECTIONS:
         section = getattr(settings, name)
         lines.append(f"[{name}]")
         for f in fields(section):
-            lines.append(f"{f.name} = {_toml_value(getattr(section, f.name))}")
+            value = getattr(section, f.name)
+            if name == "store" and f.name == "redis_url":
+                secret = settings.secrets.redis_url
+                note = "  # from REDIS_URL, which wins over the config file" if secret else ""
+                lines.append(f"redis_url = {_toml_value(mask_password(secret or value))}{note}")
+                continue
+            lines.append(f"{f.name} = {_toml_value(value)}")
         lines.append("")
     lines.append("# secrets (environment or $CREDENTIALS_DIRECTORY)")
     for secret, present in settings.secrets.status().items():
@@ -470,3 +482,44 @@ def _toml_value(value: object) -> str:
         return "[" + ", ".join(_toml_value(v) for v in cast(tuple[object, ...], value)) + "]"
     text = str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
     return f'"{text}"'
+
+
+_QUERY_PASSWORD = re.compile(r"(^|&)(password=)[^&]*")
+
+
+def mask_password(url: str) -> str:
+    """``url`` with the password of its userinfo (and a ``password=`` query value)
+    shown as ``***``: ``redis://:s3cret@host:6379/0`` → ``redis://:***@host:6379/0``.
+
+    Userinfo without a colon is masked whole: some write a bare password there.
+    A URL too broken to take apart is not shown at all.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(not shown: not a URL)"
+    masked = url
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    if at:
+        user, colon, _ = userinfo.partition(":")
+        netloc = f"{user}:***@{hostport}" if colon else f"***@{hostport}"
+        masked = masked.replace("//" + parts.netloc, "//" + netloc, 1)
+    if parts.query:
+        query = _QUERY_PASSWORD.sub(r"\1\2***", parts.query)
+        masked = masked.replace("?" + parts.query, "?" + query, 1)
+    return masked
+
+
+def url_password(url: str | None) -> str | None:
+    """The password a Redis URL carries, for the log redactor; None if none."""
+    if not url:
+        return None
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return None
+    userinfo, at, _ = parts.netloc.rpartition("@")
+    if at:
+        user, colon, password = userinfo.partition(":")
+        return (password if colon else user) or None
+    return next(iter(parse_qs(parts.query).get("password", [])), None)

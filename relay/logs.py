@@ -9,6 +9,21 @@ descriptor 2 from C code, e.g. a faulthandler dump, cannot be caught here.)
 Secrets are scrubbed from every finished line as a last line of defence; the
 code never logs them in the first place (no access log: a token can sit in a
 URL path).
+
+In text format no value can break a line (docs/contract.md §10): many logged
+values come from clients (a Twilio ``streamSid`` or custom parameter, a
+forwarded address), so :class:`TextFormatter` escapes every control character
+(a line break as ``\\n``, others as ``\\xNN``/``\\uNNNN``) in the message, the logger
+name and every extra field, in one place rather than at each call site. A
+record is one line that starts with its timestamp; a traceback follows it as
+continuation lines that each start with two spaces (what log shippers join to
+the record before them, e.g. a multiline pattern of ``^[[:space:]]``). The
+exception message inside a traceback is a client's value too: there, too,
+every control character but the line break is escaped, and whatever follows a
+line break is indented like the rest of the block, so it cannot pass for a
+record of its own. JSON needs no such care (JSON strings escape control
+characters); it only also escapes NEL, U+2028 and U+2029, which some readers
+take for line breaks.
 """
 
 from __future__ import annotations
@@ -67,6 +82,15 @@ def _extras(record: logging.LogRecord) -> dict[str, Any]:
     return {k: v for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")}
 
 
+# Valid JSON may hold NEL, U+2028 and U+2029 raw, but some line readers (JavaScript's,
+# Python's str.splitlines) break lines there: write them as JSON escapes.
+_JSON_SEPARATORS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def _json_line(obj: dict[str, Any]) -> str:
+    return orjson.dumps(obj, default=str).decode().translate(_JSON_SEPARATORS)
+
+
 def _timestamp(created: float) -> str:
     millis = int(created % 1 * 1000)
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{millis:03d}Z"
@@ -92,22 +116,82 @@ class JsonFormatter(logging.Formatter):
         if record.stack_info:
             out["stack"] = self.formatStack(record.stack_info)
         # default=str: an extra that is not JSON (an exception, a path) still logs.
-        return self._redact(orjson.dumps(out, default=str).decode())
+        return self._redact(_json_line(out))
+
+
+# Named escapes for the common controls; every other non-printable character
+# (C0, DEL, C1 such as NEL U+0085, U+2028/U+2029, bidi overrides, lone
+# surrogates) as \xNN, \uNNNN or \UNNNNNNNN, the way repr() writes them.
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+# Continuation lines of a record (its traceback) start with this.
+CONTINUATION = "  "
+
+
+def _escape_char(ch: str) -> str:
+    if ch.isprintable():
+        return ch
+    named = _NAMED.get(ch)
+    if named is not None:
+        return named
+    code = ord(ch)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"
+
+
+def escape(text: str) -> str:
+    """``text`` with every non-printable character escaped: it cannot break a line."""
+    if text.isprintable():  # the usual case, one C-speed pass
+        return text
+    return "".join(map(_escape_char, text))
+
+
+def _field(value: object) -> str:
+    r"""An extra's value as ``key=value`` wants it. Plain when it is printable and
+    holds no space, ``=``, ``"`` or backslash; else quoted logfmt-style (``\\`` and
+    ``\"`` inside, control characters escaped), so a value can neither break the
+    line nor pose as another field, and every escape reads one way."""
+    text = str(value)
+    if text and text.isprintable() and not any(c in text for c in ' ="\\'):
+        return text
+    return '"' + escape(text.replace("\\", "\\\\").replace('"', '\\"')) + '"'
+
+
+def _block(text: str) -> str:
+    """A traceback or stack: each of its lines escaped and indented as a continuation."""
+    return "".join(f"\n{CONTINUATION}{escape(line)}" for line in text.rstrip("\n").split("\n"))
 
 
 class TextFormatter(logging.Formatter):
-    """``2025-01-31 12:00:00,123 INFO relay.server: message key=value ...``"""
+    """``2025-01-31 12:00:00,123 INFO relay.server: message key=value ...``
+
+    One line per record whatever its values hold; a traceback follows as
+    indented continuation lines (see the module docstring).
+    """
 
     def __init__(self, redact: Redactor | None = None) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        super().__init__()
         self._redact = redact or Redactor()
 
     def format(self, record: logging.LogRecord) -> str:
-        base = super().format(record)
+        # Built here rather than by logging.Formatter.format, which would store the
+        # message on the record and append the traceback unescaped.
+        line = (
+            f"{self.formatTime(record)} {record.levelname} {escape(record.name)}: "
+            f"{escape(record.getMessage())}"
+        )
         extra = _extras(record)
         if extra:
-            base += " " + " ".join(f"{k}={v}" for k, v in extra.items())
-        return self._redact(base)
+            line += " " + " ".join(f"{escape(k)}={_field(v)}" for k, v in extra.items())
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            line += _block(record.exc_text)
+        if record.stack_info:
+            line += _block(self.formatStack(record.stack_info))
+        return self._redact(line)
 
 
 class JsonLinesStream(io.TextIOBase):
@@ -163,7 +247,7 @@ class JsonLinesStream(io.TextIOBase):
             "logger": self._name,
             "msg": line.rstrip("\r"),
         }
-        self._target.write(self._redact(orjson.dumps(out).decode()) + "\n")
+        self._target.write(self._redact(_json_line(out)) + "\n")
         self._target.flush()
 
 

@@ -32,6 +32,7 @@ from relay import hypercorn_fix, tasks
 from relay.app import combine, create_http_app
 from relay.config import Settings
 from relay.listener import Router
+from relay.risky import log_risky_settings
 from relay.runtime import Runtime
 from relay.sd_notify import Notifier
 from relay.store.select import create_store
@@ -66,7 +67,8 @@ async def main(settings: Settings, *, notifier: Notifier | None = None) -> None:
     liveness.sweeper()  # WebSocket liveness: one system task for every socket
     reactor.reactor()  # WebSocket readiness: one epoll set, one system task
     notifier = notifier or Notifier()
-    store = create_store(settings.store)
+    log_risky_settings(settings)  # docs/contract.md §10: named at start, one line each
+    store = create_store(settings.store, settings.secrets.redis_url)
     rt = Runtime(settings, store)
     # Read at scrape time, so the gauge can never disagree with the store.
     rt.metrics.store_degraded.set_function(lambda: 1.0 if store.degraded else 0.0)

@@ -138,6 +138,46 @@ def test_unit_has_what_the_operator_relies_on() -> None:
     assert "AF_NETLINK" not in s["RestrictAddressFamilies"][0]
 
 
+def _bytes(size: str) -> int:
+    """A systemd size (``768M``, ``1G``, plain bytes) in bytes."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    if size[-1:] in units:
+        return int(float(size[:-1]) * units[size[-1]])
+    return int(size)
+
+
+def test_memory_and_tasks_are_bounded() -> None:
+    """docs/contract.md §10: the unit bounds memory and tasks, with room for the defaults."""
+    from relay.config import Settings
+
+    s = unit_settings(UNIT.read_text())
+    memory_max, memory_high = _bytes(s["MemoryMax"][0]), _bytes(s["MemoryHigh"][0])
+    assert 0 < memory_high < memory_max
+    assert s["MemorySwapMax"] == ["0"]
+    # ~70 MiB idle and under 100 KiB per live call (README, "Performance"), with the
+    # default max_sessions all live: the throttle must not start before that.
+    limits = Settings().limits
+    assert memory_high > (70 << 20) + limits.max_sessions * (100 << 10)
+    tasks_max = int(s["TasksMax"][0])
+    # The event loop's thread plus the worker-thread limiters (Trio's and AnyIO's, 40
+    # each), with headroom; a bound, not "infinity".
+    assert 1 + 40 + 40 < tasks_max <= 512
+
+
+@needs_analyze
+def test_verify_sees_the_bounds(verify_root: Path) -> None:
+    """The bounds are directives systemd knows, not comments or typos it would skip."""
+    unit = verify_root / "etc" / "systemd" / "system" / "relay.service"
+    text = unit.read_text()
+    assert "TasksMax=128\n" in text and "MemoryMax=1G\n" in text
+    unit.write_text(
+        text.replace("TasksMax=128", "TasksMax=lots").replace("MemoryMax=1G", "MemoryMax=1Q")
+    )
+    result = analyze("verify", f"--root={verify_root}", "--man=no", "relay.service")
+    output = result.stdout + result.stderr
+    assert "'lots'" in output and "1Q" in output, output
+
+
 def test_stop_timeout_outlasts_the_drain() -> None:
     """TimeoutStopSec= must cover drain_seconds plus the graces that follow it (the
     1001 closes, hypercorn's shutdown, background jobs, cleanups: CLOSE_GRACE each at
@@ -368,6 +408,11 @@ async def test_daemon_works_inside_the_units_sandbox(
                 await ws.send_message("through the sandbox")
                 with trio.fail_after(10):
                     assert await ws.get_message() == "through the sandbox"
+            # A session (and its upstream's name lookup) ran: threads stay few.
+            status = Path(f"/proc/{d.pid}/status").read_text()
+            threads = re.search(r"^Threads:\s+(\d+)$", status, re.M)
+            assert threads is not None
+            assert int(threads.group(1)) < int(unit_settings(UNIT.read_text())["TasksMax"][0]) // 4
             d.signal(signal.SIGTERM)
             assert await d.wait() == 0
             log = d.log_text()

@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import ssl
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import coredis
 import trio
@@ -122,12 +124,14 @@ class RedisStore:
         # Set by a call that found Redis gone or slow, so the watcher probes
         # (or starts retrying) now rather than at its next periodic probe.
         self._check_now = trio.Event()
+        self._tls = tls_context(url) if urlsplit(url).scheme == "rediss" else None
         self._client, self._bucket = self._new_client()
 
     def _new_client(self) -> tuple[coredis.Redis[bytes], Script[bytes]]:
         # coredis's default is no retries, as wanted: a failed call falls back
         # to memory at once instead of trying again on the request's time.
-        client = coredis.Redis.from_url(self._url, connect_timeout=self._probe_timeout)
+        tls: dict[str, Any] = {} if self._tls is None else {"ssl_context": self._tls}
+        client = coredis.Redis.from_url(self._url, connect_timeout=self._probe_timeout, **tls)
         return client, client.register_script(TOKEN_BUCKET)
 
     # -- the Store interface ---------------------------------------------------
@@ -314,7 +318,53 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, trio.TooSlowError):
         return "no answer in time"
     text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    out = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    # coredis reports a failed TLS handshake as a plain ConnectionError; the
+    # operator needs the certificate's complaint (e.g. a host name mismatch).
+    cause = exc.__cause__ or exc.__context__
+    for _ in range(8):  # a short chain; never trust one not to loop
+        if cause is None or isinstance(cause, ssl.SSLError):
+            break
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, ssl.SSLError):
+        out += f" ({type(cause).__name__}: {cause})"
+    return out
+
+
+def tls_context(url: str) -> ssl.SSLContext:
+    """The TLS context for a ``rediss://`` URL: the server's certificate and its
+    host name are both verified (docs/contract.md §10 "Secrets").
+
+    coredis's own context for such a URL checks the certificate but not the host
+    name (``ssl_check_hostname`` defaults to false), so any certificate from a
+    trusted CA, issued for any name, would pass for Redis's. This one is Python's
+    default client context. The URL's ``ssl_ca_certs`` (a private CA: then the
+    only one trusted), ``ssl_certfile`` and ``ssl_keyfile`` (a client
+    certificate) are honoured; ``ssl_cert_reqs`` or ``ssl_check_hostname`` that
+    would weaken the check are refused, not silently ignored.
+
+    Raises ValueError, whose message never repeats the URL.
+    """
+    query = {name: values[-1] for name, values in parse_qs(urlsplit(url).query).items()}
+    reqs = query.get("ssl_cert_reqs")
+    if reqs is not None and reqs.lower() != "required":
+        raise ValueError("rediss:// always verifies the server's certificate (ssl_cert_reqs)")
+    check = query.get("ssl_check_hostname")
+    if check is not None and check.lower() not in ("true", "1", "yes"):
+        raise ValueError("rediss:// always verifies the server's host name (ssl_check_hostname)")
+    ca = query.get("ssl_ca_certs")
+    certfile = query.get("ssl_certfile")
+    try:
+        if ca and os.path.isdir(ca):
+            context = ssl.create_default_context(capath=ca)
+        else:
+            context = ssl.create_default_context(cafile=ca or None)
+        if certfile:
+            context.load_cert_chain(certfile, query.get("ssl_keyfile") or None)
+    except (OSError, ssl.SSLError) as exc:
+        reason = getattr(exc, "strerror", None) or exc
+        raise ValueError(f"cannot load the TLS files the URL names: {reason}") from None
+    return context
 
 
 def redis_location(url: str) -> str:
