@@ -139,20 +139,22 @@ async def test_fourteen_addresses_of_one_ipv6_prefix_share_a_bucket() -> None:
 # -- IPv4-mapped peers -------------------------------------------------------------
 
 
-async def test_a_mapped_peer_matches_ipv4_proxies_and_metrics_allow() -> None:
-    """On a dual-stack bind an IPv4 peer arrives as ``::ffff:127.0.0.1``; it is
-    still the 127.0.0.1 that ``trusted_proxies`` and ``metrics_allow`` name."""
-    config: dict[str, dict[str, Any]] = {
-        "server": {
-            "bind": ["[::]:0"],
-            "trusted_proxies": ["127.0.0.1/32"],
-            "metrics_allow": ["127.0.0.1/32"],
-        },
-        "limits": {"http_per_minute": 5},
-    }
+def dual_stack(**server: Any) -> dict[str, dict[str, Any]]:
+    """On a dual-stack bind an IPv4 peer arrives as ``::ffff:127.0.0.1``."""
+    return {"server": {"bind": ["[::]:0"], **server}, "limits": {"http_per_minute": 5}}
+
+
+async def test_a_mapped_peer_matches_ipv4_metrics_allow() -> None:
+    config = dual_stack(metrics_allow=["127.0.0.1/32"])
     with trio.fail_after(60):
         async with running_daemon(config) as d:
             assert await request("127.0.0.1", d.port, "/metrics") == 200
+
+
+async def test_a_mapped_peer_matches_ipv4_trusted_proxies() -> None:
+    config = dual_stack(trusted_proxies=["127.0.0.1/32"], metrics_allow=["127.0.0.1/32"])
+    with trio.fail_after(60):
+        async with running_daemon(config) as d:
             # Through the trusted (mapped) proxy, eight clients are eight buckets...
             for n in range(8):
                 xff = [("X-Forwarded-For", f"198.51.100.{n}")]
