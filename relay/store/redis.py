@@ -62,6 +62,9 @@ RETRY_MAX = 5.0
 LEASE_TTL = 30.0
 # Leases refreshed per script call: bounds the time one call holds Redis.
 REFRESH_BATCH = 500
+# Leases whose acquire failed midway, remembered for a best-effort ZREM; past
+# this many (a long stretch of failures) the rest just lapse with their TTL.
+MAX_ORPHANS = 1000
 
 # KEYS[1] the bucket; ARGV[1] capacity; ARGV[2] window in ms.
 # Returns {1, "0.000"} when a token was taken, else {0, "<ms until one is free>"}.
@@ -165,6 +168,8 @@ class RedisStore:
         self._me = secrets.token_hex(8)
         self._serial = 0
         self._held: dict[str, Lease] = {}
+        # Leases whose acquire failed midway: maybe taken in Redis, never used.
+        self._orphans: list[Lease] = []
         self._new_client()
 
     def _new_client(self) -> None:
@@ -225,6 +230,10 @@ class RedisStore:
                 self._held[lease.holder] = lease
                 return lease
             except Exception as exc:  # whatever went wrong, the request must not fail
+                # The script may have run all the same: that slot is given back
+                # (or lapses) off the request path.
+                if len(self._orphans) < MAX_ORPHANS:
+                    self._orphans.append(lease)
                 self._failed(exc)
         return await self._fallback.acquire(key, limit)
 
@@ -244,11 +253,18 @@ class RedisStore:
                 self._failed(exc)
 
     async def _refresh_leases(self) -> None:
-        """Keep this process's shared leases alive while they are held."""
+        """Keep this process's shared leases alive while they are held; drop orphans."""
         while True:
             await trio.sleep(self._lease_ms / 3000)
-            if not self._up or not self._held:
+            if not self._up:
                 continue
+            while self._orphans:
+                orphan = self._orphans.pop()
+                try:
+                    with trio.fail_after(self._probe_timeout):
+                        await self._client.zrem(self._prefix + orphan.key, [orphan.holder])
+                except Exception:
+                    break  # it lapses by itself within the lease TTL
             held = list(self._held.values())
             for start in range(0, len(held), REFRESH_BATCH):
                 batch = held[start : start + REFRESH_BATCH]

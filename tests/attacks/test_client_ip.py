@@ -15,8 +15,9 @@ import trio
 import trio_websocket
 
 from relay.config import decode_encryption_key
-from relay.testing.daemon import TEST_OPENAI_KEY, Daemon, running_daemon
+from relay.testing.daemon import TEST_OPENAI_KEY, Daemon, daemon_env, running_daemon
 from relay.testing.fake_realtime import FakeRealtime, fake_realtime
+from relay.testing.redis_server import REDIS_SERVER, running_redis
 from relay.tokens import mint
 
 ORIGIN = ("Origin", "http://localhost:5173")
@@ -269,3 +270,25 @@ async def test_twilio_upgrades_count_against_max_sessions(fake: FakeRealtime) ->
         async with running_daemon(caps) as d, session(d, token_of(d)):
             assert await request("127.0.0.1", d.port, "/twilio/media", UPGRADE) == 503
             assert await metric(d, 'relay_rejected_total{reason="max_sessions"}') == 1
+
+
+@pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server not installed: NOT tested")
+async def test_a_token_in_use_on_one_process_is_in_use_on_another(fake: FakeRealtime) -> None:
+    """Two processes sharing a Redis share the token's sessions: moving to another
+    process (another host behind the same balancer) does not reset the count."""
+    env = daemon_env()
+    with trio.fail_after(60):
+        async with running_redis() as redis:
+            config = caps_config(fake, sessions_per_token=1)
+            config["store"] = {"backend": "redis", "redis_url": redis.url}
+            async with running_daemon(config, env=env) as a, running_daemon(config, env=env) as b:
+                token = token_of(a)
+                async with session(a, token):
+                    assert await refused(b, token) == (401, "token in use")
+                    assert await refused(a, token) == (401, "token in use")
+                with trio.fail_after(5):  # released through Redis when the session ends
+                    while True:
+                        with contextlib.suppress(trio_websocket.ConnectionRejected):
+                            async with session(b, token):
+                                break
+                        await trio.sleep(0.05)
