@@ -12,7 +12,7 @@ from quart import Response, g, request
 from quart_trio import QuartTrio
 
 from relay.asgi_ws import Receive, Scope, Send
-from relay.guards import Refusal, client_ip, ip_allowed, rate_limit
+from relay.guards import Refusal, client_ip, forwarded_lines, ip_allowed, ip_key, rate_limit
 from relay.metrics import CONTENT_TYPE
 from relay.runtime import Runtime
 
@@ -51,15 +51,18 @@ def create_http_app(
     async def guard() -> Response | None:
         peer = request.scope.get("client") or ("", 0)
         g.client_ip = client_ip(
-            str(peer[0]), request.headers.get("X-Forwarded-For"), settings.server.trusted_networks
+            str(peer[0]),
+            request.headers.getlist("X-Forwarded-For"),
+            settings.server.trusted_networks,
         )
+        bucket = ip_key(g.client_ip, settings.limits.ipv6_prefix)
         # Read the (bounded) body before any early answer: Quart-Trio cancels the
         # request task while Hypercorn discards an unread body, which leaves a
         # kept-alive connection open but dead.
         await request.get_data()
         if request.path in twilio_routes and request.method == "POST" and await signed():
             return None
-        refusal = await rate_limit(rt.store, f"http:{g.client_ip}", settings.limits.http_per_minute)
+        refusal = await rate_limit(rt.store, f"http:{bucket}", settings.limits.http_per_minute)
         if refusal is not None:
             rt.metrics.reject("http_rate")
             rt.refusal_log.note("http_rate", g.client_ip, refusal.reason)
@@ -118,12 +121,10 @@ def combine(
             await http_app(cast(Any, scope), cast(Any, receive), cast(Any, send))
             return
         peer = scope.get("client") or ("", 0)
-        forwarded = None
-        for name, value in scope["headers"]:
-            if name == b"x-forwarded-for":
-                forwarded = value.decode("latin-1")
+        forwarded = forwarded_lines(scope["headers"])
         ip = client_ip(str(peer[0]), forwarded, settings.server.trusted_networks)
-        refusal = await rate_limit(rt.store, f"http:{ip}", settings.limits.http_per_minute)
+        bucket = f"http:{ip_key(ip, settings.limits.ipv6_prefix)}"
+        refusal = await rate_limit(rt.store, bucket, settings.limits.http_per_minute)
         if refusal is not None:
             rt.metrics.reject("http_rate")
             rt.refusal_log.note("http_rate", ip, refusal.reason)

@@ -1,4 +1,4 @@
-"""Who is asking and may they: client IP, Origin allowlist, rate buckets.
+"""Who is asking and may they: client IP (``relay.client_ip``), Origin allowlist, rate buckets.
 
 Each check returns a :class:`Refusal` (status, one-line reason, headers) or None,
 so the HTTP and WebSocket front ends answer the same way.
@@ -6,14 +6,23 @@ so the HTTP and WebSocket front ends answer the same way.
 
 from __future__ import annotations
 
-import ipaddress
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from relay.config import AuthSettings, IPNetwork
+from relay.client_ip import client_ip, forwarded_lines, ip_allowed, ip_key
+from relay.config import AuthSettings
 from relay.store.base import Store
+
+__all__ = [
+    "OriginPolicy",
+    "Refusal",
+    "client_ip",
+    "forwarded_lines",
+    "ip_allowed",
+    "ip_key",
+    "rate_limit",
+]
 
 
 @dataclass(frozen=True)
@@ -21,43 +30,6 @@ class Refusal:
     status: int
     reason: str
     headers: tuple[tuple[str, str], ...] = field(default=())
-
-
-def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        return ipaddress.ip_address(text.strip())
-    except ValueError:
-        return None
-
-
-def _trusted(ip: str, networks: Iterable[IPNetwork]) -> bool:
-    addr = _ip(ip)
-    return addr is not None and any(addr in net for net in networks)
-
-
-def client_ip(peer: str, forwarded_for: str | None, trusted: tuple[IPNetwork, ...]) -> str:
-    """The peer address, unless the peer is a trusted proxy; then the nearest untrusted hop.
-
-    X-Forwarded-For is read right to left: every hop a trusted proxy added is
-    believed, the first address not in ``trusted`` is the client. A garbled
-    entry stops the walk (it was written by someone we do not trust).
-    """
-    if not forwarded_for or not trusted or not _trusted(peer, trusted):
-        return peer
-    hops = [h.strip() for h in forwarded_for.split(",") if h.strip()]
-    current = peer
-    for hop in reversed(hops):
-        addr = _ip(hop)
-        if addr is None:
-            break
-        current = str(addr)
-        if not any(addr in net for net in trusted):
-            return current
-    return current
-
-
-def ip_allowed(ip: str, networks: tuple[IPNetwork, ...]) -> bool:
-    return _trusted(ip, networks)
 
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}

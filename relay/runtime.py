@@ -1,8 +1,8 @@
 """The daemon's shared state, created once in :func:`relay.server.run` and passed down.
 
-Holds the settings, the store, the metrics, the drain signals and the registry
-of live sessions and background jobs. Nothing here starts tasks of its own;
-the server owns every nursery.
+Holds the settings, the store, the metrics, the drain signals, the registry
+of live sessions and background jobs, and the per-process session caps.
+Nothing here starts tasks of its own; the server owns every nursery.
 """
 
 from __future__ import annotations
@@ -23,6 +23,46 @@ from relay.store.base import Store
 log = logging.getLogger("relay")
 
 
+class Seats:
+    """The per-process session caps (docs/contract.md §5): ``max_sessions`` for all
+    sessions, ``sessions_per_ip`` for client sessions by IP key.
+
+    A seat is taken when an upgrade passes its check and given back when its
+    session ends (or a later check refuses it), not when the session starts:
+    upstreams take a while to connect, and a burst of handshakes counted only
+    once connected would overshoot every cap.
+    """
+
+    __slots__ = ("max_sessions", "per_ip", "taken", "taken_by_ip")
+
+    def __init__(self, max_sessions: int, per_ip: int) -> None:
+        self.max_sessions = max_sessions
+        self.per_ip = per_ip
+        self.taken = 0
+        self.taken_by_ip: dict[str, int] = {}
+
+    def take(self) -> bool:
+        if self.taken >= self.max_sessions:
+            return False
+        self.taken += 1
+        return True
+
+    def give_back(self) -> None:
+        self.taken -= 1
+
+    def take_ip(self, key: str) -> bool:
+        held = self.taken_by_ip.get(key, 0)
+        if held >= self.per_ip:
+            return False
+        self.taken_by_ip[key] = held + 1
+        return True
+
+    def give_back_ip(self, key: str) -> None:
+        held = self.taken_by_ip.pop(key, 0) - 1
+        if held > 0:
+            self.taken_by_ip[key] = held  # a key goes with its last session
+
+
 class Runtime:
     def __init__(self, settings: Settings, store: Store) -> None:
         self.settings = settings
@@ -30,6 +70,7 @@ class Runtime:
         self.metrics = Metrics()
         self.origins = OriginPolicy(settings.auth)
         self.refusal_log = RefusalLog()
+        self.seats = Seats(settings.limits.max_sessions, settings.limits.sessions_per_ip)
         # Set on the first SIGTERM/SIGINT: readiness turns 503, upgrades are refused.
         self.draining = trio.Event()
         # Set drain_seconds later (or at once on a second signal): sessions close 1001.

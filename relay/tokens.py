@@ -46,6 +46,22 @@ def mint(key: bytes, ttl_seconds: int, *, now: float | None = None) -> str:
     return b64url_encode(nonce + AESGCM(key).encrypt(nonce, plaintext, None))
 
 
+def token_id(token: str) -> str | None:
+    """What identifies a token: its nonce (hex), or None if it does not decode.
+
+    The base64 decoder forgives padding, the standard alphabet and stray
+    characters, so one token can be spelled many ways; its nonce cannot, and
+    per-token caps count by it (docs/contract.md §10).
+    """
+    if not token or len(token) > MAX_TOKEN_CHARS:
+        return None
+    try:
+        raw = b64url_decode(token)
+    except (binascii.Error, ValueError, UnicodeEncodeError):
+        return None
+    return raw[:NONCE_BYTES].hex() if len(raw) >= NONCE_BYTES + TAG_BYTES else None
+
+
 def verify(
     key: bytes,
     token: str,

@@ -10,13 +10,16 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from relay.asgi_ws import AsgiWebSocket, Receive, Scope, Send
-from relay.guards import Refusal, client_ip, rate_limit
+from relay.guards import Refusal, client_ip, ip_key, rate_limit
 from relay.runtime import Runtime
-from relay.tokens import verify
+from relay.store.base import Lease
+from relay.tokens import token_id, verify
 from relay.twilio_auth import TwilioGate, public_ws_url
 from relay.ws.peer import PeerSocket
 
 log = logging.getLogger("relay.upgrade")
+
+AT_CAPACITY = Refusal(503, "server at capacity")
 
 SessionRunner = Callable[[Runtime, PeerSocket, str], Awaitable[None]]
 ClientRunner = Callable[[Runtime, PeerSocket, str, str, str | None], Awaitable[None]]
@@ -40,6 +43,46 @@ def token_from(ws: PeerSocket) -> str | None:
     return ws.query.get("auth") or None
 
 
+class Held:
+    """What one upgrade holds from its checks to the end of its session: a seat
+    under ``max_sessions``, one under its IP's ``sessions_per_ip``, a lease of its
+    token. :meth:`release` gives back whatever was taken, on every way out."""
+
+    __slots__ = ("ip_key", "lease", "rt", "seat")
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.seat = False
+        self.ip_key: str | None = None
+        self.lease: Lease | None = None
+
+    def take_seat(self) -> bool:
+        self.seat = self.rt.seats.take()
+        return self.seat
+
+    def take_ip(self, key: str) -> bool:
+        if not self.rt.seats.take_ip(key):
+            return False
+        self.ip_key = key
+        return True
+
+    async def take_token(self, token: str, limit: int) -> bool:
+        """A lease of the token's nonce: its spellings are one token (docs/contract.md §10)."""
+        self.lease = await self.rt.store.acquire(f"token:{token_id(token)}", limit)
+        return self.lease is not None
+
+    async def release(self) -> None:
+        if self.seat:
+            self.seat = False
+            self.rt.seats.give_back()
+        if self.ip_key is not None:
+            self.rt.seats.give_back_ip(self.ip_key)
+            self.ip_key = None
+        if self.lease is not None:
+            lease, self.lease = self.lease, None
+            await self.rt.store.release(lease)
+
+
 class FrontDoor:
     def __init__(self, rt: Runtime, client: ClientRunner, twilio: SessionRunner) -> None:
         self.rt = rt
@@ -55,11 +98,26 @@ class FrontDoor:
         if not await ws.wait_connect():
             return
         s = self.rt.settings
-        ip = client_ip(ws.peer, ws.headers.get("x-forwarded-for"), s.server.trusted_networks)
+        # Both upgrade paths join repeated header lines in order: one line is all of them.
+        forwarded = ws.headers.get("x-forwarded-for")
+        ip = client_ip(
+            ws.peer, () if forwarded is None else (forwarded,), s.server.trusted_networks
+        )
         if self.rt.draining.is_set():
             await self._refuse(ws, ip, "draining", Refusal(503, "server draining"))
             return
+        held = Held(self.rt)
+        try:
+            await self._serve(ws, ip, held)
+        finally:
+            await held.release()
+
+    async def _serve(self, ws: PeerSocket, ip: str, held: Held) -> None:
+        s = self.rt.settings
         if is_twilio(ws):
+            if not held.take_seat():
+                await self._refuse(ws, ip, "max_sessions", AT_CAPACITY)
+                return
             url = public_ws_url(s, ws.path, ws.raw_query)
             refusal = self.gate.check(url, [], ws.headers.get("x-twilio-signature"))
             if refusal is not None:
@@ -67,19 +125,26 @@ class FrontDoor:
                 return
             await self._twilio(self.rt, ws, ip)
             return
-        refusal, reason, model, voice = await self._client_checks(ws, ip)
+        refusal, reason, model, voice = await self._client_checks(ws, ip, held)
         if refusal is not None:
             await self._refuse(ws, ip, reason, refusal)
             return
         await self._client(self.rt, ws, ip, model, voice)
 
     async def _client_checks(
-        self, ws: PeerSocket, ip: str
+        self, ws: PeerSocket, ip: str, held: Held
     ) -> tuple[Refusal | None, str, str, str | None]:
+        """docs/contract.md §5 steps 1 to 4, in that order; seats and the token's
+        lease are taken into ``held`` as their checks pass."""
         s = self.rt.settings
-        refusal = await rate_limit(self.rt.store, f"ws:{ip}", s.limits.ws_upgrades_per_minute)
+        per_ip = ip_key(ip, s.limits.ipv6_prefix)
+        refusal = await rate_limit(self.rt.store, f"ws:{per_ip}", s.limits.ws_upgrades_per_minute)
         if refusal is not None:
             return refusal, "ws_rate", "", None
+        if not held.take_seat():
+            return AT_CAPACITY, "max_sessions", "", None
+        if not held.take_ip(per_ip):
+            return Refusal(429, "too many sessions from this address"), "sessions_per_ip", "", None
         if not self.rt.origins.allows(ws.headers.get("origin")):
             return Refusal(403, "origin not allowed"), "origin", "", None
         key = s.secrets.encryption_key
@@ -96,6 +161,9 @@ class FrontDoor:
         )
         if problem is not None:
             return Refusal(401, problem), "token", "", None
+        per_token = s.auth.sessions_per_token
+        if per_token and token is not None and not await held.take_token(token, per_token):
+            return Refusal(401, "token in use"), "token_in_use", "", None
         model = ws.query.get("model", s.openai.model)
         if model not in s.openai.models:
             return Refusal(400, "model not allowed"), "model", "", None

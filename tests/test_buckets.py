@@ -78,3 +78,21 @@ async def test_prune_forgets_idle_keys() -> None:
     assert store.prune() == 2000
     assert len(store) == 0
     assert await store.first_seen("m1", 5)
+
+
+async def test_leases_cap_concurrency_and_come_back() -> None:
+    store = MemoryStore()
+    first = await store.acquire("token:abc", 2)
+    second = await store.acquire("token:abc", 2)
+    assert first is not None and second is not None
+    assert await store.acquire("token:abc", 2) is None
+    assert await store.acquire("token:other", 2) is not None  # keys are independent
+    await store.release(first)
+    await store.release(first)  # twice is harmless: still one slot free, not two
+    third = await store.acquire("token:abc", 2)
+    assert third is not None
+    assert await store.acquire("token:abc", 2) is None
+    await store.release(second)
+    await store.release(third)
+    assert store.leases("token:abc") == 0
+    assert "token:abc" not in store._leases  # the last lease takes its key along

@@ -311,3 +311,47 @@ async def test_a_failing_client_is_replaced_not_fatal(
         if r.exc_info and "simulated bug" in logging.Formatter().formatException(r.exc_info)
     ]
     assert len(failed) == 1 and "failed" in failed[0].getMessage()
+
+
+async def test_two_stores_share_a_lease_limit(redis: RedisServer) -> None:
+    async with running_store(redis.url, **PATIENT) as a, running_store(redis.url, **PATIENT) as b:
+        got = []
+
+        async def take(store: RedisStore) -> None:
+            got.append(await store.acquire("token:n1", 3))
+
+        async with trio.open_nursery() as nursery:
+            for i in range(12):
+                nursery.start_soon(take, a if i % 2 else b)
+        leases = [lease for lease in got if lease is not None]
+        assert len(leases) == 3 and all(lease.shared for lease in leases)
+        await (a if leases[0].holder.startswith(a._me) else b).release(leases[0])
+        assert await b.acquire("token:n1", 3) is not None
+        assert await a.acquire("token:n1", 3) is None
+
+
+async def test_leases_live_while_refreshed_and_lapse_when_their_process_dies(
+    redis: RedisServer,
+) -> None:
+    async with running_store(redis.url, **PATIENT, lease_ttl=0.6) as other:
+        async with running_store(redis.url, **PATIENT, lease_ttl=0.6) as doomed:
+            held = await doomed.acquire("token:n2", 1)
+            assert held is not None
+            await trio.sleep(1.5)  # well past the TTL: refreshed, so still held
+            assert await other.acquire("token:n2", 1) is None
+            # The process dies: its run() stops (no refresh) and it releases nothing.
+        await trio.sleep(0.8)
+        assert await other.acquire("token:n2", 1) is not None
+        assert 0 < pttl(await redis.command("PTTL", "relay:token:n2")) <= 600
+
+
+async def test_leases_fall_back_to_memory_while_redis_is_down(redis: RedisServer) -> None:
+    async with running_store(redis.url, **FAST, **PATIENT) as store:
+        await redis.kill()
+        await store.take("probe", 1, 60.0)  # a failed call notices the outage
+        await wait_until(lambda: store.degraded)
+        lease = await store.acquire("token:n3", 1)
+        assert lease is not None and not lease.shared
+        assert await store.acquire("token:n3", 1) is None
+        await store.release(lease)
+        assert await store.acquire("token:n3", 1) is not None

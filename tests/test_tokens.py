@@ -8,7 +8,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.tokens import b64url_decode, b64url_encode, mint, new_key, verify
+from relay.tokens import b64url_decode, b64url_encode, mint, new_key, token_id, verify
 
 KEY = os.urandom(32)
 NOW = 1_800_000_000.0
@@ -80,3 +80,15 @@ def test_new_key_is_32_bytes_base64url() -> None:
     key = new_key()
     assert "=" not in key and "+" not in key and "/" not in key
     assert len(b64url_decode(key)) == 32
+
+
+def test_token_id_is_the_nonce_whatever_the_spelling() -> None:
+    token = mint(KEY, 60, now=NOW)
+    nonce = b64url_decode(token)[:12].hex()
+    padded = token + "=" * (-len(token) % 4)
+    standard = token.replace("-", "+").replace("_", "/")
+    for spelling in (token, padded, standard):
+        assert check(spelling) is None
+        assert token_id(spelling) == nonce
+    assert token_id(mint(KEY, 60, now=NOW)) != nonce
+    assert token_id("") is None and token_id("abc") is None and token_id("é" * 40) is None

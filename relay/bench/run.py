@@ -146,8 +146,10 @@ def start_relay(name: str, fake_port: int, mode: str, cpu: int | None) -> Served
                     "session_seconds": 86400,
                     "ws_upgrades_per_minute": 10**6,
                     "http_per_minute": 10**6,
+                    "sessions_per_ip": 10**6,
+                    "max_sessions": 10**6,
                 },
-                "auth": {"allowed_origins": [ORIGIN]},
+                "auth": {"allowed_origins": [ORIGIN], "sessions_per_token": 0},
             }
         )
         (workdir / "config.toml").write_text(toml_dumps(config))

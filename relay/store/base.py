@@ -1,4 +1,5 @@
-"""The shared-state interface: rate buckets and dedupe, one shape for every backend."""
+"""The shared-state interface: rate buckets, dedupe and concurrency leases, one
+shape for every backend."""
 
 from __future__ import annotations
 
@@ -19,8 +20,22 @@ class Verdict:
 ALLOWED = Verdict(True)
 
 
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """One of the concurrent slots under ``key``, held until :meth:`Store.release`.
+
+    ``holder`` is unique per lease; ``shared`` says the slot lives in the shared
+    backend (else in this process's memory, e.g. taken while Redis was down), so
+    the release goes where the slot was taken.
+    """
+
+    key: str
+    holder: str
+    shared: bool = False
+
+
 class Store(Protocol):
-    """Rate buckets and dedupe. A call never fails and never blocks for long: a
+    """Rate buckets, dedupe and leases. A call never fails and never blocks for long: a
     shared backend that cannot answer quickly is replaced by per-process state."""
 
     #: ``"memory"`` or ``"redis"``: what ``store.backend`` selected.
@@ -35,6 +50,18 @@ class Store(Protocol):
 
     async def first_seen(self, key: str, ttl_seconds: float) -> bool:
         """True the first time ``key`` is seen within ``ttl_seconds``; False for repeats."""
+        ...
+
+    async def acquire(self, key: str, limit: int) -> Lease | None:
+        """Take one of ``limit`` concurrent slots under ``key``; None when all are held.
+
+        Every lease must be given back with :meth:`release` (in a ``finally``).
+        A shared backend also lets the leases of a process that died expire.
+        """
+        ...
+
+    async def release(self, lease: Lease) -> None:
+        """Give a slot back; releasing twice is harmless. Never raises, never blocks long."""
         ...
 
     def prune(self) -> int:

@@ -1,13 +1,14 @@
-"""Per-process token buckets and dedupe, pruned so idle keys do not accumulate."""
+"""Per-process token buckets, dedupe and leases, pruned so idle keys do not accumulate."""
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 
 import trio
 
-from relay.store.base import ALLOWED, Verdict
+from relay.store.base import ALLOWED, Lease, Verdict
 
 MIN_PRUNE_SIZE = 4096
 # How often run() forgets idle keys when no flood of new keys has done it already.
@@ -47,6 +48,9 @@ class MemoryStore:
         self._clock = clock
         self._buckets: dict[str, Bucket] = {}
         self._seen: dict[str, float] = {}
+        # key -> holders of its live leases; a key goes when its last lease does.
+        self._leases: dict[str, set[str]] = {}
+        self._holders = itertools.count(1)
         # Besides the server's periodic prune, prune whenever the tables double:
         # a flood of distinct keys then costs amortised O(1) per take and the
         # tables never hold much more than twice the keys that are really live.
@@ -73,6 +77,34 @@ class MemoryStore:
             self.prune()
         self._seen[key] = now + ttl_seconds
         return True
+
+    async def acquire(self, key: str, limit: int) -> Lease | None:
+        return self.acquire_now(key, limit)
+
+    def acquire_now(self, key: str, limit: int) -> Lease | None:
+        holders = self._leases.get(key)
+        if holders is None:
+            holders = set()
+        if len(holders) >= limit:
+            return None
+        self._leases[key] = holders
+        lease = Lease(key, str(next(self._holders)))
+        holders.add(lease.holder)
+        return lease
+
+    async def release(self, lease: Lease) -> None:
+        self.release_now(lease)
+
+    def release_now(self, lease: Lease) -> None:
+        holders = self._leases.get(lease.key)
+        if holders is not None:
+            holders.discard(lease.holder)
+            if not holders:
+                del self._leases[lease.key]
+
+    def leases(self, key: str) -> int:
+        """How many leases under ``key`` are held (for tests and metrics)."""
+        return len(self._leases.get(key, ()))
 
     def remembers(self, key: str) -> bool:
         """True while ``key`` is inside the dedupe window of an earlier :meth:`first_seen`."""

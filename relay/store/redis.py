@@ -7,6 +7,10 @@ one limit and one dedupe window together (SPEC §8):
   read-modify-write race between processes, and Redis's own clock (``TIME``)
   is the clock, so hosts whose clocks disagree still share one bucket;
 - dedupe is ``SET key 1 NX PX ttl``: exactly one caller sees it first;
+- a lease (a concurrent slot, e.g. a session of one client token) is a member
+  of a sorted set scored by its expiry, taken by one Lua script (drop expired
+  members, count, add) and refreshed by :meth:`RedisStore.run` while held, so
+  the slots of a process that died free themselves within :data:`LEASE_TTL`;
 - every key starts with ``relay:`` and expires (a bucket once it would be
   full again, a dedupe key after its window), so Redis memory stays bounded
   by the keys that are really live.
@@ -26,6 +30,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import secrets
 import ssl
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -35,7 +40,7 @@ import trio
 from coredis.commands.script import Script
 from coredis.tokens import PureToken
 
-from relay.store.base import ALLOWED, Verdict
+from relay.store.base import ALLOWED, Lease, Verdict
 from relay.store.memory import MemoryStore
 
 log = logging.getLogger("relay.store")
@@ -54,6 +59,14 @@ HEALTH_INTERVAL = 5.0
 # that recovery goes unnoticed for more than a few seconds.
 RETRY_MIN = 0.5
 RETRY_MAX = 5.0
+# A lease nobody refreshes (its process died or lost Redis) lapses this long
+# after its last refresh; run() refreshes the held ones every third of it.
+LEASE_TTL = 30.0
+# Leases refreshed per script call: bounds the time one call holds Redis.
+REFRESH_BATCH = 500
+# Leases whose acquire failed midway, remembered for a best-effort ZREM; past
+# this many (a long stretch of failures) the rest just lapse with their TTL.
+MAX_ORPHANS = 1000
 
 # KEYS[1] the bucket; ARGV[1] capacity; ARGV[2] window in ms.
 # Returns {1, "0.000"} when a token was taken, else {0, "<ms until one is free>"}.
@@ -86,6 +99,33 @@ redis.call('PEXPIRE', KEYS[1], math.max(1, math.ceil((capacity - tokens) / rate)
 return {allowed, string.format('%.3f', wait)}
 """
 
+# KEYS[1] the lease set; ARGV[1] limit; ARGV[2] holder; ARGV[3] ttl in ms.
+# Members are holders scored by when they lapse (Redis's clock, ms).
+ACQUIRE = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then
+  return 0
+end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
+return 1
+"""
+
+# KEYS the lease sets; ARGV[1] ttl in ms, ARGV[i + 1] the holder in KEYS[i].
+# A lease that lapsed meanwhile (Redis was away) is put back: it is still held.
+REFRESH = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local ttl = tonumber(ARGV[1])
+for i, key in ipairs(KEYS) do
+  redis.call('ZADD', key, now + ttl, ARGV[i + 1])
+  redis.call('PEXPIRE', key, ttl)
+end
+return #KEYS
+"""
+
 
 class RedisStore:
     """The shared store. Answers every call, from Redis when it can, else from memory.
@@ -108,6 +148,7 @@ class RedisStore:
         health_interval: float = HEALTH_INTERVAL,
         retry_min: float = RETRY_MIN,
         retry_max: float = RETRY_MAX,
+        lease_ttl: float = LEASE_TTL,
         fallback: MemoryStore | None = None,
     ) -> None:
         self.where = redis_location(url)
@@ -118,6 +159,7 @@ class RedisStore:
         self._health_interval = health_interval
         self._retry_min = retry_min
         self._retry_max = retry_max
+        self._lease_ms = max(1, math.ceil(lease_ttl * 1000))
         self._fallback = fallback if fallback is not None else MemoryStore()
         self._up = False
         self._down_since: float | None = None
@@ -125,14 +167,23 @@ class RedisStore:
         # (or starts retrying) now rather than at its next periodic probe.
         self._check_now = trio.Event()
         self._tls = tls_context(url) if urlsplit(url).scheme == "rediss" else None
-        self._client, self._bucket = self._new_client()
+        # This process's name in lease sets, and its shared leases (holder -> lease).
+        self._me = secrets.token_hex(8)
+        self._serial = 0
+        self._held: dict[str, Lease] = {}
+        # Leases whose acquire failed midway: maybe taken in Redis, never used.
+        self._orphans: list[Lease] = []
+        self._new_client()
 
-    def _new_client(self) -> tuple[coredis.Redis[bytes], Script[bytes]]:
+    def _new_client(self) -> None:
         # coredis's default is no retries, as wanted: a failed call falls back
         # to memory at once instead of trying again on the request's time.
         tls: dict[str, Any] = {} if self._tls is None else {"ssl_context": self._tls}
         client = coredis.Redis.from_url(self._url, connect_timeout=self._probe_timeout, **tls)
-        return client, client.register_script(TOKEN_BUCKET)
+        self._client: coredis.Redis[bytes] = client
+        self._bucket: Script[bytes] = client.register_script(TOKEN_BUCKET)
+        self._acquire: Script[bytes] = client.register_script(ACQUIRE)
+        self._refresh: Script[bytes] = client.register_script(REFRESH)
 
     # -- the Store interface ---------------------------------------------------
     @property
@@ -169,6 +220,68 @@ class RedisStore:
                 self._failed(exc)
         return await self._fallback.first_seen(key, ttl_seconds)
 
+    async def acquire(self, key: str, limit: int) -> Lease | None:
+        if self._up:
+            self._serial += 1
+            lease = Lease(key, f"{self._me}:{self._serial}", shared=True)
+            try:
+                with trio.fail_after(self._call_timeout):
+                    taken: Any = await self._acquire(
+                        keys=[self._prefix + key], args=[limit, lease.holder, self._lease_ms]
+                    )
+                if taken != 1:
+                    return None
+                self._held[lease.holder] = lease
+                return lease
+            except Exception as exc:  # whatever went wrong, the request must not fail
+                # The script may have run all the same: that slot is given back
+                # (or lapses) off the request path.
+                if len(self._orphans) < MAX_ORPHANS:
+                    self._orphans.append(lease)
+                self._failed(exc)
+        return await self._fallback.acquire(key, limit)
+
+    async def release(self, lease: Lease) -> None:
+        if not lease.shared:
+            await self._fallback.release(lease)
+            return
+        if self._held.pop(lease.holder, None) is None:
+            return
+        # Released on a session's way out, often inside a cancelled scope (a
+        # drain): shielded, but bounded. If Redis cannot take it now, the lease
+        # is no longer refreshed and lapses within the lease TTL.
+        with trio.CancelScope(shield=True), trio.move_on_after(self._call_timeout):
+            try:
+                await self._client.zrem(self._prefix + lease.key, [lease.holder])
+            except Exception as exc:
+                self._failed(exc)
+
+    async def _refresh_leases(self) -> None:
+        """Keep this process's shared leases alive while they are held; drop orphans."""
+        while True:
+            await trio.sleep(self._lease_ms / 3000)
+            if not self._up:
+                continue
+            while self._orphans:
+                orphan = self._orphans.pop()
+                try:
+                    with trio.fail_after(self._probe_timeout):
+                        await self._client.zrem(self._prefix + orphan.key, [orphan.holder])
+                except Exception:
+                    break  # it lapses by itself within the lease TTL
+            held = list(self._held.values())
+            for start in range(0, len(held), REFRESH_BATCH):
+                batch = held[start : start + REFRESH_BATCH]
+                try:
+                    with trio.fail_after(self._probe_timeout):
+                        await self._refresh(
+                            keys=[self._prefix + lease.key for lease in batch],
+                            args=[self._lease_ms, *(lease.holder for lease in batch)],
+                        )
+                except Exception as exc:
+                    self._failed(exc)
+                    break
+
     def prune(self) -> int:
         """Redis expires its own keys; only the fallback's need pruning."""
         return self._fallback.prune()
@@ -192,7 +305,9 @@ class RedisStore:
                             await self._first_probe()
                             task_status.started()
                             started = True
-                        await self._watch()
+                        async with trio.open_nursery() as inner:
+                            inner.start_soon(self._refresh_leases)
+                            await self._watch()
                 except Exception:
                     # coredis runs its connections as tasks under this one: an
                     # error escaping them (a bug) lands here, and must not end
@@ -208,7 +323,7 @@ class RedisStore:
                         task_status.started()
                         started = True
                     await trio.sleep(self._retry_max)
-                    self._client, self._bucket = self._new_client()
+                    self._new_client()
 
     async def _first_probe(self) -> None:
         error = await self._probe()

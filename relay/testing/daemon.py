@@ -54,10 +54,20 @@ def toml_dumps(data: Mapping[str, Mapping[str, Any]]) -> str:
 def daemon_config(
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """A config for tests: port 0, generous limits, short drain; ``overrides`` win per key."""
+    """A config for tests: port 0, generous limits, short drain; ``overrides`` win per key.
+
+    Tests and benchmarks open many sessions from 127.0.0.1 with one token, so
+    the session caps are off or far away unless a test sets them.
+    """
     base: dict[str, dict[str, Any]] = {
         "server": {"bind": ["127.0.0.1:0"], "drain_seconds": 2, "log_level": "info"},
-        "limits": {"http_per_minute": 100000, "ws_upgrades_per_minute": 100000},
+        "limits": {
+            "http_per_minute": 100000,
+            "ws_upgrades_per_minute": 100000,
+            "sessions_per_ip": 100000,
+            "max_sessions": 100000,
+        },
+        "auth": {"sessions_per_token": 0},
         "openai": {"connect_timeout_seconds": 3},
     }
     for section, values in (overrides or {}).items():
