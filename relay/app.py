@@ -8,10 +8,11 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
+import trio
 from quart import Response, g, request
 from quart_trio import QuartTrio
 
-from relay.asgi_ws import Receive, Scope, Send
+from relay.asgi_ws import Message, Receive, Scope, Send
 from relay.guards import Refusal, client_ip, ip_allowed, rate_limit
 from relay.metrics import CONTENT_TYPE
 from relay.runtime import Runtime
@@ -114,8 +115,11 @@ def combine(
         if kind == "websocket":
             await websocket(scope, receive, send)
             return
-        if kind != "http" or scope["path"] in quart_paths:
+        if kind != "http":
             await http_app(cast(Any, scope), cast(Any, receive), cast(Any, send))
+            return
+        if scope["path"] in quart_paths:
+            await http_app(cast(Any, scope), cast(Any, receive), cast(Any, _ending_shielded(send)))
             return
         peer = scope.get("client") or ("", 0)
         forwarded = None
@@ -132,6 +136,30 @@ def combine(
         await _route(rt, ip, scope, send)
 
     return asgi
+
+
+def _ending_shielded(send: Send) -> Send:
+    """``send`` with the response's last message shielded from cancellation.
+
+    Quart-Trio runs a request as two tasks in a nursery and cancels that nursery
+    as soon as the response is sent. Hypercorn does the connection's end-of-response
+    work inside the ``send`` of the last body message: it tells the request task
+    the stream is over (which wakes Quart's message task, which cancels the nursery),
+    then re-arms the keep-alive timer or, for ``Connection: close``, closes the
+    socket. Both of those await, so the cancellation cuts them and the connection
+    stays open for good, whatever the status (README "Design notes"). Shielded,
+    the send runs to its end; it can only wait on Hypercorn's own socket write,
+    which Hypercorn already shields.
+    """
+
+    async def shielded(message: Message) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            with trio.CancelScope(shield=True):
+                await send(message)
+        else:
+            await send(message)
+
+    return shielded
 
 
 async def _route(rt: Runtime, ip: str, scope: Scope, send: Send) -> None:
