@@ -143,11 +143,11 @@ def _ending_shielded(send: Send) -> Send:
 
     Quart-Trio runs a request as two tasks in a nursery and cancels that nursery
     as soon as the response is sent. Hypercorn does the connection's end-of-response
-    work inside the ``send`` of the last body message: it tells the request task
-    the stream is over (which wakes Quart's message task, which cancels the nursery),
-    then re-arms the keep-alive timer or, for ``Connection: close``, closes the
-    socket. Both of those await, so the cancellation cuts them and the connection
-    stays open for good, whatever the status (README "Design notes"). Shielded,
+    work inside the ``send`` of the last body message: it queues ``http.disconnect``
+    for the app (Quart's message task wakes and cancels the nursery), then re-arms
+    the keep-alive timer or, for ``Connection: close``, closes the socket. Both of
+    those await, so the cancellation cuts them and the connection stays open for
+    good, whatever the status (README "Design notes"). Shielded,
     the send runs to its end; it can only wait on Hypercorn's own socket write,
     which Hypercorn already shields.
     """

@@ -85,7 +85,7 @@ class AcceptErrors(logging.Filter):
         exc = record.exc_info[1] if record.exc_info else None
         code = getattr(exc, "errno", None)
         name = errno.errorcode.get(code, str(code)) if isinstance(code, int) else "error"
-        record.msg = "accept failed (%s): out of descriptors, new connections wait in the backlog"
+        record.msg = "accept failed (%s): new connections wait in the listen backlog meanwhile"
         record.args = (name,)
         record.exc_info = None
         record.exc_text = None
