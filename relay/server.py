@@ -80,14 +80,21 @@ async def main(settings: Settings, *, notifier: Notifier | None = None) -> None:
     ).set_function(tasks.count)
     gate_app = FrontDoor(rt, client_runner, twilio_runner)
     # WebSocket upgrades are served on the socket itself; Hypercorn gets the rest.
-    Router(
+    router = Router(
         gate_app.serve,
         max_message=settings.limits.max_message_bytes,
         stall_seconds=settings.limits.stall_seconds,
         head_seconds=HEAD_SECONDS,
         max_connections=settings.limits.max_connections,
         refused=partial(_refused_connection, rt),
-    ).install()
+    )
+    router.install()
+    # Against limits.max_connections (and process_open_fds against process_max_fds).
+    Gauge(
+        "relay_connections_open",
+        "Live TCP connections, HTTP and WebSocket",
+        registry=rt.metrics.registry,
+    ).set_function(lambda: router.live)
     http_app = create_http_app(rt, *twilio_routes(rt, gate_app.gate))
     asgi = combine(rt, http_app, gate_app)
     try:

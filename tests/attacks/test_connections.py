@@ -314,6 +314,7 @@ async def test_max_connections_refuses_the_next_with_503() -> None:
                 await stream.aclose()
     assert status_of(text) == 200
     assert metric(text.decode(), 'relay_rejected_total{reason="max_connections"}') == 1.0
+    assert metric(text.decode(), "relay_connections_open ") == 9  # 8 silent ones and this
 
 
 async def test_serve_raises_its_soft_nofile_limit_to_the_hard_one() -> None:
