@@ -22,8 +22,8 @@ from collections.abc import Callable
 
 log = logging.getLogger("relay.server")
 
-# Descriptors the daemon needs besides its client connections: listeners, the
-# log, Redis, epoll, the upstream sockets of live sessions are on top of this.
+# Descriptors the daemon needs besides client connections (listeners, the log,
+# Redis, epoll, timers); each live session's upstream socket comes on top.
 RESERVE = 64
 # Errors closer together than this belong to one burst (Trio retries every 0.1 s).
 BURST_GAP = 5.0
