@@ -8,10 +8,11 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
+import trio
 from quart import Response, g, request
 from quart_trio import QuartTrio
 
-from relay.asgi_ws import Receive, Scope, Send
+from relay.asgi_ws import Message, Receive, Scope, Send
 from relay.guards import Refusal, client_ip, forwarded_lines, ip_allowed, ip_key, rate_limit
 from relay.metrics import CONTENT_TYPE
 from relay.runtime import Runtime
@@ -56,9 +57,9 @@ def create_http_app(
             settings.server.trusted_networks,
         )
         bucket = ip_key(g.client_ip, settings.limits.ipv6_prefix)
-        # Read the (bounded) body before any early answer: Quart-Trio cancels the
-        # request task while Hypercorn discards an unread body, which leaves a
-        # kept-alive connection open but dead.
+        # Read the (bounded) body before any early answer: an answer given while
+        # the body is still arriving leaves it unread, and the kept-alive
+        # connection could then carry no further request.
         await request.get_data()
         if request.path in twilio_routes and request.method == "POST" and await signed():
             return None
@@ -117,8 +118,11 @@ def combine(
         if kind == "websocket":
             await websocket(scope, receive, send)
             return
-        if kind != "http" or scope["path"] in quart_paths:
+        if kind != "http":
             await http_app(cast(Any, scope), cast(Any, receive), cast(Any, send))
+            return
+        if scope["path"] in quart_paths:
+            await http_app(cast(Any, scope), cast(Any, receive), cast(Any, _ending_shielded(send)))
             return
         peer = scope.get("client") or ("", 0)
         forwarded = forwarded_lines(scope["headers"])
@@ -133,6 +137,30 @@ def combine(
         await _route(rt, ip, scope, send)
 
     return asgi
+
+
+def _ending_shielded(send: Send) -> Send:
+    """``send`` with the response's last message shielded from cancellation.
+
+    Quart-Trio runs a request as two tasks in a nursery and cancels that nursery
+    as soon as the response is sent. Hypercorn does the connection's end-of-response
+    work inside the ``send`` of the last body message: it queues ``http.disconnect``
+    for the app (Quart's message task wakes and cancels the nursery), then re-arms
+    the keep-alive timer or, for ``Connection: close``, closes the socket. Both of
+    those await, so the cancellation cuts them and the connection stays open for
+    good, whatever the status (README "Design notes"). Shielded,
+    the send runs to its end; it can only wait on Hypercorn's own socket write,
+    which Hypercorn already shields.
+    """
+
+    async def shielded(message: Message) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            with trio.CancelScope(shield=True):
+                await send(message)
+        else:
+            await send(message)
+
+    return shielded
 
 
 async def _route(rt: Runtime, ip: str, scope: Scope, send: Send) -> None:

@@ -51,11 +51,16 @@ class Router:
         max_message: int,
         stall_seconds: float,
         head_seconds: float,
+        max_connections: int,
+        refused: Callable[[str], None] = lambda reason: None,
     ) -> None:
         self.handler = handler
         self.max_message = max_message
         self.stall_seconds = stall_seconds
         self.head_seconds = head_seconds
+        self.max_connections = max_connections
+        self.refused = refused  # told the reason of each refused connection (for metrics)
+        self.live = 0  # TCP connections being served, of every kind
 
     def install(self) -> None:
         def tcp_server(app: Any, config: Any, context: Any, state: Any, stream: Any) -> Any:
@@ -64,11 +69,28 @@ class Router:
         setattr(hypercorn_run, "TCPServer", tcp_server)  # noqa: B010
 
     async def serve(self, app: Any, config: Any, context: Any, state: Any, stream: Any) -> None:
+        """One accepted connection, counted while it lives (docs/contract.md §10)."""
+        if self.live >= self.max_connections:
+            # The fd is already spent; answering and closing at once gives it back
+            # and tells the client why instead of leaving it to time out.
+            self.refused("max_connections")
+            if isinstance(stream, trio.SocketStream):
+                await _refuse_raw(stream, 503, "too many connections")
+            else:
+                await trio.aclose_forcefully(stream)
+            return
+        self.live += 1
+        try:
+            await self._serve(app, config, context, state, stream)
+        finally:
+            self.live -= 1
+
+    async def _serve(self, app: Any, config: Any, context: Any, state: Any, stream: Any) -> None:
         if not isinstance(stream, trio.SocketStream):
             await _to_hypercorn(app, config, context, state, stream)  # TLS: all Hypercorn's
             return
         data = b""
-        with trio.move_on_after(self.head_seconds):
+        with trio.move_on_after(self.head_seconds) as waiting:
             try:
                 while _head_end(data) < 0 and len(data) < MAX_HEAD:
                     chunk = await stream.receive_some(MAX_HEAD)
@@ -78,6 +100,11 @@ class Router:
             except (trio.BrokenResourceError, OSError):
                 await trio.aclose_forcefully(stream)
                 return
+        if waiting.cancelled_caught:
+            # No whole head within head_seconds: the connection ends here (Hypercorn
+            # would give a part-sent head another keep-alive timeout).
+            await trio.aclose_forcefully(stream)
+            return
         end = _head_end(data)
         head = parse_head(data[:end]) if end >= 0 and data[end : end + 4] == b"\r\n\r\n" else None
         if head is None and end >= 0:
@@ -129,6 +156,9 @@ def _head_end(data: bytes) -> int:
 async def _refuse_raw(stream: trio.SocketStream, status: int, reason: str) -> None:
     with trio.move_on_after(5), contextlib.suppress(trio.BrokenResourceError, OSError):
         await stream.send_all(refusal_response(status, reason))
+        # FIN right behind the answer: closing with the request still unread sends a
+        # reset, and a reset that overtakes the answer would make the client lose it.
+        await stream.send_eof()
     await trio.aclose_forcefully(stream)
 
 

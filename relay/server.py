@@ -28,7 +28,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from prometheus_client import Gauge
 
-from relay import hypercorn_fix, tasks
+from relay import hypercorn_fix, nofile, tasks
 from relay.app import combine, create_http_app
 from relay.config import Settings
 from relay.listener import Router
@@ -64,6 +64,8 @@ def hypercorn_config(settings: Settings) -> HypercornConfig:
 async def main(settings: Settings, *, notifier: Notifier | None = None) -> None:
     """Serve until a signal; return once drained (exit status 0)."""
     hypercorn_fix.apply()  # before any connection: see the module for why
+    nofile.raise_nofile(settings.limits.max_connections)
+    nofile.quiet_accept_errors()
     liveness.sweeper()  # WebSocket liveness: one system task for every socket
     reactor.reactor()  # WebSocket readiness: one epoll set, one system task
     notifier = notifier or Notifier()
@@ -80,12 +82,21 @@ async def main(settings: Settings, *, notifier: Notifier | None = None) -> None:
     ).set_function(tasks.count)
     gate_app = FrontDoor(rt, client_runner, twilio_runner)
     # WebSocket upgrades are served on the socket itself; Hypercorn gets the rest.
-    Router(
+    router = Router(
         gate_app.serve,
         max_message=settings.limits.max_message_bytes,
         stall_seconds=settings.limits.stall_seconds,
         head_seconds=HEAD_SECONDS,
-    ).install()
+        max_connections=settings.limits.max_connections,
+        refused=partial(_refused_connection, rt),
+    )
+    router.install()
+    # Against limits.max_connections (and process_open_fds against process_max_fds).
+    Gauge(
+        "relay_connections_open",
+        "Live TCP connections, HTTP and WebSocket",
+        registry=rt.metrics.registry,
+    ).set_function(lambda: router.live)
     http_app = create_http_app(rt, *twilio_routes(rt, gate_app.gate))
     asgi = combine(rt, http_app, gate_app)
     try:
@@ -124,6 +135,13 @@ async def main(settings: Settings, *, notifier: Notifier | None = None) -> None:
         notifier.close()
         rt.refusal_log.flush()
     log.info("stopped")
+
+
+def _refused_connection(rt: Runtime, reason: str) -> None:
+    rt.metrics.reject(reason)
+    # No client address: at this cap the peer is often a proxy, and the refusal
+    # log's flood summary is what matters.
+    rt.refusal_log.note(reason, "", "too many connections")
 
 
 async def _watch_signals(rt: Runtime, notifier: Notifier, shutdown: trio.Event) -> None:

@@ -47,10 +47,8 @@ def twilio_routes(
             signature = request.headers.get("X-Twilio-Signature")
             ok = False
             try:
-                # The whole body is read before any answer, the guard's 429 too: an
-                # answer sent while the body is still arriving makes Quart-Trio cancel
-                # Hypercorn's close of the connection, which then hangs the next
-                # request a keep-alive client (or proxy) sends on it.
+                # The whole body is read before any answer, the guard's 429 too, so
+                # that a kept-alive connection (a proxy's) can carry the next request.
                 await request.get_data()
             except Exception:  # too large: the webhook itself answers that (413)
                 signature = None

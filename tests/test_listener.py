@@ -22,7 +22,7 @@ def test_hypercorn_still_looks_the_server_up_by_name() -> None:
         raise AssertionError
 
     try:
-        Router(handler, max_message=1, stall_seconds=1, head_seconds=1).install()
+        Router(handler, max_message=1, stall_seconds=1, head_seconds=1, max_connections=1).install()
         assert getattr(hypercorn_run, "TCPServer") is not original  # noqa: B009
     finally:
         setattr(hypercorn_run, "TCPServer", original)  # noqa: B010
