@@ -145,6 +145,8 @@ def form_refusal(form: Mapping[str, str], account_sid: str | None) -> Refusal | 
 
 # -- stream tokens (docs/contract.md §10) -----------------------------------------------------
 
+# Where Twilio connects a call's media stream: plain, or /twilio/media/<stream token>.
+MEDIA_PATH = "/twilio/media"
 # Twilio opens the media stream within a second or two of reading the TwiML.
 STREAM_TOKEN_SECONDS = 120
 _TWILIO_ORIGIN = "twilio"

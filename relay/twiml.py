@@ -11,9 +11,14 @@ from twilio.twiml.voice_response import Connect, Stream, VoiceResponse
 
 from relay.app import refusal_response, text
 from relay.runtime import Runtime
-from relay.twilio_auth import TwilioGate, form_refusal, mint_stream_token, public_ws_url
+from relay.twilio_auth import (
+    MEDIA_PATH,
+    TwilioGate,
+    form_refusal,
+    mint_stream_token,
+    public_ws_url,
+)
 
-MEDIA_PATH = "/twilio/media"
 # Characters XML 1.0 cannot carry even escaped (controls other than tab, LF, CR;
 # surrogates; U+FFFE/U+FFFF): Twilio's library copies values as they are.
 _NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")

@@ -13,12 +13,11 @@ from relay.asgi_ws import AsgiWebSocket, Receive, Scope, Send
 from relay.guards import Refusal, client_ip, rate_limit
 from relay.runtime import Runtime
 from relay.tokens import verify
-from relay.twilio_auth import TwilioGate, public_ws_url, verify_stream_token
+from relay.twilio_auth import MEDIA_PATH, TwilioGate, public_ws_url, verify_stream_token
 from relay.ws.peer import PeerSocket
 
 log = logging.getLogger("relay.upgrade")
 
-MEDIA_PATH = "/twilio/media"
 _MEDIA_PREFIX = MEDIA_PATH + "/"
 
 # The Twilio runner gets the CallSid the stream token names (None on plain /twilio/media).

@@ -19,10 +19,18 @@ import httpx
 import pytest
 import trio
 import trio_websocket
+from twilio.request_validator import RequestValidator
 
 from relay.config import decode_encryption_key
-from relay.testing.daemon import TEST_TWILIO_SID, TEST_TWILIO_TOKEN, Daemon, running_daemon
+from relay.testing.daemon import (
+    TEST_OPENAI_KEY,
+    TEST_TWILIO_SID,
+    TEST_TWILIO_TOKEN,
+    Daemon,
+    running_daemon,
+)
 from relay.testing.fake_realtime import FakeRealtime, fake_realtime
+from relay.testing.fake_twilio import fake_twilio
 from relay.testing.twilio_caller import StreamOrder, twilio_call, voice_webhook
 from relay.tokens import b64url_encode, mint
 from relay.twilio_auth import mint_stream_token
@@ -218,3 +226,54 @@ def test_stream_tokens_are_opaque() -> None:
     token = mint_stream_token(os.urandom(32), call)
     raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
     assert call.encode() not in raw and call not in token
+
+
+async def test_a_call_placed_by_at_call_connects_on_its_own_token(fake: FakeRealtime) -> None:
+    """The whole outbound path with require_stream_token on: @call → Twilio REST
+    (the fake records the call) → Twilio asks /twilio/voice → the stream connects
+    with that call's SID, and the parties reach the session."""
+    async with fake_twilio(
+        account_sid=TEST_TWILIO_SID, auth_token=TEST_TWILIO_TOKEN, openai_key=TEST_OPENAI_KEY
+    ) as rest:
+        cfg = config(fake, require_stream_token=True, api_base=rest.base_url)
+        cfg["openai"]["api_base"] = rest.openai_base
+        with trio.fail_after(TIMEOUT):
+            async with (
+                running_daemon(cfg) as d,
+                httpx.AsyncClient(base_url=d.http_url, timeout=10) as http,
+            ):
+                convo = rest.add_conversation(participants=["+14155550100"])
+                message = rest.add_message(convo.sid, "+14155550100", "@call 415-555-0123")
+                form = rest.message_added_form(convo.sid, message)
+                signature = RequestValidator(TEST_TWILIO_TOKEN).compute_signature(
+                    PUBLIC + "/twilio/convo", form
+                )
+                r = await http.post(
+                    "/twilio/convo", data=form, headers={"X-Twilio-Signature": signature}
+                )
+                assert r.status_code == 200
+                while not rest.calls:
+                    await trio.sleep(0.02)
+                [placed] = rest.calls
+                order = await voice_webhook(
+                    d.http_url,
+                    placed.voice_form(TEST_TWILIO_SID, answered_by="human"),
+                    public_url=PUBLIC,
+                    auth_token=TEST_TWILIO_TOKEN,
+                )
+                assert order.parameters["to"] == "+14155550123"
+                async with twilio_call(
+                    d.ws_url + order.path,
+                    public_url=order.url,
+                    auth_token=TEST_TWILIO_TOKEN,
+                    call_sid=placed.sid,
+                    account_sid=TEST_TWILIO_SID,
+                    custom_parameters=order.parameters,
+                    send_audio=False,
+                ) as c:
+                    await c.start()
+                    conn = await fake.wait_connection()
+                    await conn.wait_for("response.create")
+                    update = conn.events[0]
+                    assert update["type"] == "session.update"
+                assert "+14155550123" in d.log_text()
