@@ -1,4 +1,6 @@
-"""Twilio request signatures (``X-Twilio-Signature``), checked against ``public_url``.
+"""Is it really our Twilio? Request signatures (``X-Twilio-Signature``), checked
+against ``public_url``; the shape of the SIDs a signed form carries; the stream
+tokens that tie a media stream to the call whose TwiML named it.
 
 Behind a TLS proxy the daemon sees plain http on a private port, so the URL
 Twilio signed is rebuilt from ``server.public_url`` + path (+ query), never
@@ -7,12 +9,20 @@ from the request's own Host.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import binascii
+import os
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
 
+import orjson
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from twilio.request_validator import RequestValidator
 
 from relay.config import Settings
 from relay.guards import Refusal
+from relay.tokens import MAX_TOKEN_CHARS, NONCE_BYTES, b64url_decode, b64url_encode
 
 
 class _Form:
@@ -80,3 +90,98 @@ class TwilioGate:
         if not valid():
             return Refusal(403, "invalid twilio signature")
         return None
+
+
+# -- SID shapes (docs/contract.md §7) -------------------------------------------------------
+
+# The two letters each SID field Twilio sends must start with. Twilio's signature
+# is an HMAC over the sorted field names and values run together, so it cannot
+# tell where one field ends and the next begins: a captured form with a value
+# cut short or run on into its neighbour still verifies. A SID has one fixed
+# length, so no boundary next to one can move unseen.
+SID_PREFIXES: dict[str, str] = {
+    "AccountSid": "AC",
+    "CallSid": "CA",
+    "ParentCallSid": "CA",
+    "ConversationSid": "CH",
+    "MessageSid": "IM",
+    "ParticipantSid": "MB",
+    "ChatServiceSid": "IS",
+    "ConversationServiceSid": "IS",
+    "MessagingServiceSid": "MG",
+    "WebhookSid": "WH",
+    "RoleSid": "RL",
+    "ContentSid": "HX",
+    "ApplicationSid": "AP",
+}
+_SID_BODY = re.compile(r"\A[A-Z]{2}[0-9a-f]{32}\Z")
+
+
+def sid_shape_ok(field: str, value: str) -> bool:
+    """``value`` has the Twilio shape of ``field``: its two letters (any two upper-case
+    letters for a SID field not in :data:`SID_PREFIXES`) and 32 lower-case hex digits."""
+    if _SID_BODY.match(value) is None:
+        return False
+    prefix = SID_PREFIXES.get(field)
+    return prefix is None or value.startswith(prefix)
+
+
+def form_refusal(form: Mapping[str, str], account_sid: str | None) -> Refusal | None:
+    """A signed Twilio form that is not our account's (403) or carries a SID field of
+    the wrong shape (400); None when it may proceed. An empty value counts as absent
+    (Twilio sends unset fields empty). With no ``TWILIO_ACCOUNT_SID`` configured
+    (only possible with signatures off) there is nothing to compare AccountSid to."""
+    theirs = form.get("AccountSid")
+    # Not a secret (it rides in every form): a plain comparison, which unlike
+    # hmac.compare_digest takes any text a form may carry.
+    if theirs and account_sid and theirs != account_sid:
+        return Refusal(403, "AccountSid is not this account")
+    for name, value in form.items():
+        if name.endswith("Sid") and value and not sid_shape_ok(name, value):
+            # The name goes into the answer and the log: only one we know by name.
+            return Refusal(400, f"malformed {name}" if name in SID_PREFIXES else "malformed SID")
+    return None
+
+
+# -- stream tokens (docs/contract.md §10) -----------------------------------------------------
+
+# Where Twilio connects a call's media stream: plain, or /twilio/media/<stream token>.
+MEDIA_PATH = "/twilio/media"
+# Twilio opens the media stream within a second or two of reading the TwiML.
+STREAM_TOKEN_SECONDS = 120
+_TWILIO_ORIGIN = "twilio"
+
+
+def mint_stream_token(key: bytes, call_sid: str, *, now: float | None = None) -> str:
+    """The token of ``/twilio/media/<token>``: AES-GCM like a client token (§4), whose
+    claim names the call it is for and expires in :data:`STREAM_TOKEN_SECONDS`."""
+    issued = int(time.time() if now is None else now)
+    claim = {"origin": _TWILIO_ORIGIN, "call": call_sid, "exp": issued + STREAM_TOKEN_SECONDS}
+    nonce = os.urandom(NONCE_BYTES)
+    return b64url_encode(nonce + AESGCM(key).encrypt(nonce, orjson.dumps(claim), None))
+
+
+def verify_stream_token(
+    key: bytes, token: str, *, skew_seconds: int, now: float | None = None
+) -> tuple[str | None, str]:
+    """(the call the token is for, "") when it is valid; else (None, a one-line reason
+    that never holds the token). A client token is not a stream token (its origin)."""
+    if not token or len(token) > MAX_TOKEN_CHARS:
+        return None, "stream token missing or too long"
+    try:
+        raw = b64url_decode(token)
+        claims = orjson.loads(AESGCM(key).decrypt(raw[:NONCE_BYTES], raw[NONCE_BYTES:], None))
+    except (binascii.Error, ValueError, UnicodeEncodeError, InvalidTag):
+        # ValueError covers a short token (AESGCM) and claims that are not JSON.
+        return None, "stream token does not decrypt"
+    if not isinstance(claims, dict) or claims.get("origin") != _TWILIO_ORIGIN:
+        return None, "stream token origin is not twilio"
+    call, exp = claims.get("call"), claims.get("exp")
+    if not isinstance(call, str) or not call or isinstance(exp, bool) or not isinstance(exp, int):
+        return None, "stream token claims malformed"
+    current = time.time() if now is None else now
+    if current > exp + skew_seconds:
+        return None, "stream token expired"
+    if exp - current > STREAM_TOKEN_SECONDS + skew_seconds:
+        return None, "stream token lifetime too long"
+    return call, ""

@@ -1,18 +1,24 @@
-"""``POST /twilio/voice``: TwiML that connects a call to this relay's media stream (SPEC §6)."""
+"""``POST /twilio/voice``: TwiML that connects a call to this relay's media stream
+(docs/contract.md §6), on a URL that carries a stream token for that call (§10)."""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from quart import Response
 from twilio.twiml.voice_response import Connect, Stream, VoiceResponse
 
-from relay.app import refusal_response
+from relay.app import refusal_response, text
 from relay.runtime import Runtime
-from relay.twilio_auth import TwilioGate, public_ws_url
+from relay.twilio_auth import (
+    MEDIA_PATH,
+    TwilioGate,
+    form_refusal,
+    mint_stream_token,
+    public_ws_url,
+)
 
-MEDIA_PATH = "/twilio/media"
 # Characters XML 1.0 cannot carry even escaped (controls other than tab, LF, CR;
 # surrogates; U+FFFE/U+FFFF): Twilio's library copies values as they are.
 _NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
@@ -22,15 +28,19 @@ def xml_safe(value: str) -> str:
     return _NOT_XML.sub("", value)
 
 
-def connect_twiml(stream_url: str, direction: str, amd: str | None) -> str:
-    """``<Response><Connect><Stream url=…>`` with the call's direction and AMD result."""
+def connect_twiml(
+    stream_url: str, direction: str, amd: str | None, more: Sequence[tuple[str, str]] = ()
+) -> str:
+    """``<Response><Connect><Stream url=…>`` with the call's direction, AMD result
+    and ``more`` parameters (``from``, ``to``), each of these only when not empty."""
     response = VoiceResponse()
     connect = Connect()
     stream = Stream(url=stream_url)
     stream.parameter(name="direction", value=xml_safe(direction))
-    amd = xml_safe(amd) if amd else None
-    if amd:
-        stream.parameter(name="amd", value=amd)
+    for name, value in (("amd", amd or ""), *more):
+        value = xml_safe(value)
+        if value:
+            stream.parameter(name=name, value=value)
     connect.append(stream)
     response.append(connect)
     return str(response.to_xml(xml_declaration=True))
@@ -42,6 +52,8 @@ def voice_handler(
     signed: Callable[[], Awaitable[bool]],
     form_pairs: Callable[[], Awaitable[list[tuple[str, str]]]],
 ) -> Callable[[], Awaitable[Response]]:
+    s = rt.settings
+
     async def handle() -> Response:
         pairs = await form_pairs()
         # signed() already checked (and cached) the signature for the HTTP bucket.
@@ -51,9 +63,20 @@ def voice_handler(
             rt.metrics.reject("twilio_signature")
             return refusal_response(refusal)
         form = dict(pairs)
+        refusal = form_refusal(form, s.secrets.twilio_account_sid)
+        if refusal is not None:
+            rt.metrics.reject("twilio_form")
+            return refusal_response(refusal)
+        call = form.get("CallSid", "")
+        key = s.secrets.encryption_key
+        if not call or key is None:  # the key is there whenever serve runs
+            rt.metrics.reject("twilio_form")
+            return text("CallSid missing", 400)
         direction = form.get("Direction", "inbound") or "inbound"
         amd = form.get("AnsweredBy") or None
-        xml = connect_twiml(public_ws_url(rt.settings, MEDIA_PATH), direction, amd)
+        url = public_ws_url(s, f"{MEDIA_PATH}/{mint_stream_token(key, call)}")
+        parties = (("from", form.get("From", "")), ("to", form.get("To", "")))
+        xml = connect_twiml(url, direction, amd, parties)
         return Response(xml, content_type="text/xml; charset=utf-8")
 
     return handle

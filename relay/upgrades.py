@@ -14,21 +14,25 @@ from relay.guards import Refusal, client_ip, ip_key, rate_limit
 from relay.runtime import Runtime
 from relay.store.base import Lease
 from relay.tokens import token_id, verify
-from relay.twilio_auth import TwilioGate, public_ws_url
+from relay.twilio_auth import MEDIA_PATH, TwilioGate, public_ws_url, verify_stream_token
 from relay.ws.peer import PeerSocket
 
 log = logging.getLogger("relay.upgrade")
 
 AT_CAPACITY = Refusal(503, "server at capacity")
 
-SessionRunner = Callable[[Runtime, PeerSocket, str], Awaitable[None]]
+_MEDIA_PREFIX = MEDIA_PATH + "/"
+
+# The Twilio runner gets the CallSid the stream token names (None on plain /twilio/media).
+SessionRunner = Callable[[Runtime, PeerSocket, str, str | None], Awaitable[None]]
 ClientRunner = Callable[[Runtime, PeerSocket, str, str, str | None], Awaitable[None]]
 
 
 def is_twilio(ws: PeerSocket) -> bool:
     """Twilio allows no query string in a stream URL, so the path or headers identify it."""
     return (
-        ws.path == "/twilio/media"
+        ws.path == MEDIA_PATH
+        or ws.path.startswith(_MEDIA_PREFIX)
         or ws.query.get("mode") == "twilio"
         or "x-twilio-signature" in ws.headers
         or ws.headers.get("user-agent", "").startswith("Twilio.")
@@ -118,18 +122,50 @@ class FrontDoor:
             if not held.take_seat():
                 await self._refuse(ws, ip, "max_sessions", AT_CAPACITY)
                 return
-            url = public_ws_url(s, ws.path, ws.raw_query)
-            refusal = self.gate.check(url, [], ws.headers.get("x-twilio-signature"))
+            refusal, reason, call = self._twilio_checks(ws)
+            if refusal is not None and refusal.status == 403:
+                # Forged (or replayed past its token): such upgrades are not exempt
+                # from the per-IP upgrade bucket, so a flood of them meets a 429.
+                per_ip = ip_key(ip, s.limits.ipv6_prefix)
+                limited = await rate_limit(
+                    self.rt.store, f"ws:{per_ip}", s.limits.ws_upgrades_per_minute
+                )
+                if limited is not None:
+                    refusal, reason = limited, "ws_rate"
             if refusal is not None:
-                await self._refuse(ws, ip, "twilio_signature", refusal)
+                await self._refuse(ws, ip, reason, refusal)
                 return
-            await self._twilio(self.rt, ws, ip)
+            await self._twilio(self.rt, ws, ip, call)
             return
         refusal, reason, model, voice = await self._client_checks(ws, ip, held)
         if refusal is not None:
             await self._refuse(ws, ip, reason, refusal)
             return
         await self._client(self.rt, ws, ip, model, voice)
+
+    def _twilio_checks(self, ws: PeerSocket) -> tuple[Refusal | None, str, str | None]:
+        """(refusal, its metrics reason, the call the stream token names) for an
+        upgrade taken for Twilio's (docs/contract.md §6, §10)."""
+        s = self.rt.settings
+        url = public_ws_url(s, ws.path, ws.raw_query)
+        refusal = self.gate.check(url, [], ws.headers.get("x-twilio-signature"))
+        if refusal is not None:
+            return refusal, "twilio_signature", None
+        if not ws.path.startswith(_MEDIA_PREFIX):
+            # Plain /twilio/media, and any other stream taken for Twilio's by its
+            # query or headers: none carries a token.
+            if s.twilio.require_stream_token:
+                return Refusal(403, "stream token required"), "stream_token", None
+            return None, "", None
+        key = s.secrets.encryption_key
+        if key is None:  # serve does not start without it
+            return Refusal(403, "stream token cannot be checked"), "stream_token", None
+        call, problem = verify_stream_token(
+            key, ws.path[len(_MEDIA_PREFIX) :], skew_seconds=s.auth.clock_skew_seconds
+        )
+        if call is None:
+            return Refusal(403, problem), "stream_token", None
+        return None, "", call
 
     async def _client_checks(
         self, ws: PeerSocket, ip: str, held: Held

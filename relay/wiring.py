@@ -27,8 +27,8 @@ async def client_runner(
     await ClientSession(rt, ws, ip, model, voice).run()
 
 
-async def twilio_runner(rt: Runtime, ws: PeerSocket, ip: str) -> None:
-    await TwilioSession(rt, ws, ip).run()
+async def twilio_runner(rt: Runtime, ws: PeerSocket, ip: str, call: str | None) -> None:
+    await TwilioSession(rt, ws, ip, call).run()
 
 
 def twilio_routes(

@@ -57,7 +57,7 @@ async def test_a_failing_session_gives_back_its_seats_and_lease() -> None:
         assert store.leases(next(iter(store._leases))) == 1
         raise Boom
 
-    async def twilio(rt: Runtime, ws: PeerSocket, ip: str) -> None:
+    async def twilio(rt: Runtime, ws: PeerSocket, ip: str, call: str | None) -> None:
         raise AssertionError("not a Twilio upgrade")
 
     door = FrontDoor(rt, client, twilio)

@@ -6,7 +6,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.conversations.commands import Command, mentions_ai, normalize_number, parse_command
+from relay.conversations.commands import (
+    Command,
+    mentions_ai,
+    normalize_number,
+    parse_command,
+    split_targets,
+)
 
 # --- normalize_number ---------------------------------------------------------------------
 
@@ -287,3 +293,9 @@ def test_text_without_at_sign_is_never_a_command(body: str) -> None:
     if "@" not in body:
         assert parse_command(body) is None
         assert not mentions_ai(body)
+
+
+def test_split_targets_keeps_the_first_in_order() -> None:
+    numbers = tuple(f"+1415555010{n}" for n in range(8))
+    assert split_targets(numbers, 5) == (numbers[:5], numbers[5:])
+    assert split_targets(numbers[:2], 5) == (numbers[:2], ())

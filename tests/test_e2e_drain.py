@@ -51,7 +51,7 @@ async def test_drain_with_client_call_and_job() -> None:
             form = {
                 "EventType": "onMessageAdded",
                 "ConversationSid": convo.sid,
-                "MessageSid": "IM1",
+                "MessageSid": twilio.new_sid("IM"),  # a Twilio-shaped SID (400 else)
                 "Author": "+14155550100",
                 "Body": "hello there",
                 "Index": "0",

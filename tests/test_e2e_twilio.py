@@ -397,7 +397,13 @@ async def test_signatures(fake: FakeRealtime) -> None:
 
 
 async def test_voice_webhook_twiml(fake: FakeRealtime) -> None:
-    form = {"CallSid": "CA1", "Direction": "outbound-api", "AnsweredBy": "machine_end_beep"}
+    form = {
+        "CallSid": "CA" + "1" * 32,
+        "Direction": "outbound-api",
+        "AnsweredBy": "machine_end_beep",
+        "From": "+14082605145",
+        "To": "+14155550100",
+    }
     signature = RequestValidator(TEST_TWILIO_TOKEN).compute_signature(
         PUBLIC + "/twilio/voice", form
     )
@@ -407,9 +413,12 @@ async def test_voice_webhook_twiml(fake: FakeRealtime) -> None:
         )
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/xml")
-        assert '<Stream url="wss://relay.example.com/twilio/media">' in r.text
+        # The stream URL carries a stream token for this call (docs/contract.md §10).
+        assert '<Stream url="wss://relay.example.com/twilio/media/' in r.text
         assert '<Parameter name="direction" value="outbound-api" />' in r.text
         assert '<Parameter name="amd" value="machine_end_beep" />' in r.text
+        assert '<Parameter name="from" value="+14082605145" />' in r.text
+        assert '<Parameter name="to" value="+14155550100" />' in r.text
         assert "<Connect>" in r.text
         r = await http.post(d.http_url + "/twilio/voice", data=form)
         assert r.status_code == 403

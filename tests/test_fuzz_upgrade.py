@@ -374,6 +374,7 @@ def build(u: Upgrade, d: Daemon) -> Built:
     ua = (u.user_agent or b"").decode("latin-1")
     twilio = (
         path == "/twilio/media"
+        or path.startswith("/twilio/media/")
         or query.get("mode") == "twilio"
         or signature is not None
         or ua.startswith("Twilio.")
@@ -390,7 +391,14 @@ def build(u: Upgrade, d: Daemon) -> Built:
         ptoken, path_recipe = segments[1], TokenRecipe("raw", raw=segments[1])
     else:
         path_recipe = u.path_token if u.path_kind in ("token", "auth") else None
-    expect = _expect(u, twilio, raw_path != path, path_recipe if ptoken else None, query_recipe)
+    expect = _expect(
+        u,
+        twilio,
+        raw_path != path,
+        path_recipe if ptoken else None,
+        query_recipe,
+        stream_token=path.startswith("/twilio/media/"),
+    )
     return Built(
         data,
         ws_key_value,
@@ -434,15 +442,19 @@ def _expect(
     escaped_path: bool,
     path_recipe: TokenRecipe | None,
     query_recipe: TokenRecipe | None,
+    *,
+    stream_token: bool = False,
 ) -> frozenset[int]:
-    """The statuses the SPEC allows for ``u`` on a daemon with no rate limit in reach."""
+    """The statuses the SPEC allows for ``u`` on a daemon with no rate limit in reach.
+    ``stream_token``: the path is /twilio/media/<stream token> (§10), here never a
+    valid one (none is minted for these upgrades)."""
     if u.version != b"13":
         # No WebSocket version this server speaks: refused, or (not being an upgrade
         # it can take) answered as plain HTTP: 200 on /token/…, else 426 (SPEC §3).
         return frozenset({200, 400, 426})
     extra = {400} if _transport_may_refuse(u) else set()
     if twilio:
-        if u.signature != "valid":
+        if u.signature != "valid" or stream_token:
             return frozenset({403} | extra)
         # The signature is over the path as requested; whether the relay rebuilds the
         # URL from the raw or the decoded path, the SPEC does not say.
@@ -923,22 +935,26 @@ def test_upgrade_rate_limit_is_checked_first(
     env: Env, firsts: list[Upgrade], twilio: Upgrade, last: Upgrade, prefix: bytes
 ) -> None:
     """SPEC §5 check 1: past ws_upgrades_per_minute for its IP, any client upgrade is
-    429 + Retry-After, whatever else is wrong with it; Twilio's are not counted."""
+    429 + Retry-After, whatever else is wrong with it; Twilio's are not counted,
+    unless their signature or stream token fails (§10): then they are, and get 429."""
     env.ensure(env.limited)
     n = next(env.ips)
     ip = f"10.{(n >> 16) & 255}.{(n >> 8) & 255}.{n & 255}".encode()
     # The relay trusts 127.0.0.1: the last hop is the client, whatever comes before.
     xff = (prefix + b", " + ip) if prefix else ip
 
-    def one(u: Upgrade, expect: frozenset[int] | None = None) -> None:
+    def one(u: Upgrade, expect: frozenset[int] | None = None, *, empty: bool = False) -> None:
         clean = replace(u, forwarded_for=xff, version=b"13", key=None, host=None)
         b = build(clean, env.limited.daemon)
         env.secrets.extend(b.secrets)
-        send(env, env.limited, b, b.expect if expect is None else expect)
+        if expect is None:
+            # With the bucket empty, what would be a 403 for a Twilio upgrade is a 429.
+            expect = frozenset(429 if empty and s == 403 else s for s in b.expect)
+        send(env, env.limited, b, expect)
 
     for u in firsts:
         one(u)
-    one(twilio)  # exempt: its own answer
+    one(twilio, empty=True)  # valid: exempt, its own answer; forged: counted, 429
     one(last, frozenset({429}))
-    one(twilio)  # still exempt once the IP's bucket is empty
+    one(twilio, empty=True)  # the same once the IP's bucket is empty
     env.count("rate_limit", RATE + 3)

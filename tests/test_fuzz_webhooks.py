@@ -56,6 +56,7 @@ from relay.testing.fuzz import (
     request,
 )
 from relay.testing.portal import Held, Portal, trio_portal
+from relay.twilio_auth import SID_PREFIXES
 from relay.twiml import xml_safe
 
 PUBLIC = "https://relay.example.com"
@@ -69,7 +70,11 @@ CHAT_MODEL = "gpt-test-mini"
 ALICE, BOB, CAROL = "+14155550100", "+14155550101", "+14155550102"
 FORM = "application/x-www-form-urlencoded"
 PATHS = ("/twilio/convo", "/twilio/voice")
-SID = re.compile(r"\ACH[0-9a-fA-F]{32}\Z")
+SID = re.compile(r"\ACH[0-9a-f]{32}\Z")
+# §7: any SID field is two capitals and 32 lower-case hex digits, the capitals fixed
+# for the kinds Twilio documents (relay.twilio_auth.SID_PREFIXES names them).
+ANY_SID = re.compile(r"\A[A-Z]{2}[0-9a-f]{32}\Z")
+INDEX = re.compile(r"\A[0-9]{1,12}\Z")
 CONVO_EVENTS = 12  # limits.convo_events (the default), per 30 s
 HUGE = 1024 * 1024
 
@@ -486,21 +491,43 @@ class Verdict:
     convo: str = ""
 
 
+def form_verdict(form: dict[str, str]) -> tuple[str, int] | None:
+    """§7 on any signed Twilio form: not our account (forbidden, 403), or a SID field
+    of the wrong shape (malformed, 400); empty fields count as absent."""
+    account = form.get("AccountSid")
+    if account and account != TEST_TWILIO_SID:
+        return "forbidden", 403
+    for name, value in form.items():
+        if not name.endswith("Sid") or not value:
+            continue
+        if not ANY_SID.match(value) or not value.startswith(SID_PREFIXES.get(name, value[:2])):
+            return "malformed", 400
+    return None
+
+
 def judge(env: Env, pairs: Sequence[tuple[str, str]]) -> Verdict:
     """What SPEC §7 says of a validly signed form (keys unique)."""
     form = dict(pairs)
+    refused = form_verdict(form)
+    if refused is not None:
+        return Verdict(frozenset({refused[0]}), frozenset({refused[1]}))
     if form.get("EventType") != "onMessageAdded":
         return Verdict(frozenset({"ignored_event"}), frozenset({200}))
     if form.get("Author") == BOT:
         return Verdict(frozenset({"ignored_bot"}), frozenset({200}))
     convo = form.get("ConversationSid", "")
-    if not SID.match(convo):
-        # Not a Conversation SID: nothing to act on. §7 names no status for it.
-        return Verdict(frozenset({"malformed"}), frozenset({200, 400}))
-    key = form.get("MessageSid") or f"{convo}:{form.get('Index', '')}"
-    if key in env.seen:
+    index = form.get("Index", "")
+    if not convo or (index and not INDEX.match(index)):
+        # Nothing to act on (no conversation), or a position that is no number.
+        return Verdict(frozenset({"malformed"}), frozenset({400}))
+    # Dedupe on MessageSid and on ConversationSid:Index, each when present (a replay
+    # that dropped one still meets the other).
+    message = form.get("MessageSid", "")
+    keys = [k for k in (message, f"{convo}:{index}" if index else "") if k] or [f"{convo}:"]
+    seen = any(k in env.seen for k in keys)
+    env.seen.update(keys)
+    if seen:
         return Verdict(frozenset({"duplicate"}), frozenset({200}))
-    env.seen.add(key)
     now = time.monotonic()
     recent = env.takes.setdefault(convo, deque())
     while recent and recent[0] < now - 31:
@@ -736,23 +763,32 @@ def call_pairs(c: Call) -> list[tuple[str, str]]:
     return pairs + [kv for kv in c.extra if kv[0] not in ("Direction", "AnsweredBy")]
 
 
-def check_twiml(r: Response, direction: str | None, amd: str | None) -> None:
+def check_twiml(r: Response, form: dict[str, str], direction: str | None) -> None:
     """``direction`` None: any (an empty Direction may be passed on or read as inbound)."""
+    refused = form_verdict(form) or (None if form.get("CallSid") else ("no CallSid", 400))
+    if refused is not None:
+        assert r.status == refused[1], (r.status, r.body, form)
+        return
     assert r.status == 200, (r.status, r.body)
     assert (r.header("content-type") or "").startswith(("text/xml", "application/xml")), r.headers
     root = ET.fromstring(r.body)  # well-formed XML, or Twilio cannot run the call
     assert root.tag == "Response", r.body
     streams = root.findall("./Connect/Stream")
     assert len(streams) == 1, r.body
-    # SPEC §6: public_url with https→wss, path /twilio/media.
-    assert streams[0].get("url") == "wss://relay.example.com/twilio/media", r.body
+    # SPEC §6: public_url with https→wss, path /twilio/media/<stream token> (§10).
+    url = streams[0].get("url") or ""
+    base = "wss://relay.example.com/twilio/media/"
+    assert url.startswith(base) and len(url) > len(base) + 40, r.body
     params = {p.get("name"): p.get("value") for p in streams[0].findall("Parameter")}
     if direction is None:
         direction = params.get("direction")
-    # Characters XML cannot carry are dropped (relay.twiml.xml_safe); an AnsweredBy
-    # left empty by that is no AMD result.
-    amd = xml_safe(amd) if amd else None
-    expected = {"direction": xml_safe(direction or "")} | ({"amd": amd} if amd else {})
+    # Characters XML cannot carry are dropped (relay.twiml.xml_safe); an AnsweredBy,
+    # From or To left empty by that is not passed on.
+    expected = {"direction": xml_safe(direction or "")}
+    for name, field in (("amd", "AnsweredBy"), ("from", "From"), ("to", "To")):
+        value = xml_safe(form.get(field) or "")
+        if value:
+            expected[name] = value
     assert params == expected, (params, expected)
 
 
@@ -760,14 +796,15 @@ def check_twiml(r: Response, direction: str | None, amd: str | None) -> None:
 @given(c=calls)
 def test_signed_voice_webhooks_answer_twiml(env: Env, c: Call) -> None:
     """SPEC §6: TwiML connecting the call to this relay's stream, with ``direction``
-    (Twilio's Direction; inbound if it sent none) and ``amd`` (AnsweredBy, if any)."""
+    (Twilio's Direction; inbound if it sent none), ``amd`` (AnsweredBy, if any),
+    ``from`` and ``to``; §7's AccountSid and SID checks first."""
     env.ensure()
     env.count("voice", 1)
     pairs = call_pairs(c)
     body = urllib.parse.urlencode(pairs).encode()
     r, _ = post(env, "/twilio/voice", body, FORM, sign("/twilio/voice", pairs))
     direction = None if c.direction == "" else (c.direction or "inbound")
-    check_twiml(r, direction, c.answered_by or None)
+    check_twiml(r, dict(pairs), direction)
 
 
 # -- bodies that are not what Twilio sends ---------------------------------------------------
@@ -845,8 +882,7 @@ def test_odd_bodies(env: Env, path: str, e: Event, c: Call, odd: Odd) -> None:
     if r.status == 200 and path == "/twilio/voice" and odd.encoding != "repeated":
         form = dict(parsed)
         direction = form.get("Direction")
-        amd = form.get("AnsweredBy") or None
-        check_twiml(r, None if direction == "" else direction or "inbound", amd)
+        check_twiml(r, form, None if direction == "" else direction or "inbound")
     if r.status == 200 and path == "/twilio/convo":
         assert r.body == b"ok\n", r.body
         wait_jobs(env.daemon.port)

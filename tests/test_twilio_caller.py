@@ -16,10 +16,12 @@ from twilio.request_validator import RequestValidator
 
 from relay.testing.twilio_caller import (
     USER_AGENT,
+    parse_stream_twiml,
     pattern_frame,
     protocol_error,
     twilio_call,
 )
+from relay.twiml import connect_twiml
 
 TOKEN = "test-auth-token"
 PUBLIC = "wss://relay.example.com/twilio/media"
@@ -293,3 +295,13 @@ async def test_errors_in_the_body_propagate_unwrapped() -> None:
         with pytest.raises(KeyError):
             async with twilio_call(url, public_url=PUBLIC, auth_token=TOKEN):
                 raise KeyError("boom")
+
+
+def test_stream_order_read_from_twiml() -> None:
+    url = "wss://relay.example.com/twilio/media/TOKEN-abc_1"
+    xml = connect_twiml(url, "outbound-api", "human", (("from", "+14155550100"), ("to", "")))
+    order = parse_stream_twiml(xml, "CA" + "1" * 32)
+    assert order.url == url and order.path == "/twilio/media/TOKEN-abc_1"
+    assert order.parameters == {"direction": "outbound-api", "amd": "human", "from": "+14155550100"}
+    with pytest.raises(ValueError):
+        parse_stream_twiml("<Response><Say>hi</Say></Response>", "CA1")

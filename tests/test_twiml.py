@@ -23,3 +23,11 @@ def test_ordinary_values_are_kept_and_escaped() -> None:
     root = ET.fromstring(xml)
     (param,) = root.iter("Parameter")
     assert param.get("value") == 'a"<&>\tb'
+
+
+def test_from_and_to_are_parameters_when_twilio_sent_them() -> None:
+    xml = connect_twiml(
+        "wss://r.example/twilio/media/tok", "inbound", None, (("from", "+1415\x00"), ("to", ""))
+    )
+    params = {p.get("name"): p.get("value") for p in ET.fromstring(xml).iter("Parameter")}
+    assert params == {"direction": "inbound", "from": "+1415"}

@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["Command", "mentions_ai", "normalize_number", "parse_command"]
+__all__ = ["Command", "mentions_ai", "normalize_number", "parse_command", "split_targets"]
 
 _COMMAND = re.compile(r"\A\s*@(call|group)(?![\w@])\s*:?(.*)\Z", re.IGNORECASE | re.DOTALL)
 _AI_MENTION = re.compile(r"(?<![\w@.])@ai(?![\w@])", re.IGNORECASE)
@@ -60,6 +60,12 @@ def parse_command(body: str) -> Command | None:
             else:
                 _append_unique(unreadable, text)
     return Command(kind, tuple(numbers), tuple(unreadable))
+
+
+def split_targets(numbers: tuple[str, ...], limit: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(the first ``limit`` numbers, the rest): what one ``@call``/``@group`` may act on
+    (``twilio.max_call_targets``, docs/contract.md §7) and what it must refuse."""
+    return numbers[:limit], numbers[limit:]
 
 
 def mentions_ai(body: str) -> bool:

@@ -19,7 +19,13 @@ from werkzeug.exceptions import HTTPException
 
 from relay.app import refusal_response, text
 from relay.conversations.assistant import AssistantError, sms_reply
-from relay.conversations.commands import Command, mentions_ai, normalize_number, parse_command
+from relay.conversations.commands import (
+    Command,
+    mentions_ai,
+    normalize_number,
+    parse_command,
+    split_targets,
+)
 from relay.conversations.twilio_rest import (
     TwilioRest,
     create_group,
@@ -30,7 +36,7 @@ from relay.conversations.twilio_rest import (
     recent_messages,
 )
 from relay.runtime import Runtime
-from relay.twilio_auth import TwilioGate
+from relay.twilio_auth import TwilioGate, form_refusal
 
 log = logging.getLogger("relay.convo")
 
@@ -45,9 +51,9 @@ CHAT_DEADLINE_FACTOR = 3.0
 HISTORY = 20
 # Conversations known to have the bot; bounded so a flood of new ones cannot grow it.
 KNOWN_BOT_CACHE = 10_000
-# Twilio's Conversation SIDs. The SID is pasted into REST paths unescaped by the
-# twilio library, so anything else (``../``, ``?``) must never reach a job.
-CONVERSATION_SID = re.compile(r"\ACH[0-9a-fA-F]{32}\Z")
+# A message's position in its conversation: digits only, so that no other field
+# can be run into it under the same signature (see relay.twilio_auth.SID_PREFIXES).
+INDEX = re.compile(r"\A[0-9]{1,12}\Z")
 
 
 class ConvoJobs:
@@ -133,10 +139,13 @@ class ConvoJobs:
                 f"Usage: @{command.kind} followed by phone numbers, "
                 f"e.g. @{command.kind} 415-555-0100.{note}"
             )
+        # One message may name only so many (toll fraud): the first ones, in order.
+        numbers, refused = split_targets(command.numbers, s.twilio.max_call_targets)
+        parts = []
         if command.kind == "call":
             called: list[str] = []
             failed: list[str] = []
-            for number in command.numbers:
+            for number in numbers:
                 try:
                     await place_call(
                         self.rest.client, number, s.twilio.caller_id, s.twilio.voice_url
@@ -145,29 +154,33 @@ class ConvoJobs:
                 except TwilioException as exc:
                     log.warning("call failed: %s", getattr(exc, "code", ""), extra={"to": number})
                     failed.append(number)
-            parts = []
             if called:
                 parts.append(f"Calling {', '.join(called)}.")
             if failed:
                 parts.append(f"Could not call {', '.join(failed)}.")
-            if unreadable:
-                parts.append(f"I could not read: {unreadable}.")
-            return " ".join(parts)
-        author_number = normalize_number(author)
-        if author_number is None:
-            return "I can start a group only from a text message sent from a phone number."
-        await create_group(
-            self.rest.client,
-            author_address=author_number,
-            numbers=[n for n in command.numbers if n != author_number],
-            bot_identity=s.twilio.bot_identity,
-            projected_address=s.twilio.projected_address,
-            intro=s.twilio.intro_message,
-        )
-        reply = f"Started a group text with {', '.join(command.numbers)}."
+            verb = "call"
+        else:
+            author_number = normalize_number(author)
+            if author_number is None:
+                return "I can start a group only from a text message sent from a phone number."
+            await create_group(
+                self.rest.client,
+                author_address=author_number,
+                numbers=[n for n in numbers if n != author_number],
+                bot_identity=s.twilio.bot_identity,
+                projected_address=s.twilio.projected_address,
+                intro=s.twilio.intro_message,
+            )
+            parts.append(f"Started a group text with {', '.join(numbers)}.")
+            verb = "add"
+        if refused:
+            limit = s.twilio.max_call_targets
+            parts.append(
+                f"I {verb} at most {limit} numbers per message, so not: {', '.join(refused)}."
+            )
         if unreadable:
-            reply += f" I could not read: {unreadable}."
-        return reply
+            parts.append(f"I could not read: {unreadable}.")
+        return " ".join(parts)
 
     async def _ai_reply(self, convo: str, body: str) -> str | None:
         s = self.rt.settings
@@ -222,16 +235,23 @@ def convo_handler(
             rt.metrics.reject("twilio_signature")
             return refusal_response(refusal)
         form = dict(pairs)  # Twilio sends each key once; with repeats, the last wins
+        # Every SID has its shape before anything reads one: ConversationSid goes
+        # into REST paths unescaped by the twilio library, MessageSid into dedupe.
+        refusal = form_refusal(form, s.secrets.twilio_account_sid)
+        if refusal is not None:
+            counted.labels(outcome="forbidden" if refusal.status == 403 else "malformed").inc()
+            rt.metrics.reject("twilio_form")
+            return refusal_response(refusal)
         if form.get("EventType") != "onMessageAdded":
             return ok("ignored_event")
         if form.get("Author") == s.twilio.bot_identity:
             return ok("ignored_bot")
         convo = form.get("ConversationSid", "")
-        if not CONVERSATION_SID.match(convo):
+        index = form.get("Index", "")
+        if not convo or (index and not INDEX.match(index)):
             counted.labels(outcome="malformed").inc()
-            return text("missing or malformed ConversationSid", 400)
-        dedupe = form.get("MessageSid") or f"{convo}:{form.get('Index', '')}"
-        if not await rt.store.first_seen(f"dedupe:{dedupe}", s.limits.dedupe_seconds):
+            return text("missing ConversationSid or malformed Index", 400)
+        if not await _first_seen(rt, convo, form.get("MessageSid", ""), index):
             return ok("duplicate")
         verdict = await rt.store.take(
             f"convo:{convo}", s.limits.convo_events, s.limits.convo_window_seconds
@@ -251,6 +271,21 @@ def convo_handler(
         return ok("accepted")
 
     return handle
+
+
+async def _first_seen(rt: Runtime, convo: str, message: str, index: str) -> bool:
+    """Dedupe (docs/contract.md §7) on the MessageSid and on ConversationSid:Index,
+    each recorded when present: a replay that drops its MessageSid (run into the
+    field before it under the same signature) still meets the position the first
+    delivery left. With neither, ``ConversationSid:`` is the key, as before."""
+    window = rt.settings.limits.dedupe_seconds
+    keys = [k for k in (message, f"{convo}:{index}" if index else "") if k] or [f"{convo}:"]
+    fresh = True
+    for key in keys:
+        # Every key is taken, even after one was seen, so that each is on record
+        # for whichever spelling comes next.
+        fresh = await rt.store.first_seen(f"dedupe:{key}", window) and fresh
+    return fresh
 
 
 def _closing(response: Response) -> Response:

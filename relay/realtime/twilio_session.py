@@ -105,6 +105,11 @@ def _upstream_event(raw: str | bytes) -> tuple[Any, Any] | None:
         return None
 
 
+def _param(params: dict[str, Any], name: str) -> str | None:
+    value = params.get(name)
+    return value if isinstance(value, str) and value else None
+
+
 def _append_message(frames: list[str]) -> bytes:
     """The ``input_audio_buffer.append`` (JSON, UTF-8) carrying ``frames`` (base64
     audio), in order."""
@@ -119,10 +124,12 @@ def _append_message(frames: list[str]) -> bytes:
 
 
 class TwilioSession:
-    def __init__(self, rt: Runtime, ws: PeerSocket, ip: str) -> None:
+    def __init__(self, rt: Runtime, ws: PeerSocket, ip: str, call: str | None = None) -> None:
         self.rt = rt
         self.ws = ws
         self.ip = ip
+        # The CallSid the stream token names (None: no token): ``start`` must match it.
+        self.token_call = call
         s = rt.settings
         self.id = rt.new_session_id("twilio")
         self.dialect = rt_dialect.dialect_for(s.openai.dialect)
@@ -130,6 +137,10 @@ class TwilioSession:
         self.stream_sid: str | None = None
         self._sid_json = b'""'  # the stream sid as a JSON string, for the messages we build
         self.call_sid: str | None = None
+        # The parties (Twilio's From and To, via the TwiML's parameters), for logs and
+        # call events; whatever the stream's start said, so never trusted for access.
+        self.caller: str | None = None
+        self.callee: str | None = None
         self.voicemail = False
         # "closing": a final response (voicemail or goodbye) was asked for; the call
         # ends once it has been played. No caller audio, no barge-in meanwhile.
@@ -374,6 +385,12 @@ class TwilioSession:
         if self.stream_sid is not None:
             return  # Twilio sends one start per stream; a second is noise
         start = event["start"]
+        call_sid = start.get("callSid")
+        if self.token_call is not None and call_sid != self.token_call:
+            # A stream token is for one call: a replayed URL cannot carry another one.
+            # Nothing has gone upstream yet (it waits for start).
+            self._end(Ending("stream_token", 1008, "call does not match stream token", 1000))
+            return
         sid = event.get("streamSid") or start.get("streamSid")
         if not isinstance(sid, str) or not sid:
             return
@@ -382,8 +399,9 @@ class TwilioSession:
             params = {}
         self.stream_sid = sid
         self._sid_json = orjson.dumps(sid)
-        call_sid = start.get("callSid")
         self.call_sid = call_sid if isinstance(call_sid, str) else None
+        self.caller = _param(params, "from")
+        self.callee = _param(params, "to")
         s = self.rt.settings
         amd = str(params.get("amd") or "")
         direction = str(params.get("direction") or "inbound")
@@ -402,6 +420,8 @@ class TwilioSession:
                 "session": self.id,
                 "call_sid": self.call_sid,
                 "stream_sid": sid,
+                "from": self.caller,
+                "to": self.callee,
                 "direction": direction,
                 "amd": amd or None,
                 "voice": voice,

@@ -202,6 +202,22 @@ class FakeCall:
     async_amd: str | None
     form: list[tuple[str, str]]
 
+    def voice_form(self, account_sid: str, answered_by: str | None = None) -> dict[str, str]:
+        """The form Twilio POSTs to this call's ``Url`` once it is answered (an
+        outbound call's, with its AMD result if any): what ``/twilio/voice`` reads."""
+        form = {
+            "AccountSid": account_sid,
+            "ApiVersion": "2010-04-01",
+            "CallSid": self.sid,
+            "CallStatus": "in-progress",
+            "Direction": "outbound-api",
+            "From": self.from_,
+            "To": self.to,
+        }
+        if answered_by is not None:
+            form["AnsweredBy"] = answered_by
+        return form
+
     def to_json(self, account_sid: str) -> dict[str, Any]:
         uri = f"/2010-04-01/Accounts/{account_sid}/Calls/{self.sid}"
         return {
@@ -355,6 +371,24 @@ class FakeTwilio:
         )
         convo.messages.append(message)
         return message
+
+    def message_added_form(self, conversation_sid: str, message: FakeMessage) -> dict[str, str]:
+        """The ``onMessageAdded`` form Twilio POSTs to the webhook for ``message``
+        (fields as Twilio names them; empty ones left out), to sign and send."""
+        form = {
+            "AccountSid": self.account_sid,
+            "Author": message.author,
+            "Body": message.body or "",
+            "ConversationSid": conversation_sid,
+            "DateCreated": _EPOCH_ISO,
+            "EventType": "onMessageAdded",
+            "Index": str(message.index),
+            "MessageSid": message.sid,
+            "ParticipantSid": message.participant_sid or "",
+            "RetryCount": "0",
+            "Source": "SMS",
+        }
+        return {k: v for k, v in form.items() if v}
 
     # -- ASGI ---------------------------------------------------------------------------
 

@@ -8,6 +8,10 @@ the audio before it has played and, on ``clear``, dropping unplayed audio and
 echoing every pending mark at once. It records what the relay sent and what
 played when, so tests can check barge-in truncation against the truth.
 
+:func:`voice_webhook` plays the step before: Twilio asking ``/twilio/voice`` what to
+do with a call, and reading the stream URL (with its stream token) and parameters
+from the TwiML, so that the call connects as Twilio's would.
+
 Times are ``trio.current_time()`` seconds. Everything runs in the nursery of
 :func:`twilio_call`; nothing outlives the ``async with``.
 """
@@ -26,7 +30,9 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
+from xml.etree import ElementTree
 
+import httpx
 import orjson
 import trio
 import trio_websocket
@@ -421,6 +427,61 @@ def _sole_error(group: BaseExceptionGroup[BaseException]) -> BaseException | Non
         elif not isinstance(exc, trio.Cancelled):
             leaves.append(exc)
     return leaves[0] if len(leaves) == 1 else None
+
+
+@dataclass(frozen=True)
+class StreamOrder:
+    """What ``POST /twilio/voice`` told Twilio: the stream URL (public, with its
+    stream token) and the ``<Parameter>``s, for the call ``call_sid``."""
+
+    url: str
+    parameters: dict[str, str]
+    call_sid: str
+
+    @property
+    def path(self) -> str:
+        """The URL's path (``/twilio/media/<stream token>``), to dial the relay locally."""
+        return urllib.parse.urlsplit(self.url).path
+
+
+def parse_stream_twiml(xml: str | bytes, call_sid: str) -> StreamOrder:
+    """The ``<Connect><Stream>`` of a TwiML answer; ValueError if it has none."""
+    root = ElementTree.fromstring(xml)
+    stream = root.find("./Connect/Stream")
+    url = stream.get("url") if stream is not None else None
+    if stream is None or not url:
+        raise ValueError("no <Connect><Stream url=…> in the TwiML")
+    parameters = {str(p.get("name")): str(p.get("value", "")) for p in stream.findall("Parameter")}
+    return StreamOrder(url, parameters, call_sid)
+
+
+async def voice_webhook(
+    http_url: str,
+    form: Mapping[str, str],
+    *,
+    public_url: str,
+    auth_token: str,
+) -> StreamOrder:
+    """Play Twilio answering a call: POST ``form`` (it must hold ``CallSid``) to the
+    relay's ``/twilio/voice`` at ``http_url``, signed for ``public_url`` (the relay's
+    ``server.public_url``), and read the stream order from the TwiML.
+
+        order = await voice_webhook(d.http_url, {"CallSid": sid, …}, public_url=…, auth_token=…)
+        async with twilio_call(d.ws_url + order.path, public_url=order.url,
+                               call_sid=order.call_sid,
+                               custom_parameters=order.parameters, …) as call:
+
+    Raises ``httpx.HTTPStatusError`` when the relay refuses the webhook.
+    """
+    signature = RequestValidator(auth_token).compute_signature(
+        public_url.rstrip("/") + "/twilio/voice", dict(form)
+    )
+    async with httpx.AsyncClient(timeout=10) as http:
+        response = await http.post(
+            http_url + "/twilio/voice", data=dict(form), headers={"X-Twilio-Signature": signature}
+        )
+    response.raise_for_status()
+    return parse_stream_twiml(response.content, form["CallSid"])
 
 
 @asynccontextmanager
