@@ -12,12 +12,20 @@ the client and only by the client, control frames unfragmented and ≤ 125 bytes
 continuation only inside a fragmented message, text valid UTF-8 (1007), a
 message no larger than ``max_message`` (1009, detected from the header, before
 its payload is buffered), valid close codes and reasons.
+
+Budgets against hostile peers (docs/contract.md §10), plain int arithmetic:
+every frame of a message after the first costs 16 bytes on top of its payload,
+so no run of tiny or empty fragments grows memory or burns CPU past
+``max_message`` (1009); more than ``CONTROL_BUDGET`` control frames (ping,
+pong) within ``CONTROL_WINDOW`` seconds close with 1008.
 """
 
 from __future__ import annotations
 
 import os
 import struct
+import time
+from array import array
 from collections import deque
 from collections.abc import Callable
 
@@ -34,6 +42,14 @@ except ImportError:  # pragma: no cover - a platform without its wheel and no co
     _c_mask = None  # type: ignore[assignment]
 
 CONT, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+
+# What each frame of a message after the first costs against max_message on top
+# of its payload (docs/contract.md §10): about what it costs us to parse one.
+FRAGMENT_COST = 16
+# More than this many control frames from one peer within CONTROL_WINDOW seconds
+# close the connection with 1008 (docs/contract.md §10).
+CONTROL_BUDGET = 1000
+CONTROL_WINDOW = 10.0
 
 _U16 = struct.Struct("!H")
 _U64 = struct.Struct("!Q")
@@ -123,23 +139,51 @@ class FrameParser:
     """Feed it bytes; complete messages land in ``messages``; control frames are
     returned by :meth:`feed` as ``(opcode, payload)`` for the connection to act on."""
 
-    __slots__ = ("_buf", "_frag", "_frag_len", "_frag_op", "_masked", "max_message", "messages")
+    __slots__ = (
+        "_buf",
+        "_clock",
+        "_ctl_next",
+        "_ctl_times",
+        "_frag",
+        "_frag_cost",
+        "_frag_op",
+        "_masked",
+        "max_message",
+        "messages",
+    )
 
-    def __init__(self, *, masked: bool, max_message: int) -> None:
+    def __init__(
+        self,
+        *,
+        masked: bool,
+        max_message: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._masked = masked  # frames from the peer must be masked (we are the server)
         self.max_message = max_message
         # Bytes of an incomplete frame; a bytearray so that a large frame arriving in
         # many reads is accumulated in amortised linear time, not copied per read.
         self._buf = bytearray()
-        self._frag: list[bytes] = []
-        self._frag_len = 0
+        # The payload of a fragmented message so far, in one buffer: memory is its
+        # length, not an object per fragment.
+        self._frag = bytearray()
+        # What the fragmented message being reassembled counts against max_message:
+        # its payload so far plus FRAGMENT_COST for each frame after the first,
+        # including the next one (a message that is not finished has one more
+        # frame to come), so a frame's header check needs no condition; 0 if none.
+        self._frag_cost = 0
         self._frag_op = 0  # opcode of the message being reassembled, 0 if none
         self.messages: deque[str | bytes] = deque()
+        self._clock = clock
+        # Arrival times of the last CONTROL_BUDGET control frames, a ring (made on
+        # the first one: most peers never send any); _ctl_next is the oldest.
+        self._ctl_times: array[float] | None = None
+        self._ctl_next = 0
 
     @property
     def buffered(self) -> int:
         """Bytes held for an incomplete frame or message (bounded by max_message)."""
-        return len(self._buf) + self._frag_len
+        return len(self._buf) + len(self._frag)
 
     def feed(self, data: bytes | bytearray) -> list[tuple[int, bytes]]:
         if self._buf:
@@ -174,7 +218,7 @@ class FrameParser:
             if opcode >= 8:
                 if not b0 & 0x80 or length > 125:
                     raise ProtocolError(1002, "control frame fragmented or too long")
-            elif length + self._frag_len > self.max_message:
+            elif length + self._frag_cost > self.max_message:
                 # Known from the header alone: the payload is never buffered.
                 raise ProtocolError(1009, "message too big")
             if masked:
@@ -190,12 +234,14 @@ class FrameParser:
                 payload = bytes(data[head:end])  # no copy when data is bytes
             pos = end
             if opcode >= 8:
-                if opcode not in (CLOSE, PING, PONG):
-                    raise ProtocolError(1002, "unknown control opcode")
-                controls.append((opcode, payload))
                 if opcode == CLOSE:
+                    controls.append((opcode, payload))
                     pos = size  # nothing after a close counts
                     break
+                if opcode not in (PING, PONG):
+                    raise ProtocolError(1002, "unknown control opcode")
+                self._count_control()
+                controls.append((opcode, payload))
                 continue
             self._data_frame(opcode, bool(b0 & 0x80), payload)
         if pos >= size:
@@ -205,24 +251,46 @@ class FrameParser:
             self._buf = bytearray(data[pos:])
         return controls
 
+    def _count_control(self) -> None:
+        """A ping or pong arrived: over budget if the one CONTROL_BUDGET frames
+        before it came less than CONTROL_WINDOW seconds ago (a sliding window)."""
+        now = self._clock()
+        times = self._ctl_times
+        if times is None:
+            times = self._ctl_times = array("d", [float("-inf")]) * CONTROL_BUDGET
+        i = self._ctl_next
+        if now - times[i] < CONTROL_WINDOW:
+            raise ProtocolError(1008, "too many control frames")
+        times[i] = now
+        i += 1
+        self._ctl_next = 0 if i == CONTROL_BUDGET else i
+
     def _data_frame(self, opcode: int, fin: bool, payload: bytes) -> None:
         if opcode == CONT:
             if not self._frag_op:
                 raise ProtocolError(1002, "continuation without a message")
-            self._frag.append(payload)
-            self._frag_len += len(payload)
+            self._frag += payload
             if not fin:
+                self._frag_cost += len(payload) + FRAGMENT_COST  # and the next frame's
                 return
             opcode = self._frag_op
-            payload = b"".join(self._frag)
-            self._frag, self._frag_len, self._frag_op = [], 0, 0
-        elif opcode in (TEXT, BINARY):
+            whole = self._frag
+            self._frag, self._frag_cost, self._frag_op = bytearray(), 0, 0
+            if opcode == TEXT:
+                try:
+                    self.messages.append(whole.decode("utf-8"))
+                except UnicodeDecodeError:
+                    raise ProtocolError(1007, "text is not valid UTF-8") from None
+            else:
+                self.messages.append(bytes(whole))
+            return
+        if opcode in (TEXT, BINARY):
             if self._frag_op:
                 raise ProtocolError(1002, "new message inside a fragmented one")
             if not fin:
                 self._frag_op = opcode
-                self._frag = [payload]
-                self._frag_len = len(payload)
+                self._frag += payload
+                self._frag_cost = len(payload) + FRAGMENT_COST
                 return
         else:
             raise ProtocolError(1002, "unknown data opcode")
