@@ -25,11 +25,22 @@ from typing import Any
 import hypercorn.trio.run as hypercorn_run
 import trio
 
-from relay.ws.handshake import MAX_HEAD, key_problem, parse_head, refusal_response
+from relay.ws.handshake import (
+    MAX_HEAD,
+    HeadError,
+    RequestHead,
+    parse_head,
+    refusal_response,
+    upgrade_problem,
+)
 from relay.ws.server import ServerWebSocket
 from relay.ws.transport import Transport
 
 log = logging.getLogger("relay.listener")
+
+# After a refused head: how long, and how much, is read before closing.
+REFUSAL_LINGER = 1.0
+REFUSAL_DRAIN = 256 * 1024
 
 WebSocketHandler = Callable[[ServerWebSocket], Awaitable[None]]
 
@@ -79,12 +90,14 @@ class Router:
                 await trio.aclose_forcefully(stream)
                 return
         end = _head_end(data)
-        head = parse_head(data[:end]) if end >= 0 and data[end : end + 4] == b"\r\n\r\n" else None
-        if head is None and end >= 0:
-            # A head that is complete but not valid HTTP/1.1 (bare LF line ends, a
-            # target without "/", a header without a colon...): answered here,
-            # because Hypercorn's WebSocket path crashes on several such heads.
-            await _refuse_raw(stream, 400, "malformed request")
+        try:
+            head = _complete_head(data, end)
+        except HeadError as err:
+            # Refused here whatever the request: too big (431), or complete but not
+            # valid HTTP/1.1 (bare LF line ends or a bare CR/LF inside a line, a
+            # target without "/", a header without a colon...), which Hypercorn's
+            # WebSocket path crashes on or h11 reads differently.
+            await _refuse_raw(stream, err.status, err.reason)
             return
         if head is not None and head.asks_websocket and not head.is_websocket_upgrade:
             await _refuse_raw(stream, 400, "malformed WebSocket upgrade")  # same reason
@@ -107,7 +120,7 @@ class Router:
                 stall_seconds=self.stall_seconds,
                 buffered=data[end + 4 :],
             )
-            problem = key_problem(head)
+            problem = upgrade_problem(head)
             if problem is not None:
                 status, reason = problem
                 extra = (("sec-websocket-version", "13"),) if status == 426 else ()
@@ -116,6 +129,18 @@ class Router:
             await self.handler(ws)
         finally:
             transport.close()
+
+
+def _complete_head(data: bytes, end: int) -> RequestHead | None:
+    """The head in ``data`` if it is complete, None if not (the client stopped or
+    was too slow: Hypercorn answers that); :class:`HeadError` if it is refused."""
+    if end + 4 > MAX_HEAD or (end < 0 and len(data) >= MAX_HEAD):
+        raise HeadError(431, f"request head over {MAX_HEAD // 1024} KiB")
+    if end < 0:
+        return None
+    if data[end : end + 4] != b"\r\n\r\n":
+        raise HeadError(400, "malformed request (bare LF line ends)")
+    return parse_head(data[:end])
 
 
 def _head_end(data: bytes) -> int:
@@ -129,6 +154,14 @@ def _head_end(data: bytes) -> int:
 async def _refuse_raw(stream: trio.SocketStream, status: int, reason: str) -> None:
     with trio.move_on_after(5), contextlib.suppress(trio.BrokenResourceError, OSError):
         await stream.send_all(refusal_response(status, reason))
+        # A socket closed with unread input (the rest of a huge head) sends an RST,
+        # which can destroy the answer before the client reads it: half-close, and
+        # read briefly what is still in flight.
+        await stream.send_eof()
+        with trio.move_on_after(REFUSAL_LINGER):
+            for _ in range(REFUSAL_DRAIN // MAX_HEAD):
+                if not await stream.receive_some(MAX_HEAD):
+                    break
     await trio.aclose_forcefully(stream)
 
 
