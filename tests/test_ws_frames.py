@@ -182,6 +182,27 @@ def test_a_run_of_empty_fragments_is_refused_without_growing() -> None:
     assert info.value.code == 1009
 
 
+def test_after_an_error_the_peers_close_is_found_without_keeping_payloads() -> None:
+    parser = FrameParser(masked=True, max_message=100)
+    big = encode(BINARY, b"y" * 70_000, mask=True)
+    after = encode(TEXT, b"z" * 300, mask=True) + encode(PING, b"p", mask=True)
+    close = encode(CLOSE, b"\x03\xe8", mask=True)
+    with pytest.raises(ProtocolError) as info:
+        parser.feed(big[:1000])  # 1009 from the header; the payload is still coming
+    assert info.value.code == 1009
+    wire = big[1000:] + after + close
+    found = [parser.skim_for_close(wire[i : i + 777]) for i in range(0, len(wire), 777)]
+    assert found[-1] is True and not any(found[:-1])
+    assert parser.buffered < 16  # at most a frame header between reads
+
+
+def test_after_a_framing_error_there_is_no_close_to_find() -> None:
+    parser = FrameParser(masked=True, max_message=100)
+    with pytest.raises(ProtocolError):
+        parser.feed(bytes([0x81 | 0x40, 0x80, 0, 0, 0, 0]))  # RSV1: nothing after is framed
+    assert parser.skim_for_close(encode(CLOSE, b"", mask=True)) is None
+
+
 def pings(n: int, opcode: int = PING) -> bytes:
     return encode(opcode, b"", mask=True) * n
 

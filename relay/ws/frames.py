@@ -56,12 +56,17 @@ _U64 = struct.Struct("!Q")
 
 
 class ProtocolError(Exception):
-    """The peer broke RFC 6455 (or the size limit); ``code`` is what to close with."""
+    """The peer broke RFC 6455 (or a budget); ``code`` is what to close with.
 
-    def __init__(self, code: int, reason: str) -> None:
+    ``skip``: the input is still framed: the offending frame's bytes still to
+    pass over from where it began (0 when it was whole); None when framing
+    itself is broken. :meth:`FrameParser.skim_for_close` uses it."""
+
+    def __init__(self, code: int, reason: str, skip: int | None = 0) -> None:
         super().__init__(code, reason)
         self.code = code
         self.reason = reason
+        self.skip = skip
 
 
 def unmask_py(payload: bytes | bytearray, key: bytes) -> bytes:
@@ -148,6 +153,7 @@ class FrameParser:
         "_frag_cost",
         "_frag_op",
         "_masked",
+        "_skip",
         "max_message",
         "messages",
     )
@@ -179,6 +185,7 @@ class FrameParser:
         # the first one: most peers never send any); _ctl_next is the oldest.
         self._ctl_times: array[float] | None = None
         self._ctl_next = 0
+        self._skip: int | None = None  # set by an error: see skim_for_close
 
     @property
     def buffered(self) -> int:
@@ -193,63 +200,108 @@ class FrameParser:
         pos = 0
         size = len(data)
         masked = self._masked
-        while size - pos >= 2:
-            b0 = data[pos]
-            b1 = data[pos + 1]
-            if b0 & 0x70:
-                raise ProtocolError(1002, "reserved bits set")
-            if bool(b1 & 0x80) is not masked:
-                raise ProtocolError(1002, "frame masking is wrong for this side")
-            opcode = b0 & 0x0F
-            length = b1 & 0x7F
-            head = pos + 2
-            if length == 126:
-                if size - head < 2:
+        try:
+            while size - pos >= 2:
+                b0 = data[pos]
+                b1 = data[pos + 1]
+                if b0 & 0x70:
+                    raise ProtocolError(1002, "reserved bits set", None)
+                if bool(b1 & 0x80) is not masked:
+                    raise ProtocolError(1002, "frame masking is wrong for this side", None)
+                opcode = b0 & 0x0F
+                length = b1 & 0x7F
+                head = pos + 2
+                if length == 126:
+                    if size - head < 2:
+                        break
+                    length = _U16.unpack_from(data, head)[0]
+                    head += 2
+                elif length == 127:
+                    if size - head < 8:
+                        break
+                    length = _U64.unpack_from(data, head)[0]
+                    head += 8
+                    if length >> 63:
+                        raise ProtocolError(1002, "frame length out of range", None)
+                if opcode >= 8:
+                    if not b0 & 0x80 or length > 125:
+                        raise ProtocolError(1002, "control frame fragmented or too long", None)
+                elif length + self._frag_cost > self.max_message:
+                    # Known from the header alone: the payload is never buffered.
+                    frame = head - pos + (4 if masked else 0) + length
+                    raise ProtocolError(1009, "message too big", frame)
+                if masked:
+                    if size - head < 4:
+                        break
+                    head += 4
+                end = head + length
+                if end > size:
                     break
-                length = _U16.unpack_from(data, head)[0]
-                head += 2
-            elif length == 127:
-                if size - head < 8:
-                    break
-                length = _U64.unpack_from(data, head)[0]
-                head += 8
-                if length >> 63:
-                    raise ProtocolError(1002, "frame length out of range")
-            if opcode >= 8:
-                if not b0 & 0x80 or length > 125:
-                    raise ProtocolError(1002, "control frame fragmented or too long")
-            elif length + self._frag_cost > self.max_message:
-                # Known from the header alone: the payload is never buffered.
-                raise ProtocolError(1009, "message too big")
-            if masked:
-                if size - head < 4:
-                    break
-                head += 4
-            end = head + length
-            if end > size:
-                break
-            if masked:
-                payload = unmask(data[head:end], bytes(data[head - 4 : head]))
-            else:
-                payload = bytes(data[head:end])  # no copy when data is bytes
-            pos = end
-            if opcode >= 8:
-                if opcode == CLOSE:
+                if masked:
+                    payload = unmask(data[head:end], bytes(data[head - 4 : head]))
+                else:
+                    payload = bytes(data[head:end])  # no copy when data is bytes
+                pos = end
+                if opcode >= 8:
+                    if opcode == CLOSE:
+                        controls.append((opcode, payload))
+                        pos = size  # nothing after a close counts
+                        break
+                    if opcode not in (PING, PONG):
+                        raise ProtocolError(1002, "unknown control opcode")
+                    self._count_control()
                     controls.append((opcode, payload))
-                    pos = size  # nothing after a close counts
-                    break
-                if opcode not in (PING, PONG):
-                    raise ProtocolError(1002, "unknown control opcode")
-                self._count_control()
-                controls.append((opcode, payload))
-                continue
-            self._data_frame(opcode, bool(b0 & 0x80), payload)
+                    continue
+                self._data_frame(opcode, bool(b0 & 0x80), payload)
+        except ProtocolError as err:
+            # Kept so that the peer's close frame can still be found after ours.
+            self._skip = err.skip
+            self._buf = bytearray(data[pos:]) if err.skip is not None else bytearray()
+            raise
         if pos >= size:
             if data is self._buf:
                 self._buf = bytearray()
         elif pos or data is not self._buf:
             self._buf = bytearray(data[pos:])
         return controls
+
+    def skim_for_close(self, data: bytes) -> bool | None:
+        """After a :class:`ProtocolError` (once we sent our close): whether the
+        peer's close frame is in what arrived so far, passing over every other
+        frame without keeping its payload; None if its input cannot be framed.
+
+        Why: once the peer has answered our close, the closing handshake is
+        complete and we close the TCP connection first (RFC 6455 §7.1.1);
+        waiting for its FIN instead costs a peer that waits for ours (a
+        client, as §7.1.1 tells it to) up to the close timeout."""
+        skip = self._skip
+        if skip is None:
+            return None
+        buf = self._buf
+        buf += data
+        pos = min(skip, len(buf))
+        skip -= pos
+        found = False
+        while not skip and len(buf) - pos >= 2:
+            b1 = buf[pos + 1]
+            length, head = b1 & 0x7F, pos + 2
+            if length == 126:
+                if len(buf) - head < 2:
+                    break
+                length, head = _U16.unpack_from(buf, head)[0], head + 2
+            elif length == 127:
+                if len(buf) - head < 8:
+                    break
+                length, head = _U64.unpack_from(buf, head)[0], head + 8
+            if buf[pos] & 0x0F == CLOSE:
+                found = True
+                break
+            end = head + (4 if b1 & 0x80 else 0) + length
+            pos = min(end, len(buf))
+            skip = end - pos
+        del buf[:pos]  # at most a frame header is kept between reads
+        self._skip = skip
+        return found
 
     def _count_control(self) -> None:
         """A ping or pong arrived: over budget if the one CONTROL_BUDGET frames
