@@ -140,15 +140,41 @@ def valid_close_code(code: int) -> bool:
     return 1000 <= code <= 1014 or 3000 <= code <= 4999
 
 
+class ControlBudget:
+    """More than CONTROL_BUDGET control frames within CONTROL_WINDOW seconds, exactly
+    (a sliding window): the arrival times of the last CONTROL_BUDGET, in a ring
+    made on the first one (most peers never send any)."""
+
+    __slots__ = ("_clock", "_next", "_times")
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._times: array[float] | None = None
+        self._next = 0  # the oldest of the ring
+
+    def spend(self) -> bool:
+        """A ping or pong arrived: True if it is one too many (the one
+        CONTROL_BUDGET before it came less than CONTROL_WINDOW seconds ago)."""
+        now = self._clock()
+        times = self._times
+        if times is None:
+            times = self._times = array("d", [float("-inf")]) * CONTROL_BUDGET
+        i = self._next
+        if now - times[i] < CONTROL_WINDOW:
+            return True
+        times[i] = now
+        i += 1
+        self._next = 0 if i == CONTROL_BUDGET else i
+        return False
+
+
 class FrameParser:
     """Feed it bytes; complete messages land in ``messages``; control frames are
     returned by :meth:`feed` as ``(opcode, payload)`` for the connection to act on."""
 
     __slots__ = (
         "_buf",
-        "_clock",
-        "_ctl_next",
-        "_ctl_times",
+        "_control_budget",
         "_frag",
         "_frag_cost",
         "_frag_op",
@@ -180,11 +206,7 @@ class FrameParser:
         self._frag_cost = 0
         self._frag_op = 0  # opcode of the message being reassembled, 0 if none
         self.messages: deque[str | bytes] = deque()
-        self._clock = clock
-        # Arrival times of the last CONTROL_BUDGET control frames, a ring (made on
-        # the first one: most peers never send any); _ctl_next is the oldest.
-        self._ctl_times: array[float] | None = None
-        self._ctl_next = 0
+        self._control_budget = ControlBudget(clock)
         self._skip: int | None = None  # set by an error: see skim_for_close
 
     @property
@@ -249,7 +271,8 @@ class FrameParser:
                         break
                     if opcode not in (PING, PONG):
                         raise ProtocolError(1002, "unknown control opcode")
-                    self._count_control()
+                    if self._control_budget.spend():
+                        raise ProtocolError(1008, "too many control frames")
                     controls.append((opcode, payload))
                     continue
                 self._data_frame(opcode, bool(b0 & 0x80), payload)
@@ -302,20 +325,6 @@ class FrameParser:
         del buf[:pos]  # at most a frame header is kept between reads
         self._skip = skip
         return found
-
-    def _count_control(self) -> None:
-        """A ping or pong arrived: over budget if the one CONTROL_BUDGET frames
-        before it came less than CONTROL_WINDOW seconds ago (a sliding window)."""
-        now = self._clock()
-        times = self._ctl_times
-        if times is None:
-            times = self._ctl_times = array("d", [float("-inf")]) * CONTROL_BUDGET
-        i = self._ctl_next
-        if now - times[i] < CONTROL_WINDOW:
-            raise ProtocolError(1008, "too many control frames")
-        times[i] = now
-        i += 1
-        self._ctl_next = 0 if i == CONTROL_BUDGET else i
 
     def _data_frame(self, opcode: int, fin: bool, payload: bytes) -> None:
         if opcode == CONT:

@@ -8,6 +8,7 @@ signed Twilio media stream, since both reach the same codec.
 
 from __future__ import annotations
 
+import re
 import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -335,3 +336,73 @@ async def test_a_1009_close_of_a_twilio_call_does_not_wait_out_the_close_timeout
                 took = trio.current_time() - start
                 assert call.close_code == 1009
                 assert took < 1.0, f"the 1009 close took {took:.2f} s"
+
+
+# -- the same over Hypercorn: an upgrade on a keep-alive connection ------------------
+
+KEEP_ALIVE = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+async def statuses_after_keep_alive(d: Daemon, head: str) -> list[int]:
+    """The statuses answered on one connection: /healthz, then ``head``."""
+    stream = await trio.open_tcp_stream("127.0.0.1", d.port)
+    async with stream:
+        await stream.send_all(KEEP_ALIVE + head.encode("latin-1"))
+        data = b""
+        with trio.move_on_after(5):
+            while len(re.findall(rb"HTTP/1\.1 (\d{3}) ", data)) < 2:
+                chunk = await stream.receive_some(1 << 16)
+                if not chunk:
+                    break
+                data += chunk
+    return [int(s) for s in re.findall(rb"HTTP/1\.1 (\d{3}) ", data)]
+
+
+_HEAD_101 = re.compile(rb"HTTP/1\.1 101 .*?\r\n\r\n", re.S)
+
+
+@asynccontextmanager
+async def keep_alive_client(d: Daemon) -> AsyncIterator[Peer]:
+    """A client upgrade on a connection that first asked for /healthz (Hypercorn's)."""
+    stream = await trio.open_tcp_stream("127.0.0.1", d.port)
+    async with stream:
+        await stream.send_all(KEEP_ALIVE + upgrade_head(d).encode())
+        data = b""
+        while (head := _HEAD_101.search(data)) is None:
+            chunk = await stream.receive_some(1 << 16)
+            assert chunk, data
+            data += chunk
+        yield Peer(stream, data[head.end() :])
+
+
+async def test_keep_alive_upgrade_heads_are_refused_alike(
+    daemon: tuple[FakeRealtime, Daemon],
+) -> None:
+    """h11 already refuses no Host and bare CR/LF with 400 on this path; the 16 KiB
+    bound was missing (h11 takes a head of any size that arrives in one read)."""
+    _, d = daemon
+    with trio.fail_after(30):
+        assert await statuses_after_keep_alive(d, upgrade_head(d)) == [200, 101]
+        for bad in (upgrade_head(d, host=False), upgrade_head(d, extra="X-Note: a\nb\r\n")):
+            assert await statuses_after_keep_alive(d, bad) == [200, 400]
+        huge = upgrade_head(d, extra="X-Pad: " + "p" * (20 * 1024) + "\r\n")
+        assert await statuses_after_keep_alive(d, huge) == [200, 431]
+
+
+async def test_keep_alive_upgrade_fragment_and_ping_floods(
+    daemon: tuple[FakeRealtime, Daemon],
+) -> None:
+    """The budgets hold on the Hypercorn path too: a run of empty fragments gets
+    1009 (it never did), a ping flood 1008 (after 1 000 pongs)."""
+    _, d = daemon
+    with trio.fail_after(40):
+        async with keep_alive_client(d) as peer:
+            code = await fragment_attack(d, peer, empty_fragments(100_000), 50)
+        assert code == 1009
+        async with keep_alive_client(d) as peer, trio.open_nursery() as nursery:
+            pings = ws_frame(PING, b"", mask=ZERO_MASK) * 10_000
+            nursery.start_soon(flood, peer.stream.send_all, pings, 100)
+            assert await peer.close_code() == 1008
+            nursery.cancel_scope.cancel()
+        assert peer.pongs == 1000
+    assert "Traceback" not in d.log_text()
