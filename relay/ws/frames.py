@@ -14,10 +14,11 @@ message no larger than ``max_message`` (1009, detected from the header, before
 its payload is buffered), valid close codes and reasons.
 
 Budgets against hostile peers (docs/contract.md §10), plain int arithmetic:
-every frame of a message after the first costs 16 bytes on top of its payload,
-so no run of tiny or empty fragments grows memory or burns CPU past
-``max_message`` (1009); more than ``CONTROL_BUDGET`` control frames (ping,
-pong) within ``CONTROL_WINDOW`` seconds close with 1008.
+every frame of a message after the first costs ``FRAGMENT_COST`` bytes on top
+of its payload, so a run of tiny or empty fragments ends in 1009 after at most
+``max_message / FRAGMENT_COST`` frames, holding no more than its payload; more
+than ``CONTROL_BUDGET`` control frames (ping, pong) within ``CONTROL_WINDOW``
+seconds close with 1008.
 """
 
 from __future__ import annotations
