@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from relay.ws.errors import Disconnected
+from relay.ws.handshake import MAX_HEAD
 
 __all__ = ["AsgiWebSocket", "Disconnected"]
 
@@ -26,6 +27,16 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
+
+
+def head_size(scope: Scope) -> int:
+    """The request head's size as sent, rebuilt from the scope: a lower bound (h11
+    drops the whitespace around values), within a few bytes of the wire's."""
+    target = len(scope.get("raw_path", b"")) + len(scope.get("query_string", b"")) + 1
+    size = len("GET  HTTP/1.1\r\n") + target + 2  # the request line, the blank line
+    for name, value in scope.get("headers", ()):
+        size += len(name) + len(value) + 4  # "name: value\r\n"
+    return size
 
 
 class AsgiWebSocket:
@@ -81,9 +92,18 @@ class AsgiWebSocket:
         return list(self.scope.get("subprotocols", ()))
 
     async def wait_connect(self) -> bool:
-        """Consume ``websocket.connect``; False if the client left before it."""
+        """Consume ``websocket.connect``; False if the client left before it, or if
+        its head was refused here (431: over MAX_HEAD, docs/contract.md §10).
+
+        h11 itself refuses a head without Host or with a bare CR/LF in a line
+        (400), but takes a head of any size that arrives in one read."""
         message = await self._receive()
-        return bool(message["type"] == "websocket.connect")
+        if message["type"] != "websocket.connect":
+            return False
+        if head_size(self.scope) > MAX_HEAD:
+            await self.reject(431, f"request head over {MAX_HEAD // 1024} KiB")
+            return False
+        return True
 
     async def reject(
         self, status: int, reason: str, headers: tuple[tuple[str, str], ...] = ()

@@ -25,11 +25,22 @@ from typing import Any
 import hypercorn.trio.run as hypercorn_run
 import trio
 
-from relay.ws.handshake import MAX_HEAD, key_problem, parse_head, refusal_response
+from relay.ws.handshake import (
+    MAX_HEAD,
+    HeadError,
+    RequestHead,
+    parse_head,
+    refusal_response,
+    upgrade_problem,
+)
 from relay.ws.server import ServerWebSocket
 from relay.ws.transport import Transport
 
 log = logging.getLogger("relay.listener")
+
+# After a refused head: how long, and how much, is read before closing.
+REFUSAL_LINGER = 1.0
+REFUSAL_DRAIN = 256 * 1024
 
 WebSocketHandler = Callable[[ServerWebSocket], Awaitable[None]]
 
@@ -52,14 +63,14 @@ class Router:
         stall_seconds: float,
         head_seconds: float,
         max_connections: int,
-        refused: Callable[[str], None] = lambda reason: None,
+        refused: Callable[[str, str], None] = lambda reason, detail: None,
     ) -> None:
         self.handler = handler
         self.max_message = max_message
         self.stall_seconds = stall_seconds
         self.head_seconds = head_seconds
         self.max_connections = max_connections
-        self.refused = refused  # told the reason of each refused connection (for metrics)
+        self.refused = refused  # told (reason, one-line detail) of each refused connection
         self.live = 0  # TCP connections being served, of every kind
 
     def install(self) -> None:
@@ -73,9 +84,9 @@ class Router:
         if self.live >= self.max_connections:
             # The fd is already spent; answering and closing at once gives it back
             # and tells the client why instead of leaving it to time out.
-            self.refused("max_connections")
+            self.refused("max_connections", "too many connections")
             if isinstance(stream, trio.SocketStream):
-                await _refuse_raw(stream, 503, "too many connections")
+                await _refuse_raw(stream, 503, "too many connections", linger=False)
             else:
                 await trio.aclose_forcefully(stream)
             return
@@ -106,14 +117,18 @@ class Router:
             await trio.aclose_forcefully(stream)
             return
         end = _head_end(data)
-        head = parse_head(data[:end]) if end >= 0 and data[end : end + 4] == b"\r\n\r\n" else None
-        if head is None and end >= 0:
-            # A head that is complete but not valid HTTP/1.1 (bare LF line ends, a
-            # target without "/", a header without a colon...): answered here,
-            # because Hypercorn's WebSocket path crashes on several such heads.
-            await _refuse_raw(stream, 400, "malformed request")
+        try:
+            head = _complete_head(data, end)
+        except HeadError as err:
+            # Refused here whatever the request: too big (431), or complete but not
+            # valid HTTP/1.1 (bare LF line ends or a bare CR/LF inside a line, a
+            # target without "/", a header without a colon...), which Hypercorn's
+            # WebSocket path crashes on or h11 reads differently.
+            self.refused("head_too_large" if err.status == 431 else "malformed_head", err.reason)
+            await _refuse_raw(stream, err.status, err.reason)
             return
         if head is not None and head.asks_websocket and not head.is_websocket_upgrade:
+            self.refused("malformed_head", "malformed WebSocket upgrade")
             await _refuse_raw(stream, 400, "malformed WebSocket upgrade")  # same reason
             return
         if head is None or not head.is_websocket_upgrade:
@@ -134,7 +149,7 @@ class Router:
                 stall_seconds=self.stall_seconds,
                 buffered=data[end + 4 :],
             )
-            problem = key_problem(head)
+            problem = upgrade_problem(head)
             if problem is not None:
                 status, reason = problem
                 extra = (("sec-websocket-version", "13"),) if status == 426 else ()
@@ -145,6 +160,18 @@ class Router:
             transport.close()
 
 
+def _complete_head(data: bytes, end: int) -> RequestHead | None:
+    """The head in ``data`` if it is complete, None if not (the client stopped or
+    was too slow: Hypercorn answers that); :class:`HeadError` if it is refused."""
+    if end + 4 > MAX_HEAD or (end < 0 and len(data) >= MAX_HEAD):
+        raise HeadError(431, f"request head over {MAX_HEAD // 1024} KiB")
+    if end < 0:
+        return None
+    if data[end : end + 4] != b"\r\n\r\n":
+        raise HeadError(400, "malformed request (bare LF line ends)")
+    return parse_head(data[:end])
+
+
 def _head_end(data: bytes) -> int:
     """Where the head ends (its blank line), CRLF or bare LF; -1 if not yet."""
     crlf, lf = data.find(b"\r\n\r\n"), data.find(b"\n\n")
@@ -153,12 +180,20 @@ def _head_end(data: bytes) -> int:
     return crlf
 
 
-async def _refuse_raw(stream: trio.SocketStream, status: int, reason: str) -> None:
+async def _refuse_raw(
+    stream: trio.SocketStream, status: int, reason: str, *, linger: bool = True
+) -> None:
     with trio.move_on_after(5), contextlib.suppress(trio.BrokenResourceError, OSError):
         await stream.send_all(refusal_response(status, reason))
-        # FIN right behind the answer: closing with the request still unread sends a
-        # reset, and a reset that overtakes the answer would make the client lose it.
+        # A socket closed with unread input (the rest of a huge head) sends an RST,
+        # which can destroy the answer before the client reads it: half-close, and
+        # (unless the connection must go at once) read briefly what is still in flight.
         await stream.send_eof()
+        if linger:
+            with trio.move_on_after(REFUSAL_LINGER):
+                for _ in range(REFUSAL_DRAIN // MAX_HEAD):
+                    if not await stream.receive_some(MAX_HEAD):
+                        break
     await trio.aclose_forcefully(stream)
 
 

@@ -137,11 +137,11 @@ async def main(settings: Settings, *, notifier: Notifier | None = None) -> None:
     log.info("stopped")
 
 
-def _refused_connection(rt: Runtime, reason: str) -> None:
+def _refused_connection(rt: Runtime, reason: str, detail: str) -> None:
     rt.metrics.reject(reason)
-    # No client address: at this cap the peer is often a proxy, and the refusal
-    # log's flood summary is what matters.
-    rt.refusal_log.note(reason, "", "too many connections")
+    # No client address: it is not known before the head is read (and at the
+    # connection cap the peer is often a proxy); the flood summary is what matters.
+    rt.refusal_log.note(reason, "", detail)
 
 
 async def _watch_signals(rt: Runtime, notifier: Notifier, shutdown: trio.Event) -> None:

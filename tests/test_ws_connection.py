@@ -22,8 +22,9 @@ from cryptography.x509.oid import NameOID
 
 from relay.realtime.dialect import GA
 from relay.realtime.upstream import open_upstream
-from relay.ws.connection import WebSocket
+from relay.ws.connection import CLOSE_TIMEOUT, WebSocket
 from relay.ws.errors import Disconnected, UpstreamClosed
+from relay.ws.frames import CONTROL_BUDGET, PING, encode
 from relay.ws.transport import Transport
 
 
@@ -103,6 +104,38 @@ async def test_protocol_error_is_local_and_the_close_reaches_the_peer() -> None:
         with pytest.raises(UpstreamClosed) as seen:
             await client.receive()
         assert seen.value.code == 1009
+
+
+async def answer_close(ws: WebSocket) -> None:
+    with pytest.raises(Disconnected):
+        await ws.receive()
+
+
+async def test_close_after_a_protocol_error_ends_at_the_peers_close_not_its_fin() -> None:
+    """After our 1009 the server closes the TCP connection once the peer's close
+    arrives (RFC 6455 §7.1.1). It used to wait for the peer's FIN, and a client
+    that waits for the server's TCP close (trio-websocket) cost CLOSE_TIMEOUT."""
+    client, server = pair(max_message=1000)
+    async with closing(client, server), trio.open_nursery() as n:
+        n.start_soon(client.send, b"x" * 5000)  # refused from its header, then skimmed
+        with pytest.raises(Disconnected) as info:
+            await server.receive()
+        assert info.value.code == 1009
+        n.start_soon(answer_close, client)  # it answers the close and keeps its socket
+        start = trio.current_time()
+        await server.close(1009, "message too big")  # shielded: timed, not cancelled
+        assert trio.current_time() - start < CLOSE_TIMEOUT / 4
+        n.cancel_scope.cancel()
+
+
+async def test_a_ping_flood_is_a_local_1008() -> None:
+    client, server = pair()
+    async with closing(client, server):
+        client.transport.write(encode(PING, b"", mask=True) * (CONTROL_BUDGET + 1))
+        with pytest.raises(Disconnected) as info, trio.fail_after(5):
+            await server.receive()
+        assert info.value.local and info.value.code == 1008
+        assert info.value.reason == "too many control frames"
 
 
 async def test_silent_peer_is_pinged_and_a_live_one_answers() -> None:

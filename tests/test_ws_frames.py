@@ -12,7 +12,12 @@ from wsproto.frame_protocol import FrameProtocol, Opcode
 from relay.ws.frames import (
     BINARY,
     CLOSE,
+    CONT,
+    CONTROL_BUDGET,
+    CONTROL_WINDOW,
+    FRAGMENT_COST,
     PING,
+    PONG,
     TEXT,
     FrameParser,
     ProtocolError,
@@ -111,6 +116,125 @@ def test_fragments_count_toward_the_limit() -> None:
     with pytest.raises(ProtocolError) as info:
         parser.feed(proto.send_data(b"78901", fin=True))
     assert info.value.code == 1009
+
+
+def fragmented(opcode: int, parts: list[bytes]) -> bytes:
+    """One message as masked frames with these payloads (the first carries the opcode)."""
+    out = bytearray()
+    for i, part in enumerate(parts):
+        frame = bytearray(encode(opcode if i == 0 else CONT, part, mask=True))
+        if i < len(parts) - 1:
+            frame[0] &= 0x7F  # not the final frame
+        out += frame
+    return bytes(out)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.integers(1, 3000),
+    st.lists(st.integers(0, 3000), min_size=1, max_size=60),
+    st.integers(1, 5000),
+    st.booleans(),
+)
+def test_fragment_budget_is_exact(limit: int, sizes: list[int], chunk: int, text: bool) -> None:
+    """A message counts its payload plus FRAGMENT_COST per frame after the first:
+    at most the limit passes whole, in any chunking; over it is 1009, however split."""
+    parts = [bytes([0x61 + i % 26]) * n for i, n in enumerate(sizes)]
+    wire = fragmented(TEXT if text else BINARY, parts)
+    parser = FrameParser(masked=True, max_message=limit)
+    cost = sum(sizes) + FRAGMENT_COST * (len(sizes) - 1)
+    try:
+        for i in range(0, len(wire), chunk):
+            parser.feed(wire[i : i + chunk])
+            assert parser.buffered <= limit + chunk + 14  # a message, one partial frame
+    except ProtocolError as err:
+        assert err.code == 1009 and cost > limit
+        return
+    assert cost <= limit
+    whole = b"".join(parts)
+    assert list(parser.messages) == [whole.decode() if text else whole]
+    assert parser.buffered == 0
+
+
+def test_one_frame_of_exactly_the_limit_passes_fragments_of_it_do_not() -> None:
+    parser = FrameParser(masked=True, max_message=1000)
+    parser.feed(encode(BINARY, b"x" * 1000, mask=True))
+    assert parser.messages.popleft() == b"x" * 1000
+    with pytest.raises(ProtocolError) as info:
+        parser.feed(fragmented(BINARY, [b"x" * 990, b"", b""]))
+    assert info.value.code == 1009
+    parser = FrameParser(masked=True, max_message=1000)
+    parser.feed(fragmented(BINARY, [b"x" * 984, b""]))  # 984 + 16: exactly the limit
+    assert parser.messages.popleft() == b"x" * 984
+
+
+def test_a_run_of_empty_fragments_is_refused_without_growing() -> None:
+    """What the issue saw: millions of empty continuation frames, never a 1009."""
+    limit = 1 << 20
+    parser = FrameParser(masked=True, max_message=limit)
+    parser.feed(fragmented(TEXT, [b"", b""])[:-6])  # a text frame, not final
+    empty = bytes([0x00, 0x80]) + bytes(4)  # a masked empty continuation, not final
+    batch = empty * 4096
+    with pytest.raises(ProtocolError) as info:
+        for _ in range(limit // FRAGMENT_COST // 4096 + 2):
+            parser.feed(batch)
+            assert parser.buffered <= len(batch)
+    assert info.value.code == 1009
+
+
+def test_after_an_error_the_peers_close_is_found_without_keeping_payloads() -> None:
+    parser = FrameParser(masked=True, max_message=100)
+    big = encode(BINARY, b"y" * 70_000, mask=True)
+    after = encode(TEXT, b"z" * 300, mask=True) + encode(PING, b"p", mask=True)
+    close = encode(CLOSE, b"\x03\xe8", mask=True)
+    with pytest.raises(ProtocolError) as info:
+        parser.feed(big[:1000])  # 1009 from the header; the payload is still coming
+    assert info.value.code == 1009
+    wire = big[1000:] + after + close
+    found = [parser.skim_for_close(wire[i : i + 777]) for i in range(0, len(wire), 777)]
+    assert found[-1] is True and not any(found[:-1])
+    assert parser.buffered < 16  # at most a frame header between reads
+
+
+def test_after_a_framing_error_there_is_no_close_to_find() -> None:
+    parser = FrameParser(masked=True, max_message=100)
+    with pytest.raises(ProtocolError):
+        parser.feed(bytes([0x81 | 0x40, 0x80, 0, 0, 0, 0]))  # RSV1: nothing after is framed
+    assert parser.skim_for_close(encode(CLOSE, b"", mask=True)) is None
+
+
+def pings(n: int, opcode: int = PING) -> bytes:
+    return encode(opcode, b"", mask=True) * n
+
+
+def test_control_frame_budget_is_a_sliding_window() -> None:
+    now = [100.0]
+    parser = FrameParser(masked=True, max_message=100, clock=lambda: now[0])
+    assert len(parser.feed(pings(CONTROL_BUDGET // 2))) == CONTROL_BUDGET // 2
+    now[0] += CONTROL_WINDOW / 2
+    assert len(parser.feed(pings(CONTROL_BUDGET // 2, PONG))) == CONTROL_BUDGET // 2
+    now[0] += CONTROL_WINDOW / 2  # the first half is a whole window old: it no longer counts
+    assert len(parser.feed(pings(CONTROL_BUDGET // 2))) == CONTROL_BUDGET // 2
+    with pytest.raises(ProtocolError) as info:  # the second half is not
+        parser.feed(pings(1, PONG))
+    assert info.value.code == 1008
+
+
+@pytest.mark.parametrize("opcode", [PING, PONG])
+def test_one_control_frame_over_the_budget_is_1008(opcode: int) -> None:
+    now = [0.0]
+    parser = FrameParser(masked=True, max_message=100, clock=lambda: now[0])
+    for _ in range(CONTROL_BUDGET):  # one per feed, spread over just under a window
+        assert parser.feed(pings(1, opcode)) == [(opcode, b"")]
+        now[0] += (CONTROL_WINDOW - 0.01) / CONTROL_BUDGET
+    with pytest.raises(ProtocolError) as info:
+        parser.feed(pings(1, opcode))
+    assert info.value.code == 1008
+    # A peer that keeps to the budget is never refused: one a window later passes.
+    parser = FrameParser(masked=True, max_message=100, clock=lambda: now[0])
+    for _ in range(3):
+        assert len(parser.feed(pings(CONTROL_BUDGET))) == CONTROL_BUDGET
+        now[0] += CONTROL_WINDOW
 
 
 @pytest.mark.parametrize(

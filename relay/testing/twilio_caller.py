@@ -250,14 +250,19 @@ class TwilioCall:
                 if message.get("event") == "media":
                     audio += base64.b64decode(message["media"]["payload"])
                 wire += ws_frame(0x1, orjson.dumps(message))  # text, not relay.ws's codec
-            stream = self._stream
-            if stream is None:
-                raise RuntimeError("send_together() needs the call's stream")
-            # trio-websocket writes its own frames (pongs, close) under this lock;
-            # holding it keeps ours whole and the stream's send_all unshared.
-            async with self._ws._stream_lock:
-                await stream.send_all(bytes(wire))
+            await self.send_wire(bytes(wire))
             self.sent_audio += audio
+
+    async def send_wire(self, wire: bytes) -> None:
+        """Raw bytes on the socket (frames built with ``relay.testing.fuzz.ws_frame``:
+        fragments, pings, anything), whole, between trio-websocket's own frames."""
+        stream = self._stream
+        if stream is None:
+            raise RuntimeError("send_wire() needs the call's stream")
+        # trio-websocket writes its own frames (pongs, close) under this lock;
+        # holding it keeps ours whole and the stream's send_all unshared.
+        async with self._ws._stream_lock:
+            await stream.send_all(wire)
 
     async def close(self, code: int = 1000, reason: str | None = None) -> None:
         self._audio_scope.cancel()

@@ -17,7 +17,7 @@ is dead: the connection is aborted and :class:`Disconnected` with
 
 Errors are :class:`Disconnected` (``relay.ws.errors``): the peer's close code,
 1006 for a connection lost without a close, or ``local=True`` with the code we
-owe the peer (1002, 1007, 1009) when it broke the protocol; the session then
+owe the peer (1002, 1007, 1008, 1009) when it broke the protocol; the session then
 chooses what close to send (the SPEC says which).
 """
 
@@ -323,10 +323,11 @@ class WebSocket:
                 frame = encode(CLOSE, close_payload(code, reason), mask=self._mask)
                 await self._write(frame, closing=True)
                 if self._gone is not None and self._gone.local:
-                    # Its frames can no longer be parsed. Half-close so the close frame
-                    # is followed by FIN, and read what is still coming: a socket closed
-                    # with unread input sends an RST, which can destroy the close frame
-                    # before the peer reads it.
+                    # Its messages are no longer taken. Half-close so the close frame
+                    # is followed by FIN, and read what is still coming until its
+                    # close (or its FIN, if its frames cannot even be framed): a
+                    # socket closed with unread input sends an RST, which can destroy
+                    # the close frame before the peer reads it.
                     await self._discard_input()
                 # The peer's answering close (any data before it is dropped).
                 while self._gone is None:
@@ -339,9 +340,16 @@ class WebSocket:
     async def _discard_input(self) -> None:
         t = self.transport
         t.sock.shutdown(socket.SHUT_WR)
+        skim = self._parser.skim_for_close
+        data, self._pending = self._pending, b""
         with contextlib.suppress(Broken):
-            while await t.read():
-                pass
+            # The peer's close completes the handshake: close at once (RFC 6455
+            # §7.1.1, the server closes the TCP connection first) rather than wait
+            # out CLOSE_TIMEOUT for a client that waits for our FIN to be answered.
+            while not skim(data):
+                data = await t.read()
+                if not data:
+                    break
 
     @property
     def closed(self) -> bool:

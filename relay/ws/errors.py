@@ -8,7 +8,7 @@ class Disconnected(Exception):
 
     ``code``: the peer's close code (1005 if it sent none), 1006 when the
     connection was lost without a close; with ``local`` the peer broke the
-    protocol and ``code`` is the close we owe it (1002, 1007, 1009); with
+    protocol and ``code`` is the close we owe it (1002, 1007, 1008, 1009); with
     ``stalled`` the peer took or sent nothing for ``stall_seconds`` and the
     connection was aborted.
     """

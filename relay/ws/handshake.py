@@ -9,7 +9,18 @@ from dataclasses import dataclass
 from urllib.parse import unquote
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-MAX_HEAD = 16 * 1024  # as Hypercorn's h11 default: larger heads go to Hypercorn to refuse
+# The largest request head taken, blank line included (docs/contract.md §10):
+# larger ones get 431, as h11's default incomplete-event limit.
+MAX_HEAD = 16 * 1024
+
+
+class HeadError(ValueError):
+    """A request head refused before anything else is looked at: ``status``, one-line ``reason``."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(status, reason)
+        self.status = status
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -49,21 +60,28 @@ class RequestHead:
         )
 
 
-def parse_head(head: bytes) -> RequestHead | None:
-    """A request head (up to and excluding the blank line), or None if malformed."""
+def parse_head(head: bytes) -> RequestHead:
+    """A request head (up to and excluding the blank line); :class:`HeadError` (400)
+    if it is not valid HTTP/1.1 framing."""
+    text = head.decode("latin-1")
+    request_line, *lines = text.split("\r\n")
+    bare = text.replace("\r\n", "")
+    if "\r" in bare or "\n" in bare:
+        # A bare CR or LF: one parser's line end is another's value (request
+        # smuggling, forged headers), so neither may appear inside a line.
+        raise HeadError(400, "CR or LF inside a header value")
     try:
-        text = head.decode("latin-1")
-        request_line, *lines = text.split("\r\n")
         method, target, version = request_line.split(" ")
     except ValueError:
-        return None
+        raise HeadError(400, "malformed request line") from None
     if not version.startswith("HTTP/") or not target.startswith("/"):
-        return None
+        raise HeadError(400, "malformed request line")
     headers: list[tuple[bytes, bytes]] = []
     for line in lines:
         name, sep, value = line.partition(":")
         if not sep or not name or name != name.strip() or line[0] in " \t":
-            return None  # no obsolete line folding, no space before the colon
+            # No obsolete line folding, no space before the colon.
+            raise HeadError(400, "malformed header line")
         headers.append((name.lower().encode("latin-1"), value.strip().encode("latin-1")))
     raw_path, _, query = target.partition("?")
     return RequestHead(
@@ -75,8 +93,11 @@ def parse_head(head: bytes) -> RequestHead | None:
     )
 
 
-def key_problem(head: RequestHead) -> tuple[int, str] | None:
+def upgrade_problem(head: RequestHead) -> tuple[int, str] | None:
     """Why this upgrade is not a valid RFC 6455 handshake, as (status, reason)."""
+    hosts = sum(1 for name, _ in head.headers if name == b"host")
+    if hosts != 1:  # RFC 9112 §3.2: exactly one Host, else 400
+        return 400, "missing Host header" if not hosts else "more than one Host header"
     if head.header(b"sec-websocket-version") != "13":
         return 426, "unsupported WebSocket version (13 expected)"
     key = head.header(b"sec-websocket-key") or ""
@@ -110,6 +131,7 @@ _REASONS = {
     403: "Forbidden",
     426: "Upgrade Required",
     429: "Too Many Requests",
+    431: "Request Header Fields Too Large",
     502: "Bad Gateway",
     503: "Service Unavailable",
 }
