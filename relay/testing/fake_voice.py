@@ -94,6 +94,7 @@ class Ear:
     quiet: int = 0
     loud_samples: int = 0
     crossings: int = 0
+    last: int = 0  # the previous append's last sample
     turns: list[dict[str, Any]] = field(default_factory=list)  # one per ended turn
 
     def note(self, pcm: array.array[int]) -> None:
@@ -174,9 +175,13 @@ class VoiceMode:
         if loud:
             ear.quiet = 0
             ear.loud_samples += len(pcm)
-            ear.crossings += sum(1 for a, b in itertools.pairwise(pcm) if (a < 0) != (b < 0))
+            # Counted from the last sample of the previous append: none is missed.
+            ear.crossings += sum(
+                1 for a, b in itertools.pairwise((ear.last, *pcm)) if (a < 0) != (b < 0)
+            )
         else:
             ear.quiet += len(pcm)
+        ear.last = pcm[-1]
         silence = vad.get("silence_duration_ms", DEFAULT_SILENCE_MS)
         if not isinstance(silence, int) or ear.quiet * 1000 < silence * RATE:
             return
