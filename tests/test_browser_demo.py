@@ -226,6 +226,8 @@ async def test_browser_talks_through_relay_demo(tmp_path: Path) -> None:
     assert played_ms < ANSWER_SECONDS * 1000 - 300, played_ms  # it did stop early
     [(item_id, end_ms)] = [t for t in fake["truncations"] if t[0] == items[1]]
     assert end_ms == truncated[items[1]]["audioEndMs"]
+    print(f"beep read back at {hz:.1f} Hz; answer 1 rendered {played:.4f} s unbroken;")
+    print(f"barge-in: rendered {played_ms:.0f} ms, truncate audio_end_ms {end_ms}")
     assert abs(end_ms - played_ms) <= 60, (end_ms, played_ms)
     received_ms = sum(d["bytes"] for d in fake["deltas"] if d["item_id"] == item_id) // 48
     assert end_ms <= received_ms
