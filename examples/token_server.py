@@ -39,7 +39,7 @@ class Handler(SimpleHTTPRequestHandler):
             # A fresh token for every session: relay lets one token hold one session.
             self._json({"token": mint_relay_token(os.environ["ENCRYPTION_KEY"])})
         elif path == "/config.json":  # what the example page asks for first
-            self._json({"relayUrl": self.relay_url, "fake": False, "dialect": "ga", "model": "?"})
+            self._json({"relayUrl": self.relay_url, "fake": False, "dialect": "ga"})
         else:
             super().do_GET()
 

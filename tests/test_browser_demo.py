@@ -1,8 +1,8 @@
 """A real browser talks through ``relay demo`` to the fake upstream.
 
 Headless Chromium (Debian's, installed by .ci/run) opens the demo page; its
-microphone is Chromium's fake device playing a WAV made here: three 440 Hz
-beeps at 0, 4 and 6 s. The fake Realtime server in its voice mode hears each
+microphone is Chromium's fake device playing a WAV made here: 440 Hz beeps
+at 0, 4, 6 and 8 s. The fake Realtime server in its voice mode hears each
 beep as a turn and answers with a 2 s melody, so:
 
 - beep 1 → answer 1, which plays to its end (checked: scheduled in the order
@@ -10,6 +10,8 @@ beep as a turn and answers with a 2 s melody, so:
 - beep 2 → answer 2, which beep 3 interrupts 1.25 s in (checked: playback
   stops, and the one truncate's ``audio_end_ms`` is within 60 ms of the sound
   actually rendered);
+- while answer 3 plays, the test presses Mute: beep 4 goes up as silence, so
+  nothing interrupts answer 3;
 - the session then runs into ``session_seconds`` (close 1000 "session time limit").
 
 What went upstream is read back from the demo's ``/fake/sessions``: the beep
@@ -45,7 +47,7 @@ from relay.tokens import mint
 
 MIC_RATE = 48_000
 TONE_HZ = 440.0
-BEEPS_AT = (0.0, 4.0, 6.0)  # seconds into the WAV
+BEEPS_AT = (0.0, 4.0, 6.0, 8.0)  # seconds into the WAV
 BEEP_SECONDS = 0.5
 WAV_SECONDS = 12.0  # then Chromium loops it; the session ends before that
 SESSION_SECONDS = 10
@@ -173,6 +175,9 @@ async def test_browser_talks_through_relay_demo(tmp_path: Path) -> None:
             await page.goto(url, ready=READY)
             assert "fake" in await page.evaluate("document.getElementById('upstream').textContent")
             await click_start(page)
+            # Answer 3 has begun (beep 4 comes about a second later): mute.
+            await page.wait_for("window.relayVoiceDebug.sessions[0].debug.scheduled.length > 20")
+            await page.evaluate("document.getElementById('mute').click()", gesture=True)
             with trio.fail_after(SESSION_SECONDS + 8):
                 await page.wait_for("window.relayVoiceDebug.sessions[0].close")
             ended = await closed_text(page)
@@ -232,4 +237,11 @@ async def test_browser_talks_through_relay_demo(tmp_path: Path) -> None:
     received_ms = sum(d["bytes"] for d in fake["deltas"] if d["item_id"] == item_id) // 48
     assert end_ms <= received_ms
     # Exactly one truncate per barge-in, and none where nothing was cut off.
-    assert len(fake["truncations"]) == len(truncated) == len(session["debug"]["truncates"])
+    assert len(fake["truncations"]) == len(truncated) == len(session["debug"]["truncates"]) == 1
+
+    # Muted: beep 4 went up as silence (appends kept flowing), so the fake heard
+    # three turns, and answer 3 played to its end.
+    assert len(fake["speech_started"]) == 3, fake["speech_started"]
+    assert session["debug"]["appendedSamples"] >= (SESSION_SECONDS - 1) * RATE
+    third = scheduled[items[2]]
+    assert abs(rendered_run(session["rendered"], third[0]["start"]) - ANSWER_SECONDS) < 0.015

@@ -159,7 +159,8 @@ export class RelayVoice extends EventTarget {
     this._emit("mute", { muted: this._muted });
   }
 
-  /** Open the session; resolves once the WebSocket is open and the microphone runs. */
+  /** Open the session; resolves once the WebSocket is open and the microphone runs.
+   *  One session per RelayVoice: make a new one to talk again. */
   async start() {
     this.ctx = new AudioContext();
     await this.ctx.resume();
@@ -384,6 +385,8 @@ export class RelayVoice extends EventTarget {
     if (this.stream) for (const t of this.stream.getTracks()) t.stop();
     this.stream = null;
     this.capture = null;
+    // Browsers allow only a few live AudioContexts per page.
+    if (this.ctx && this.ctx.state !== "closed") this.ctx.close();
   }
 
   _emit(type, detail) {
