@@ -36,8 +36,9 @@ from relay.sd_notify import Notifier
 
 DEFAULT_PAGE_PORT = 8788
 FAKE_API_KEY = "sk-relay-demo-fake-upstream"
-# Connections the fake keeps a record of (the rest are dropped as new ones come).
-FAKE_KEEP = 16
+# Connections the fake keeps a record of (older ones are dropped as new ones come):
+# each holds what the fake sent it, up to session_seconds of answers.
+FAKE_KEEP = 4
 
 
 def find_page_dir(given: str | None) -> Path:
