@@ -196,7 +196,7 @@ async def test_browser_talks_through_relay_demo(tmp_path: Path) -> None:
     [fake] = upstream
     assert fake["errors"] == []  # every event, truncates included, valid for the service
     # The beep went up as 24 kHz mono PCM16: read at 24 kHz it is still 440 Hz.
-    assert fake["input_format"] == "audio/pcm" and fake["input_rate"]["rate"] == RATE
+    assert fake["input_format"] == "audio/pcm" and fake["input_rate"] == RATE
     pcm = array.array("h", base64.b64decode(fake["input_audio"]))
     hz = zero_crossing_hz(first_beep(pcm))
     assert abs(hz - TONE_HZ) < 10, hz

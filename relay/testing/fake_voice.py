@@ -242,6 +242,15 @@ def _input_format(session: Event) -> str | None:
     return fmt if isinstance(fmt, str) else None
 
 
+def _input_rate(session: Event) -> int | None:
+    """The declared sample rate (GA ``audio/pcm`` carries one; beta pcm16 is 24 kHz)."""
+    if session.get("input_audio_format") == "pcm16":
+        return RATE
+    fmt = session.get("audio", {}).get("input", {}).get("format")
+    rate = fmt.get("rate") if isinstance(fmt, dict) else None
+    return rate if isinstance(rate, int) else None
+
+
 def _turn_detection(session: Event) -> Any:
     if "turn_detection" in session:
         return session["turn_detection"]
@@ -274,7 +283,7 @@ def fake_sessions(mode: VoiceMode) -> list[dict[str, Any]]:
         out.append(
             {
                 "input_format": _input_format(conn.session),
-                "input_rate": conn.session.get("audio", {}).get("input", {}).get("format", {}),
+                "input_rate": _input_rate(conn.session),
                 "input_samples": ear.samples,
                 "input_audio": base64.b64encode(ear.journal).decode(),
                 "turns": ear.turns,
