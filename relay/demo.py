@@ -184,7 +184,16 @@ def main(settings: Settings, page_port: int, page_dir: str | None) -> int:
     setup_logging(
         settings.server.log_format,
         settings.server.log_level,
-        [v for v in (sec.openai_api_key, sec.encryption_key) if v],
+        [
+            v
+            for v in (
+                sec.openai_api_key,
+                sec.encryption_key,
+                sec.twilio_auth_token,
+                sec.twilio_account_sid,
+            )
+            if v
+        ],
     )
     trio.run(partial(run, settings, page_port, folder, say=say))
     return 0
