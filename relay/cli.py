@@ -32,6 +32,12 @@ def _parser() -> argparse.ArgumentParser:
         help="lifetime in seconds (default and maximum: auth.token_max_ttl_seconds)",
     )
     sub.add_parser("keygen", help="print a new random ENCRYPTION_KEY (32 bytes, base64url)")
+    demo = sub.add_parser(
+        "demo", help="relay plus a voice page on loopback: talk to it in a browser"
+    )
+    demo.add_argument("--config", help="path to config.toml (default: built-in defaults)")
+    demo.add_argument("--port", type=int, default=8788, help="the page's port (0: any free)")
+    demo.add_argument("--page-dir", help="the page's folder (default: examples/browser)")
     # Listed here for --help only: main() hands `bench` and its arguments to relay.bench.
     sub.add_parser("bench", help="measure calls per core (see `relay bench --help`)")
     sub.add_parser("soak", help="hold calls and clients for minutes, watch for leaks "
@@ -63,6 +69,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_OK
         if args.command == "token":
             return _token(load_settings(args.config), args.ttl)
+        if args.command == "demo":
+            from relay.demo import main as demo_main
+
+            return demo_main(load_settings(args.config), args.port, args.page_dir)
         settings = load_settings(args.config)
         if args.command == "check-config":
             print(describe(settings))

@@ -9,7 +9,8 @@ break, answering each breach with the real ``error`` event (also kept in
 
 Guarantees: every task it starts lives in the context manager's nursery and is
 cancelled when the ``async with`` exits; every accepted socket is closed by
-then. Audio is G.711 μ-law: 8 bytes per millisecond.
+then. Audio is G.711 μ-law: 8 bytes per millisecond, unless a mode such as
+:mod:`relay.testing.fake_voice` turns the knobs (``bytes_per_ms``, ``synthesize``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from relay.realtime.dialect import Dialect, dialect_for
 
 Event = dict[str, Any]
 Hook = Callable[["FakeConnection"], Awaitable[None]]
+EventHook = Callable[["FakeConnection", Event], Awaitable[None]]
 
 BYTES_PER_MS = 8
 PATH = "/v1/realtime"
@@ -166,7 +168,7 @@ class FakeConnection:
 
     def item_ms(self, item_id: str) -> int:
         """Milliseconds of audio the fake has sent for ``item_id``."""
-        return self.item_audio.get(item_id, 0) // BYTES_PER_MS
+        return self.item_audio.get(item_id, 0) // self.fake.bytes_per_ms
 
     async def wait_for(self, event_type: str, count: int = 1) -> Event:
         """Wait until ``count`` client events of ``event_type`` arrived; return the last."""
@@ -258,18 +260,20 @@ class FakeConnection:
         chunks: int | None = None,
         chunk_bytes: int | None = None,
         chunk_interval: float | None = None,
+        text: str = "Hello.",
     ) -> str:
         """Start a spoken response now (as ``response.create`` would); returns its item id.
 
         ``chunk_bytes`` and ``chunk_interval`` override the fake's knobs for this
-        response only. Raises ``RuntimeError`` if one is already in progress."""
+        response only; ``text`` is its transcript. Raises ``RuntimeError`` if one
+        is already in progress."""
         if self._active is not None:
             raise RuntimeError("a response is already in progress")
         assert self._nursery is not None, "the handshake was not accepted"
         self._active = _Response(_new_id("resp"), _new_id("item"))
         self.item_audio[self._active.item_id] = 0
         n = self.fake.response_chunks if chunks is None else chunks
-        self._nursery.start_soon(self._speak, self._active, n, chunk_bytes, chunk_interval)
+        self._nursery.start_soon(self._speak, self._active, n, chunk_bytes, chunk_interval, text)
         return self._active.item_id
 
     async def _speak(
@@ -278,6 +282,7 @@ class FakeConnection:
         chunks: int,
         chunk_bytes: int | None = None,
         chunk_interval: float | None = None,
+        text: str = "Hello.",
     ) -> None:
         d, fake = self.dialect, self.fake
         ids = dict(response_id=resp.response_id, item_id=resp.item_id,
@@ -289,11 +294,14 @@ class FakeConnection:
             await self._emit("response.created", response=_response(resp, "in_progress"))
             await self._emit("response.output_item.added", response_id=resp.response_id,
                              output_index=0, item=item)  # fmt: skip
-            for _ in range(chunks):
+            for index in range(chunks):
                 if resp.stop.is_set():
                     break
                 size = fake.chunk_bytes if chunk_bytes is None else chunk_bytes
-                audio = chunk_audio(self._seq, size)
+                if fake.synthesize is None:
+                    audio = chunk_audio(self._seq, size)
+                else:
+                    audio = fake.synthesize(index, size)
                 self._seq += 1
                 # Counted before sending: the peer can never have seen more than this.
                 self.item_audio[resp.item_id] += len(audio)
@@ -304,9 +312,9 @@ class FakeConnection:
                 with trio.move_on_after(interval):
                     await resp.stop.wait()
             if not resp.stop.is_set():
-                await self._emit(d.transcript_delta, **ids, delta="Hello.")
+                await self._emit(d.transcript_delta, **ids, delta=text)
                 await self._emit(d.audio_done, **ids)
-                await self._emit(d.transcript_done, **ids, transcript="Hello.")
+                await self._emit(d.transcript_done, **ids, transcript=text)
                 status = "completed"
             self._active = None
             await self._emit(d.response_done, response=_response(resp, status))
@@ -332,7 +340,8 @@ class FakeConnection:
             except trio_websocket.ConnectionClosed as exc:
                 self._note_close(exc.reason)
                 return
-            self.received.append(message)
+            if self.fake.record:
+                self.received.append(message)
             try:
                 if self.fake.echo:
                     await self._ws.send_message(message)
@@ -361,13 +370,16 @@ class FakeConnection:
         if not isinstance(event, dict) or not isinstance(event.get("type"), str):
             await self._error("invalid_value", "Expected an object with a 'type'.", param="type")
             return
-        self.events.append(event)
+        if self.fake.record:
+            self.events.append(event)
         handler = self._handlers.get(event["type"])
         if handler is None:
             message = f"Unknown event type: '{event['type']}'."
             await self._error("unknown_event", message, param="type", cause=event)
         else:
             await handler(self, event)
+            if self.fake.on_event is not None:
+                await self.fake.on_event(self, event)
 
     async def _on_session_update(self, event: Event) -> None:
         session = event.get("session")
@@ -395,7 +407,9 @@ class FakeConnection:
         try:
             if not isinstance(audio, str):
                 raise ValueError
-            self.input_audio += base64.b64decode(audio, validate=True)
+            decoded = base64.b64decode(audio, validate=True)
+            if self.fake.record:
+                self.input_audio += decoded
         except (ValueError, binascii.Error):
             message = "Invalid 'audio'. Expected base64-encoded audio bytes."
             await self._error("invalid_value", message, param="audio", cause=event)
@@ -418,7 +432,9 @@ class FakeConnection:
 
     async def _on_truncate(self, event: Event) -> None:
         item_id, end_ms = event.get("item_id"), event.get("audio_end_ms")
-        problem = truncate_problem(event, self.item_audio, self._truncated_ms)
+        problem = truncate_problem(
+            event, self.item_audio, self._truncated_ms, self.fake.bytes_per_ms
+        )
         if problem is not None:
             await self._error("invalid_value", problem[1], param=problem[0], cause=event)
             return
@@ -474,6 +490,15 @@ class FakeRealtime:
         self.chunk_interval = 0.02  # seconds between audio deltas; 0: as fast as possible
         self.auto_respond = True  # answer response.create with a spoken response
         self.echo = False  # send back every message unchanged; no protocol, no session.created
+        # Audio modes (relay.testing.fake_voice): the unit of assistant audio, what
+        # delta number ``index`` of a response holds, and a hook that sees every
+        # valid client event after the fake handled it.
+        self.bytes_per_ms = BYTES_PER_MS
+        self.synthesize: Callable[[int, int], bytes] | None = None  # None: chunk_audio
+        self.on_event: EventHook | None = None
+        # False: keep no copy of what peers send (received, events, input_audio),
+        # so a long-running fake (``relay demo``) does not grow with every append.
+        self.record = True
         self.message_queue_size = 100_000
         self.max_message_size = 64 * 1024 * 1024
         self._activity = trio.Event()
@@ -594,11 +619,15 @@ VOICES = frozenset({"alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer"
 
 
 def truncate_problem(
-    event: Event, item_bytes: Mapping[str, int], truncated_ms: Mapping[str, int]
+    event: Event,
+    item_bytes: Mapping[str, int],
+    truncated_ms: Mapping[str, int],
+    bytes_per_ms: int = BYTES_PER_MS,
 ) -> tuple[str, str] | None:
     """What the real service refuses in a ``conversation.item.truncate``, as
-    ``(param, message)`` in its words; None if valid. ``item_bytes``: μ-law audio
-    sent per item; ``truncated_ms``: where earlier truncates cut (a truncated item
+    ``(param, message)`` in its words; None if valid. ``item_bytes``: audio sent
+    per item (``bytes_per_ms`` to the millisecond: 8 for μ-law, 48 for 24 kHz
+    PCM16); ``truncated_ms``: where earlier truncates cut (a truncated item
     keeps only the audio before the cut)."""
     item_id, end_ms = event.get("item_id"), event.get("audio_end_ms")
     if not isinstance(item_id, str) or item_id not in item_bytes:
@@ -607,7 +636,7 @@ def truncate_problem(
         return "content_index", "Invalid 'content_index'."
     if not isinstance(end_ms, int) or isinstance(end_ms, bool) or end_ms < 0:
         return "audio_end_ms", "Invalid 'audio_end_ms'."
-    have = min(item_bytes[item_id] // BYTES_PER_MS, truncated_ms.get(item_id, end_ms))
+    have = min(item_bytes[item_id] // bytes_per_ms, truncated_ms.get(item_id, end_ms))
     if end_ms > have:
         return "audio_end_ms", f"Audio content of {have} ms is already shorter than {end_ms} ms"
     return None
