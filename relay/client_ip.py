@@ -46,7 +46,9 @@ def _unmapped(addr: IPAddress) -> IPAddress:
 def parse_hop(hop: str) -> IPAddress | None:
     """One ``X-Forwarded-For`` hop: ``ip``, ``ip:port``, ``[v6]`` or ``[v6]:port``."""
     hop = hop.strip()
-    if not hop or len(hop) > _MAX_HOP:
+    # A zone ("fe80::1%eth0") names an interface of the host that wrote it: it means
+    # nothing here, and would let any text after the "%" become a client's key.
+    if not hop or len(hop) > _MAX_HOP or "%" in hop:
         return None
     if hop.startswith("["):
         end = hop.find("]")

@@ -79,6 +79,10 @@ def test_no_trusted_proxies_means_peer() -> None:
         "2001:db8::1:80:",
         "1.2.3.4:٨٠",
         "x" * 200,
+        # a zone names another host's interface, and could carry any text
+        "fe80::1%eth0",
+        "[fe80::1%eth0]:443",
+        "fe80::1%anything at all",
     ],
 )
 def test_garbage_hops_do_not_parse(hop: str) -> None:

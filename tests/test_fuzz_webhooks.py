@@ -520,12 +520,20 @@ def judge(env: Env, pairs: Sequence[tuple[str, str]]) -> Verdict:
     if not convo or (index and not INDEX.match(index)):
         # Nothing to act on (no conversation), or a position that is no number.
         return Verdict(frozenset({"malformed"}), frozenset({400}))
-    # Dedupe on MessageSid and on ConversationSid:Index, each when present (a replay
-    # that dropped one still meets the other).
+    # Dedupe on MessageSid, or ConversationSid:Index without one; a first delivery
+    # with a MessageSid also puts its position on record (a replay that ran its
+    # MessageSid into another field still meets it).
     message = form.get("MessageSid", "")
-    keys = [k for k in (message, f"{convo}:{index}" if index else "") if k] or [f"{convo}:"]
-    seen = any(k in env.seen for k in keys)
-    env.seen.update(keys)
+    position = f"{convo}:{index}"
+    if message:
+        seen = message in env.seen
+        if not seen:
+            env.seen.add(message)
+            if index:
+                env.seen.add(position)
+    else:
+        seen = position in env.seen
+        env.seen.add(position)
     if seen:
         return Verdict(frozenset({"duplicate"}), frozenset({200}))
     now = time.monotonic()

@@ -274,17 +274,19 @@ def convo_handler(
 
 
 async def _first_seen(rt: Runtime, convo: str, message: str, index: str) -> bool:
-    """Dedupe (docs/contract.md §7) on the MessageSid and on ConversationSid:Index,
-    each recorded when present: a replay that drops its MessageSid (run into the
-    field before it under the same signature) still meets the position the first
-    delivery left. With neither, ``ConversationSid:`` is the key, as before."""
+    """Dedupe (docs/contract.md §7): on the MessageSid, or on ConversationSid:Index
+    when there is none. A first delivery with a MessageSid also puts its
+    ConversationSid:Index on record, so that a replay whose MessageSid was run into
+    the field before it (same signature) still meets the position the first one
+    left. Only one key is ever checked, so two deliveries racing through two
+    processes cannot both find the other's key and both be dropped."""
     window = rt.settings.limits.dedupe_seconds
-    keys = [k for k in (message, f"{convo}:{index}" if index else "") if k] or [f"{convo}:"]
-    fresh = True
-    for key in keys:
-        # Every key is taken, even after one was seen, so that each is on record
-        # for whichever spelling comes next.
-        fresh = await rt.store.first_seen(f"dedupe:{key}", window) and fresh
+    position = f"dedupe:{convo}:{index}"
+    if not message:
+        return await rt.store.first_seen(position, window)
+    fresh = await rt.store.first_seen(f"dedupe:{message}", window)
+    if fresh and index:
+        await rt.store.first_seen(position, window)
     return fresh
 
 

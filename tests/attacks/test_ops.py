@@ -71,9 +71,11 @@ async def test_a_twilio_stream_cannot_forge_a_log_line() -> None:
 
 
 async def test_a_forwarded_header_cannot_forge_a_log_line() -> None:
-    """A header value reaches the log as the client IP (the peer is a trusted proxy;
-    an IPv6 scope id may hold any text). A bare LF the head parser let through, a
-    NEL or a vertical tab in it each broke the old log line."""
+    """A header value reached the log as the client IP (the peer is a trusted proxy;
+    an IPv6 zone may hold any text). A bare LF the head parser let through, a NEL or
+    a vertical tab in it each broke the old log line. Now the head parser refuses
+    the bare LF (400), a hop with a zone is no address, and the log escapes
+    whatever still gets there: no forged line either way."""
     head = (
         "GET /token/not-a-token HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
         "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
@@ -89,9 +91,10 @@ async def test_a_forwarded_header_cannot_forge_a_log_line() -> None:
                 async with stream:
                     await stream.send_all(request)
                     answer = await stream.receive_some(4096)
-                assert answer.startswith(b"HTTP/1.1 401 "), answer
+                status = b"400" if breaker == "\n" else b"401"
+                assert answer.startswith(b"HTTP/1.1 " + status + b" "), answer
             with trio.fail_after(10):
-                while (log := d.log_text()).count("refused: token") < 3:
+                while (log := d.log_text()).count("refused: token") < 2:
                     await trio.sleep(0.02)
     assert forged_lines(log) == [], forged_lines(log)
 
