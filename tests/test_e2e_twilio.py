@@ -446,7 +446,11 @@ async def test_200_calls_leave_no_fd_or_task_behind(fake: FakeRealtime) -> None:
         for i in range(200):
             await one(i)
         await assert_nothing_left(d, "twilio", fds, listed, "200 calls")
-        assert all(conn.closed.is_set() for conn in fake.connections)
+        # The fake runs in this (loaded) test process: its handlers may see the last
+        # closes a moment after the daemon has let go of everything.
+        with trio.fail_after(10):
+            while not all(conn.closed.is_set() for conn in fake.connections):
+                await trio.sleep(0.05)
 
 
 async def test_drain_says_goodbye_then_exits(fake: FakeRealtime) -> None:
