@@ -59,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return soak_main(argv[1:])
     args = _parser().parse_args(argv)
     # Imports are deferred so `relay keygen` and `--help` stay instant.
-    from relay.config import ConfigError, describe, load_settings, url_password
+    from relay.config import ConfigError, describe, load_settings
 
     try:
         if args.command == "keygen":
@@ -88,23 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from relay.logs import setup_logging
             from relay.server import run
 
-            secrets = settings.secrets
             setup_logging(
-                settings.server.log_format,
-                settings.server.log_level,
-                [
-                    v
-                    for v in (
-                        secrets.openai_api_key,
-                        secrets.twilio_auth_token,
-                        secrets.twilio_account_sid,
-                        secrets.encryption_key,
-                        # A Redis URL's password, wherever the URL came from.
-                        url_password(secrets.redis_url),
-                        url_password(settings.store.redis_url),
-                    )
-                    if v
-                ],
+                settings.server.log_format, settings.server.log_level, settings.secret_values()
             )
             run(settings)
             return EXIT_OK

@@ -211,6 +211,20 @@ class Settings:
     store: StoreSettings = StoreSettings()
     secrets: Secrets = field(default=Secrets(), repr=False)
 
+    def secret_values(self) -> list[str | bytes]:
+        """Every secret value in force, for the log redactor: the secrets and the
+        password a Redis URL carries, wherever the URL came from."""
+        sec = self.secrets
+        values = (
+            sec.openai_api_key,
+            sec.twilio_auth_token,
+            sec.twilio_account_sid,
+            sec.encryption_key,
+            url_password(sec.redis_url),
+            url_password(self.store.redis_url),
+        )
+        return [v for v in values if v]
+
     def require_serving_secrets(self) -> None:
         """``serve`` cannot run without the API key and the token key."""
         if self.secrets.openai_api_key is None:

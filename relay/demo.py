@@ -180,20 +180,6 @@ def main(settings: Settings, page_port: int, page_dir: str | None) -> int:
     if not 0 <= page_port <= 65535:
         raise ConfigError(f"--port: {page_port} is not a port")
     folder = find_page_dir(page_dir)
-    sec = settings.secrets
-    setup_logging(
-        settings.server.log_format,
-        settings.server.log_level,
-        [
-            v
-            for v in (
-                sec.openai_api_key,
-                sec.encryption_key,
-                sec.twilio_auth_token,
-                sec.twilio_account_sid,
-            )
-            if v
-        ],
-    )
+    setup_logging(settings.server.log_format, settings.server.log_level, settings.secret_values())
     trio.run(partial(run, settings, page_port, folder, say=say))
     return 0
