@@ -220,6 +220,10 @@ class Replayed(trio.abc.HalfCloseableStream):
     def __init__(self, stream: trio.SocketStream, prefix: bytes) -> None:
         self._stream = stream
         self._prefix = prefix
+        # Hypercorn sends data under its own lock but its close's send_eof outside
+        # it; a response body still being written (its last send is shielded, see
+        # relay.app) would then meet trio's BusyResourceError. One lock for both.
+        self._sending = trio.Lock()
         self.socket = stream.socket  # Hypercorn reads peer and local addresses from it
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
@@ -230,13 +234,15 @@ class Replayed(trio.abc.HalfCloseableStream):
         return await self._stream.receive_some(max_bytes)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self._stream.send_all(data)
+        async with self._sending:
+            await self._stream.send_all(data)
 
     async def wait_send_all_might_not_block(self) -> None:
         await self._stream.wait_send_all_might_not_block()
 
     async def send_eof(self) -> None:
-        await self._stream.send_eof()
+        async with self._sending:
+            await self._stream.send_eof()
 
     async def aclose(self) -> None:
         await self._stream.aclose()

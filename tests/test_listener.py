@@ -7,6 +7,7 @@ import os
 
 import hypercorn.trio.run as hypercorn_run
 import trio
+import trio.testing
 
 from relay.listener import Replayed, Router
 from relay.testing.daemon import Daemon
@@ -111,3 +112,29 @@ async def test_malformed_upgrade_heads_get_400_and_the_daemon_lives(daemon: Daem
         daemon.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     )
     assert answer.startswith(b"HTTP/1.1 200 ")
+
+
+async def test_replayed_stream_serialises_a_send_and_the_eof() -> None:
+    """Hypercorn writes under its own lock but sends its close's EOF outside it; on a
+    bare SocketStream the two meet trio's BusyResourceError (seen in the upgrade
+    fuzz as a traceback in the log). Through Replayed they queue instead."""
+    left, right = trio.socket.socketpair()
+    stream = Replayed(trio.SocketStream(left), b"")
+    peer = trio.SocketStream(right)
+    big = b"x" * (4 * 1024 * 1024)  # more than the socket buffers: send_all must wait
+    received = bytearray()
+
+    async def read_all() -> None:
+        while chunk := await peer.receive_some(65536):
+            received.extend(chunk)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stream.send_all, big)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(stream.send_eof)  # raised BusyResourceError unlocked
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(read_all)
+    assert len(received) == len(big)
+    await stream.aclose()
+    await peer.aclose()
