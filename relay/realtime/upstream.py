@@ -5,6 +5,9 @@ Guarantees of :func:`open_upstream`:
 - the request is exactly ``{realtime_url}?model=<model>`` with
   ``Authorization: Bearer <key>`` (and ``OpenAI-Beta: realtime=v1`` in the beta
   dialect only); the key is never logged nor put in an error;
+- the answer is checked by ``websockets``' sans-I/O client (RFC 6455 §4.1: status,
+  accept value, no extension or subprotocol that was not offered); one that fails
+  is an :class:`UpstreamError`, a 502 for the client (docs/contract.md §5);
 - it either returns an open connection or raises :class:`UpstreamError`, within
   ``timeout`` seconds for TCP, TLS and the WebSocket handshake together;
 - no socket outlives a failure, and the connection's socket is closed as soon
@@ -23,6 +26,7 @@ from collections.abc import Sequence
 import trio
 from websockets.client import ClientProtocol
 from websockets.exceptions import InvalidStatus, InvalidURI
+from websockets.protocol import OPEN
 from websockets.typing import Subprotocol
 from websockets.uri import parse_uri
 
@@ -185,6 +189,7 @@ async def _handshake(
                 protocol.receive_data(chunk)
             else:
                 protocol.receive_eof()
+                break
     except Broken:
         raise UpstreamError("upstream closed the connection during the handshake") from None
     exc = protocol.handshake_exc
@@ -193,6 +198,8 @@ async def _handshake(
         raise UpstreamError(f"upstream refused handshake: {status}", status=status)
     if exc is not None:
         raise UpstreamError(f"upstream handshake failed: {_short(exc)}")
+    if protocol.state is not OPEN:
+        raise UpstreamError("upstream closed the connection during the handshake")
     return rest
 
 
