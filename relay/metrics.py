@@ -1,4 +1,4 @@
-"""The Prometheus registry and the metrics SPEC §9 names, created once per daemon."""
+"""The Prometheus registry and the metrics docs/contract.md §9 names, created once per daemon."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ import pytest
 
 from relay.bench.fake import read_stamp, stamp_frame
 from relay.bench.run import cpu_ratio_at_common_step
-from relay.bench.wire import OP_TEXT, Reader, frame
+from relay.bench.wire import OP_BINARY, OP_CLOSE, OP_PING, Closed, Reader, frame
 
 
 def _bench(tmp_path: Path, *args: str) -> tuple[str, dict[str, object]]:
@@ -33,10 +33,18 @@ def _bench(tmp_path: Path, *args: str) -> tuple[str, dict[str, object]]:
 
 
 def test_wire_frames_round_trip() -> None:
-    reader = Reader()
-    data = frame(b"x" * 300) + frame(b"hello", masked=True)
-    got = reader.feed(data[:7]) + reader.feed(data[7:])
-    assert got == [(OP_TEXT, b"x" * 300), (OP_TEXT, b"hello")]
+    reader = Reader(masked=False)  # a caller's: the relay's frames are not masked
+    data = frame(b"x" * 300) + frame(b"\x00\x01", OP_BINARY) + frame(b"hi", OP_PING)
+    assert reader.feed(data[:7]) == []
+    assert reader.feed(data[7:]) == [(OP_PING, b"hi")]
+    assert list(reader.messages) == ["x" * 300, b"\x00\x01"]
+    upstream = Reader(masked=True)  # the fake upstream's: the relay's frames are masked
+    assert upstream.feed(frame(b"hello", masked=True) + frame(b"", OP_CLOSE, masked=True)) == [
+        (OP_CLOSE, b"")
+    ]
+    assert list(upstream.messages) == ["hello"]
+    with pytest.raises(Closed, match="masking"):  # the relay's framing is checked too
+        Reader(masked=True).feed(frame(b"hello"))
     assert read_stamp(stamp_frame(7, 123456789, 3)) == (7, 123456789)
 
 

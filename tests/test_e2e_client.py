@@ -17,6 +17,7 @@ import trio_websocket
 from relay.config import decode_encryption_key
 from relay.testing.daemon import TEST_OPENAI_KEY, Daemon, running_daemon
 from relay.testing.fake_realtime import FakeConnection, FakeRealtime, fake_realtime
+from relay.testing.metrics import sample_value
 from relay.tokens import mint
 
 ORIGIN = [(b"Origin", b"http://localhost:5173")]
@@ -285,16 +286,12 @@ async def test_burst_of_10000_each_way_in_order(echo_fake: FakeRealtime) -> None
         )
 
 
-async def scrape(d: Daemon, name: str) -> float:
-    import httpx
-
+async def scrape(d: Daemon, name: str, **labels: str) -> float:
+    """One scrape: the sample ``name`` with exactly ``labels`` (0 when absent)."""
     # Connection: close, or Hypercorn keeps the socket until keep_alive_timeout.
     async with httpx.AsyncClient(headers={"Connection": "close"}) as http:
         text = (await http.get(d.http_url + "/metrics")).text
-    for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name} not in /metrics")
+    return sample_value(text, name, **labels)
 
 
 async def task_dump(d: Daemon) -> list[str]:
@@ -339,7 +336,7 @@ async def assert_nothing_left(d: Daemon, kind: str, fds: int, listed: list[str],
     "16 -> 17 tasks" these checks used to fail on now and then, with identical
     listings before and after)."""
     with trio.fail_after(10):  # sessions finish their closes asynchronously
-        while await scrape(d, f'relay_sessions_active{{kind="{kind}"}}') != 0:
+        while await scrape(d, "relay_sessions_active", kind=kind) != 0:
             await trio.sleep(0.05)
     # Closing handshakes finish in the background (each bounded by CLOSE_TIMEOUT,
     # 2 s a side); a real leak stays past 15 s just the same.

@@ -46,6 +46,7 @@ from relay.testing.daemon import (
     toml_dumps,
 )
 from relay.testing.fake_twilio import FakeConversation, FakeTwilio, fake_twilio
+from relay.testing.metrics import sample_value
 from relay.twilio_auth import TwilioGate
 from relay.wiring import twilio_routes
 
@@ -67,16 +68,6 @@ def sign(form: Mapping[str, str], url: str = WEBHOOK_URL) -> str:
     return str(RequestValidator(TEST_TWILIO_TOKEN).compute_signature(url, dict(form)))
 
 
-def metric(text: str, name: str, **labels: str) -> float:
-    """The value of one sample in Prometheus text; 0 when absent."""
-    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    for line in text.splitlines():
-        m = re.fullmatch(rf"{re.escape(name)}(?:{{(.*)}})? (\S+)", line)
-        if m and ",".join(sorted((m.group(1) or "").split(","))) == wanted:
-            return float(m.group(2))
-    return 0.0
-
-
 @dataclass(frozen=True)
 class Metrics:
     """A /metrics scrape read relative to the one taken when the test began."""
@@ -85,7 +76,7 @@ class Metrics:
     baseline: str
 
     def __call__(self, name: str, **labels: str) -> float:
-        return metric(self.text, name, **labels) - metric(self.baseline, name, **labels)
+        return sample_value(self.text, name, **labels) - sample_value(self.baseline, name, **labels)
 
 
 def config(fake_base: str, **sections: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -811,8 +802,8 @@ async def test_background_work_is_bounded(caplog: pytest.LogCaptureFixture) -> N
                     assert (r.status_code, await r.get_data(as_text=True)) == (200, "ok\n")
                 assert rt.jobs_in_flight == 2
                 text = rt.metrics.render().decode()
-                assert metric(text, "relay_convo_events_total", outcome="accepted") == 2
-                assert metric(text, "relay_convo_events_total", outcome="overloaded") == 1
+                assert sample_value(text, "relay_convo_events_total", outcome="accepted") == 2
+                assert sample_value(text, "relay_convo_events_total", outcome="overloaded") == 1
                 assert "background work is at its bound" in caplog.text
                 fake.chat_delay = 0  # releases the two waiting jobs
                 with trio.fail_after(5):

@@ -16,7 +16,6 @@ coredis, the ``redis`` extra) these tests skip and say so.
 from __future__ import annotations
 
 import itertools
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ from relay.testing.daemon import (
 )
 from relay.testing.fake_realtime import fake_realtime
 from relay.testing.fake_twilio import fake_twilio
+from relay.testing.metrics import sample_value
 from relay.testing.redis_server import (
     REDIS_SERVER,
     RedisServer,
@@ -79,16 +79,6 @@ def config(
     }
 
 
-def metric(text: str, name: str, **labels: str) -> float:
-    """The value of one sample in Prometheus text; 0 when absent."""
-    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    for line in text.splitlines():
-        m = re.fullmatch(rf"{re.escape(name)}(?:{{(.*)}})? (\S+)", line)
-        if m and ",".join(sorted((m.group(1) or "").split(","))) == wanted:
-            return float(m.group(2))
-    return 0.0
-
-
 async def metrics(http: httpx.AsyncClient, d: Daemon) -> str:
     response = await http.get(
         d.http_url + "/metrics", headers={"X-Forwarded-For": next(_metrics_ips)}
@@ -99,7 +89,7 @@ async def metrics(http: httpx.AsyncClient, d: Daemon) -> str:
 
 async def wait_degraded(http: httpx.AsyncClient, d: Daemon, value: float) -> None:
     with trio.fail_after(15):
-        while metric(await metrics(http, d), "relay_store_degraded") != value:
+        while sample_value(await metrics(http, d), "relay_store_degraded") != value:
             await trio.sleep(0.1)
 
 
@@ -189,7 +179,7 @@ async def test_two_processes_share_limits_and_dedupe_and_survive_redis_outage() 
         ):
             both = [a, b]
             for d in both:
-                assert metric(await metrics(http, d), "relay_store_degraded") == 0
+                assert sample_value(await metrics(http, d), "relay_store_degraded") == 0
                 assert "shared through redis" in d.log_text()
 
             # 1. The 11th upgrade from one IP across both processes is 429; the
@@ -223,7 +213,9 @@ async def test_two_processes_share_limits_and_dedupe_and_survive_redis_outage() 
             assert [r.status_code for r in answers] == [200, 200]
             texts = [await metrics(http, d) for d in both]
             outcomes = {
-                outcome: sum(metric(t, "relay_convo_events_total", outcome=outcome) for t in texts)
+                outcome: sum(
+                    sample_value(t, "relay_convo_events_total", outcome=outcome) for t in texts
+                )
                 for outcome in ("accepted", "duplicate")
             }
             assert outcomes == {"accepted": 1, "duplicate": 1}
@@ -268,7 +260,7 @@ async def test_redis_down_at_start_serves_degraded_then_joins() -> None:
     cfg = config(url, "http://127.0.0.1:9", "http://127.0.0.1:9/v1")
     async with running_daemon(cfg) as d, httpx.AsyncClient(timeout=10) as http:
         assert (await healthz(http, d, "203.0.113.6")).status_code == 200
-        assert metric(await metrics(http, d), "relay_store_degraded") == 1
+        assert sample_value(await metrics(http, d), "relay_store_degraded") == 1
         assert "is unreachable" in d.log_text()
         async with running_redis(port):
             await wait_degraded(http, d, 0)

@@ -55,6 +55,7 @@ from relay.testing.fake_realtime import (
 )
 from relay.testing.fake_twilio import FakeConversation, FakeFault, FakeTwilio, fake_twilio
 from relay.testing.fuzz import Watch
+from relay.testing.metrics import sample_value
 from relay.testing.twilio_caller import FRAME_BYTES, TwilioCall, twilio_call
 from relay.tokens import mint
 
@@ -656,14 +657,6 @@ def bot_posts(convo: FakeConversation) -> list[str]:
     return [m.body or "" for m in convo.messages if m.author == BOT]
 
 
-def metric(text: str, name: str, **labels: str) -> float:
-    wanted = "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else ""
-    for line in text.splitlines():
-        if line.startswith(name + wanted + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
 async def test_webhook_jobs_end_whatever_twilio_and_openai_do() -> None:
     """Each webhook answers 200 within 1 s and its background job ends within
     JOB_BOUND, logged and counted as failed, when Twilio REST answers 500, or
@@ -743,7 +736,9 @@ async def test_webhook_jobs_end_whatever_twilio_and_openai_do() -> None:
                 after = (await http.get("/metrics")).text
 
                 def delta(name: str, **labels: str) -> float:
-                    return metric(after, name, **labels) - metric(before, name, **labels)
+                    return sample_value(after, name, **labels) - sample_value(
+                        before, name, **labels
+                    )
 
                 assert delta("relay_convo_events_total", outcome="failed") == 5
                 assert delta("relay_convo_events_total", outcome="done") == 1

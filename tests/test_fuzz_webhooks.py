@@ -51,10 +51,10 @@ from relay.testing.fuzz import (
     Watch,
     client_session,
     echo_probe,
-    metric_in,
     metrics_text,
     request,
 )
+from relay.testing.metrics import sample_value
 from relay.testing.portal import Held, Portal, trio_portal
 from relay.twilio_auth import SID_PREFIXES
 from relay.twiml import xml_safe
@@ -359,11 +359,11 @@ def env() -> Iterator[Env]:
 
 def jobs(text: str) -> tuple[float, float, float]:
     """(accepted, ended, crashed) convo jobs, from a /metrics scrape."""
-    accepted = metric_in(text, "relay_convo_events_total", outcome="accepted")
-    ended = metric_in(text, "relay_convo_events_total", outcome="done") + metric_in(
+    accepted = sample_value(text, "relay_convo_events_total", outcome="accepted")
+    ended = sample_value(text, "relay_convo_events_total", outcome="done") + sample_value(
         text, "relay_convo_events_total", outcome="failed"
     )
-    return accepted, ended, metric_in(text, "relay_jobs_failed_total", stage="internal")
+    return accepted, ended, sample_value(text, "relay_jobs_failed_total", stage="internal")
 
 
 def wait_jobs(port: int, timeout: float = 15) -> tuple[float, float, float]:
@@ -552,7 +552,7 @@ def _outcome_deltas(before: str, after: str) -> dict[str, float]:
              "accepted", "overloaded", "forbidden")  # fmt: skip
     out = {}
     for name in names:
-        delta = metric_in(after, "relay_convo_events_total", outcome=name) - metric_in(
+        delta = sample_value(after, "relay_convo_events_total", outcome=name) - sample_value(
             before, "relay_convo_events_total", outcome=name
         )
         if delta:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import socket
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from functools import partial
 
 import orjson
@@ -17,6 +20,7 @@ from relay.testing.fake_realtime import FakeRealtime, fake_realtime
 from relay.ws import reactor
 from relay.ws.connection import WebSocket
 from relay.ws.errors import UpstreamClosed
+from relay.ws.handshake import upgrade_response
 
 KEY = "sk-test-secret-key"
 
@@ -236,3 +240,88 @@ async def test_bad_accept_header_is_an_upstream_error() -> None:
                     max_message_size=1000,
                 )
         nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def raw_upstream(answer: bytes, after: bytes = b"") -> AsyncIterator[int]:
+    """A bare TCP server answering every upgrade with a valid 101 (right accept value) plus
+    ``answer`` as extra header lines, then ``after`` in the same write; yields its port."""
+
+    async def handler(stream: trio.SocketStream) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += await stream.receive_some(65536)
+        key = re.search(rb"(?i)sec-websocket-key: *(\S+)", head)
+        assert key is not None
+        await stream.send_all(
+            upgrade_response(key.group(1).decode(), None)[:-2] + answer + b"\r\n" + after
+        )
+        await trio.sleep(10)
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+        yield listeners[0].socket.getsockname()[1]
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    ("answer", "offered", "complaint"),
+    [
+        (b"Sec-WebSocket-Extensions: permessage-deflate\r\n", (), "no extensions supported"),
+        (b"Sec-WebSocket-Protocol: realtime\r\n", (), "no subprotocols supported"),
+        (b"Sec-WebSocket-Protocol: other\r\n", ("realtime",), "unsupported subprotocol"),
+    ],
+)
+async def test_unrequested_extension_or_subprotocol_is_an_upstream_error(
+    answer: bytes, offered: tuple[str, ...], complaint: str
+) -> None:
+    """The server may only pick from what we offered (RFC 6455 §4.1, items 5 and 6);
+    we offer no extension, so frames with RSV bits set would follow an accepted one."""
+    async with raw_upstream(answer) as port, trio.open_nursery() as conn:
+        with trio.fail_after(5), pytest.raises(UpstreamError) as info:
+            await open_upstream(
+                conn,
+                realtime_url=f"ws://127.0.0.1:{port}/v1/realtime",
+                model="m",
+                api_key=KEY,
+                dialect=GA,
+                timeout=3,
+                max_message_size=1000,
+                subprotocols=offered,
+            )
+    assert info.value.reason.startswith("upstream handshake failed")
+    assert complaint in info.value.reason
+
+
+async def test_offered_subprotocol_and_frames_in_the_same_segment_as_the_101() -> None:
+    """Bytes after the head belong to relay.ws, even when they come with the 101."""
+    frame = b"\x81\x05hello"  # unmasked text "hello", as a server sends
+    async with (
+        raw_upstream(b"Sec-WebSocket-Protocol: realtime\r\n", after=frame) as port,
+        trio.open_nursery() as conn,
+    ):
+        with trio.fail_after(5):
+            ws = await open_upstream(
+                conn,
+                realtime_url=f"ws://127.0.0.1:{port}/v1/realtime",
+                model="m",
+                api_key=KEY,
+                dialect=GA,
+                timeout=3,
+                max_message_size=1000,
+                subprotocols=["realtime"],
+            )
+            assert await ws.receive() == "hello"
+        conn.cancel_scope.cancel()
+
+
+async def test_key_stays_out_of_a_debug_log(
+    fake: FakeRealtime, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    # websockets' protocol logs request headers at DEBUG; a debug-level run must not show
+    # the Authorization header.
+    caplog.set_level(logging.DEBUG)
+    ws = await connect(nursery, fake.url)
+    await ws.receive()
+    await ws.close(1000)
+    assert "sk-test" not in caplog.text

@@ -159,7 +159,7 @@ class _Up:
         self.seq = 0
         self.slot: int | None = None
         self.last_seen: dict[int, int] = {}  # caller number -> last caller sequence
-        self.reader = wire.Reader()
+        self.reader = wire.Reader(masked=True)
         self.closed = False
 
     def close(self) -> None:
@@ -194,11 +194,14 @@ class _Up:
 
     def _input(self, data: bytes) -> None:
         """Twilio profile: what arrived, handled without waiting."""
+        reader = self.reader
         try:
-            for opcode, payload in self.reader.feed(data):
-                if opcode == wire.OP_TEXT or opcode == wire.OP_BINARY:
-                    self._message(payload)
-                elif opcode == wire.OP_CLOSE:
+            controls = reader.feed(data)
+            messages = reader.messages
+            while messages:
+                self._message(messages.popleft())
+            for opcode, payload in controls:
+                if opcode == wire.OP_CLOSE:
                     self.conn.send_nowait(wire.frame(payload[:2], wire.OP_CLOSE))
                     self.close()
                     return
@@ -209,15 +212,16 @@ class _Up:
 
     async def _receive(self, data: bytes) -> None:
         """Client profile: count messages, answer pings and the close."""
-        reader = wire.Reader()
+        reader = wire.Reader(masked=True)
         fake = self.fake
         try:
             while True:
-                for opcode, payload in reader.feed(data):
-                    if opcode == wire.OP_TEXT or opcode == wire.OP_BINARY:
-                        if time.monotonic_ns() in fake.window:
-                            fake.msgs_in += 1
-                    elif opcode == wire.OP_CLOSE:
+                controls = reader.feed(data)
+                if time.monotonic_ns() in fake.window:
+                    fake.msgs_in += len(reader.messages)
+                reader.messages.clear()
+                for opcode, payload in controls:
+                    if opcode == wire.OP_CLOSE:
                         await self.conn.send(wire.frame(payload[:2], wire.OP_CLOSE))
                         return
                     elif opcode == wire.OP_PING:
@@ -226,7 +230,7 @@ class _Up:
         except wire.Closed:
             return
 
-    def _message(self, payload: bytes) -> None:
+    def _message(self, payload: str | bytes) -> None:
         fake = self.fake
         event = orjson.loads(payload)
         kind = event.get("type")

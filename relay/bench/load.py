@@ -65,7 +65,7 @@ class _Call:
         self.seq = 0  # caller frames sent
         self.sn = 0  # Twilio sequenceNumber
         self.slot = -1
-        self.reader = wire.Reader()
+        self.reader = wire.Reader(masked=False)
         self.last = -1  # sequence of the last assistant frame received
 
     def message(self, body: str) -> bytes:
@@ -176,11 +176,13 @@ class Loader:
         call.conn.close()
 
     def _input(self, call: _Call, data: bytes) -> None:
+        reader = call.reader
         try:
-            for opcode, payload in call.reader.feed(data):
-                if opcode == wire.OP_CLOSE:
-                    raise wire.Closed("close frame")
-                if opcode != wire.OP_TEXT:
+            controls = reader.feed(data)
+            messages = reader.messages
+            while messages:
+                payload = messages.popleft()
+                if payload.__class__ is not str:
                     continue
                 event = orjson.loads(payload)
                 kind = event["event"]
@@ -200,6 +202,8 @@ class Loader:
                     call.conn.send_nowait(call.message(f'"mark","mark":{{"name":"{name}"}}'))
                 elif kind == "clear":
                     self.clears += 1
+            if controls and controls[-1][0] == wire.OP_CLOSE:  # a close comes last
+                raise wire.Closed("close frame")
         except wire.Closed:
             self._drop(call)
 
@@ -258,12 +262,13 @@ class Loader:
                 self.dropped += 1
 
         async def receive(data: bytes) -> None:
-            reader = wire.Reader()
+            reader = wire.Reader(masked=False)
             try:
                 while True:
-                    n = len(reader.feed(data))
+                    reader.feed(data)
                     if self.t0 <= time.monotonic_ns() < self.t1:
-                        self.msgs_in += n
+                        self.msgs_in += len(reader.messages)
+                    reader.messages.clear()
                     data = await conn.recv()
             except wire.Closed:
                 self.dropped += 1

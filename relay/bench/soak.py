@@ -38,6 +38,7 @@ from typing import Any
 from relay.bench import run as bench_run
 from relay.bench import soak_fake, soak_load
 from relay.testing.fuzz import http_get
+from relay.testing.metrics import sample_value
 
 EXIT_OK, EXIT_FAILED, EXIT_NOT_RUN = 0, 1, 2
 SETTLE_TIMEOUT_S = 20.0  # after the generators stop, in-flight frames get this long
@@ -123,16 +124,21 @@ def _runqueue_wait_ms(pid: int) -> float:
         return 0.0
 
 
-_METRIC = re.compile(r"^(relay_trio_tasks|relay_sessions_active|relay_bargeins_total)"
-                     r"(\{[^}]*\})? (\S+)$", re.M)  # fmt: skip
-
-
 def _metrics(port: int) -> dict[str, float]:
     """The few relay metrics the soak follows, keyed by name plus label text."""
     status, text = http_get(port, "/metrics")
     if status != 200:
         raise RuntimeError(f"/metrics answered {status}")
-    return {m.group(1) + (m.group(2) or ""): float(m.group(3)) for m in _METRIC.finditer(text)}
+    return {
+        "relay_trio_tasks": sample_value(text, "relay_trio_tasks"),
+        'relay_sessions_active{kind="twilio"}': sample_value(
+            text, "relay_sessions_active", kind="twilio"
+        ),
+        'relay_sessions_active{kind="client"}': sample_value(
+            text, "relay_sessions_active", kind="client"
+        ),
+        "relay_bargeins_total": sample_value(text, "relay_bargeins_total"),
+    }
 
 
 def _sessions(m: dict[str, float]) -> tuple[int, int]:

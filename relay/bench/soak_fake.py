@@ -387,15 +387,23 @@ class _Peer:
 
     async def _receive(self, data: bytes) -> int | None:
         """Handle messages until the relay closes; returns its close code (None: no frame)."""
-        reader = wire.Reader()
+        reader = wire.Reader(masked=True)
+        messages = reader.messages
         while True:
-            for opcode, payload in reader.feed(data):
-                if opcode == wire.OP_TEXT:
-                    self._message(payload)
-                elif opcode == wire.OP_BINARY:
+            try:
+                controls = reader.feed(data)
+            except wire.Closed as broken:  # the relay's frames broke RFC 6455
+                self.fake.fig.violation(f"conn {self.number}: {broken}")
+                return None
+            while messages:
+                message = messages.popleft()
+                if isinstance(message, str):
+                    self._message(message)
+                else:
                     self.error("invalid_value", "Binary messages are not supported.",
                                      None, None)  # fmt: skip
-                elif opcode == wire.OP_CLOSE:
+            for opcode, payload in controls:
+                if opcode == wire.OP_CLOSE:
                     code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
                     self.send(wire.frame(payload[:2], wire.OP_CLOSE))
                     return code
@@ -406,7 +414,7 @@ class _Peer:
             except wire.Closed:
                 return None
 
-    def _message(self, payload: bytes) -> None:
+    def _message(self, payload: str) -> None:
         try:
             event = orjson.loads(payload)
         except orjson.JSONDecodeError:

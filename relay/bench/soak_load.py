@@ -256,22 +256,30 @@ class SoakLoader:
 
     async def _read(self, s: _Stream, data: bytes) -> int | None:
         """Handle messages until the relay closes; its close code (None: no close frame)."""
-        reader = wire.Reader()
+        reader = wire.Reader(masked=False)
+        messages = reader.messages
         try:
             while True:
-                for opcode, payload in reader.feed(data):
+                try:
+                    controls = reader.feed(data)
+                except wire.Closed as broken:  # the relay's frames broke RFC 6455
+                    self.problem(f"{s.spec.kind} {s.number}: {broken}")
+                    raise
+                while messages:
+                    message = messages.popleft()
+                    if not isinstance(message, str):
+                        self.problem(f"{s.spec.kind} {s.number}: a binary message from the relay")
+                    elif s.call:
+                        self._twilio_message(s, message)
+                    else:
+                        self._client_message(s, message)
+                for opcode, payload in controls:
                     if opcode == wire.OP_CLOSE:
                         if not s.hanging_up:  # answer the relay's close
                             s.send(wire.frame(payload[:2], wire.OP_CLOSE, masked=True))
                         return int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
                     if opcode == wire.OP_PING:
                         s.send(wire.frame(payload, wire.OP_PONG, masked=True))
-                    elif opcode != wire.OP_TEXT:
-                        self.problem(f"{s.spec.kind} {s.number}: opcode {opcode} from the relay")
-                    elif s.call:
-                        self._twilio_message(s, payload)
-                    else:
-                        self._client_message(s, payload)
                 data = await s.conn.recv()
         except wire.Closed:
             return None
@@ -310,7 +318,7 @@ class SoakLoader:
         s.last_response = int.from_bytes(audio[16:20], "big")
         return len(audio)
 
-    def _twilio_message(self, s: _Stream, payload: bytes) -> None:
+    def _twilio_message(self, s: _Stream, payload: str) -> None:
         try:
             event = orjson.loads(payload)
             kind = event["event"]
@@ -361,7 +369,7 @@ class SoakLoader:
             self.marks_echoed += len(names)
             s.send(b"".join(s.mark_echo(n) for n in names))
 
-    def _client_message(self, s: _Stream, payload: bytes) -> None:
+    def _client_message(self, s: _Stream, payload: str) -> None:
         try:
             event = orjson.loads(payload)
             kind = event["type"]

@@ -21,6 +21,8 @@ from collections.abc import AsyncIterator, Callable
 
 import trio
 
+from relay.ws.frames import FrameParser, ProtocolError
+
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 1, 2, 8, 9, 10
 
@@ -188,65 +190,27 @@ def frame(payload: bytes, opcode: int = OP_TEXT, *, masked: bool = False) -> byt
     return head + payload
 
 
-def _unmask(payload: bytes, key: bytes) -> bytes:
-    n = len(payload)
-    if not n or key == b"\0\0\0\0":
-        return payload
-    # One big-integer XOR instead of a Python loop over the bytes.
-    stream = (key * (n // 4 + 1))[:n]
-    return (int.from_bytes(payload, "big") ^ int.from_bytes(stream, "big")).to_bytes(n, "big")
+class Reader(FrameParser):
+    """Incremental frame reader: :meth:`feed` bytes; whole messages land in ``messages``
+    (text as ``str``, binary as ``bytes``) and control frames are returned as
+    ``(opcode, payload)``, a close last.
 
+    It is the relay's own ``relay.ws.frames.FrameParser``, so the bench also checks
+    the relay's frames (masking by side, reserved bits, UTF-8); a broken frame ends
+    the connection as :class:`Closed`. ``masked``: the peer is a client, whose frames
+    are masked (the fake upstream reads the relay's frames so).
+    """
 
-class Reader:
-    """Incremental frame parser: feed bytes, get whole messages as ``(opcode, payload)``."""
+    __slots__ = ()
 
-    __slots__ = ("_buf", "_frag", "_frag_op")
+    def __init__(self, *, masked: bool, max_message: int = 1 << 24) -> None:
+        super().__init__(masked=masked, max_message=max_message)
 
-    def __init__(self) -> None:
-        self._buf = bytearray()
-        self._frag = bytearray()
-        self._frag_op = 0
-
-    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
-        buf = self._buf
-        buf += data
-        out: list[tuple[int, bytes]] = []
-        pos, end = 0, len(buf)
-        while end - pos >= 2:
-            b0, b1 = buf[pos], buf[pos + 1]
-            length, p = b1 & 0x7F, pos + 2
-            if length == 126:
-                if end - p < 2:
-                    break
-                length, p = int.from_bytes(buf[p : p + 2], "big"), p + 2
-            elif length == 127:
-                if end - p < 8:
-                    break
-                length, p = int.from_bytes(buf[p : p + 8], "big"), p + 8
-            key = b""
-            if b1 & 0x80:
-                if end - p < 4:
-                    break
-                key, p = bytes(buf[p : p + 4]), p + 4
-            if end - p < length:
-                break
-            payload = bytes(buf[p : p + length])
-            if key:
-                payload = _unmask(payload, key)
-            pos = p + length
-            opcode, fin = b0 & 0x0F, b0 & 0x80
-            if opcode == 0:
-                self._frag += payload
-                if fin:
-                    out.append((self._frag_op, bytes(self._frag)))
-                    self._frag.clear()
-            elif not fin and opcode < 8:
-                self._frag_op = opcode
-                self._frag[:] = payload
-            else:
-                out.append((opcode, payload))
-        del buf[:pos]
-        return out
+    def feed(self, data: bytes | bytearray) -> list[tuple[int, bytes]]:
+        try:
+            return super().feed(data)
+        except ProtocolError as err:
+            raise Closed(f"protocol error {err.code}: {err.reason}") from None
 
 
 async def accepted(listener: socket.socket) -> AsyncIterator[socket.socket]:

@@ -5,6 +5,9 @@ Guarantees of :func:`open_upstream`:
 - the request is exactly ``{realtime_url}?model=<model>`` with
   ``Authorization: Bearer <key>`` (and ``OpenAI-Beta: realtime=v1`` in the beta
   dialect only); the key is never logged nor put in an error;
+- the answer is checked by ``websockets``' sans-I/O client (RFC 6455 §4.1: status,
+  accept value, no extension or subprotocol that was not offered); one that fails
+  is an :class:`UpstreamError`, a 502 for the client (docs/contract.md §5);
 - it either returns an open connection or raises :class:`UpstreamError`, within
   ``timeout`` seconds for TCP, TLS and the WebSocket handshake together;
 - no socket outlives a failure, and the connection's socket is closed as soon
@@ -15,21 +18,28 @@ Guarantees of :func:`open_upstream`:
 
 from __future__ import annotations
 
-import base64
 import logging
-import os
 import ssl
 import urllib.parse
 from collections.abc import Sequence
 
 import trio
+from websockets.client import ClientProtocol
+from websockets.exceptions import InvalidStatus, InvalidURI
+from websockets.protocol import OPEN
+from websockets.typing import Subprotocol
+from websockets.uri import parse_uri
 
 from relay.realtime.dialect import Dialect
 from relay.ws.connection import WebSocket
-from relay.ws.handshake import MAX_HEAD, accept_value
+from relay.ws.handshake import MAX_HEAD
 from relay.ws.transport import Broken, Transport
 
 log = logging.getLogger(__name__)
+# The protocol logs the request's headers at DEBUG, Authorization included: its logger
+# never goes below INFO, whatever the root level, so the key stays out of the log.
+_wire_log = logging.getLogger(f"{__name__}.wire")
+_wire_log.setLevel(logging.INFO)
 
 
 class UpstreamError(Exception):
@@ -74,17 +84,13 @@ async def open_upstream(
     """
     url = upstream_url(realtime_url, model)
     log.debug("opening upstream %s (%s dialect)", url, dialect.name)
-    host, port, resource, tls = _endpoint(url)
+    host, port, _, tls = _endpoint(url)
     try:
         with trio.fail_after(timeout):
             transport = await _open_transport(host, port, tls)
             try:
                 buffered = await _handshake(
-                    transport,
-                    host if port in (80, 443) else f"{_bracket(host)}:{port}",
-                    resource,
-                    upstream_headers(api_key, dialect),
-                    list(subprotocols or ()),
+                    transport, url, upstream_headers(api_key, dialect), list(subprotocols or ())
                 )
             except BaseException:
                 transport.close()
@@ -132,57 +138,74 @@ async def _open_transport(host: str, port: int, tls: bool) -> Transport:
 
 async def _handshake(
     transport: Transport,
-    host_header: str,
-    resource: str,
+    url: str,
     headers: list[tuple[bytes, bytes]],
     subprotocols: list[str],
 ) -> bytes:
-    """RFC 6455 §4.1 client handshake; returns the bytes read past the response."""
-    key = base64.b64encode(os.urandom(16)).decode()
-    lines = [
-        f"GET {resource} HTTP/1.1",
-        f"Host: {host_header}",
-        "Upgrade: websocket",
-        "Connection: Upgrade",
-        f"Sec-WebSocket-Key: {key}",
-        "Sec-WebSocket-Version: 13",
-    ]
-    if subprotocols:
-        lines.append(f"Sec-WebSocket-Protocol: {', '.join(subprotocols)}")
-    request = ("\r\n".join(lines) + "\r\n").encode("latin-1")
-    request += b"".join(name + b": " + value + b"\r\n" for name, value in headers) + b"\r\n"
+    """RFC 6455 §4.1 client handshake through ``websockets``' sans-I/O ``ClientProtocol``:
+    it builds the request and checks the answer (status, ``Upgrade``, ``Connection``,
+    ``Sec-WebSocket-Accept``, and that any extension or subprotocol answered was one we
+    offered: we offer no extension, so any is refused). Returns the bytes read past the
+    response, which belong to ``relay.ws``: the frames path stays ours.
+    """
     try:
-        transport.write(request)
+        uri = parse_uri(url)
+    except InvalidURI:
+        raise UpstreamError("upstream URL is not a valid WebSocket URL") from None
+    protocol = ClientProtocol(
+        uri,
+        subprotocols=[Subprotocol(p) for p in subprotocols] or None,
+        max_size=None,  # unused: frames are parsed by relay.ws, not by the protocol
+        logger=_wire_log,
+    )
+    request = protocol.connect()
+    for raw_name, value in headers:
+        name = raw_name.decode()
+        if name in request.headers:  # ours win (a user:pass@ in the URL would add Basic)
+            del request.headers[name]
+        request.headers[name] = value.decode()
+    protocol.send_request(request)
+    try:
+        transport.write(b"".join(protocol.data_to_send()))
         await transport.drain(None)
+        # Only the head goes to the protocol: past a 101 it would parse (and eat) our frames.
         data = b""
-        while b"\r\n\r\n" not in data:
+        while (end := data.find(b"\r\n\r\n")) < 0:
             if len(data) > MAX_HEAD:
-                raise UpstreamError("upstream handshake failed")
+                raise UpstreamError("upstream handshake failed: response head too large")
             chunk = await transport.read()
             if not chunk:
                 raise UpstreamError("upstream closed the connection during the handshake")
             data += chunk
+        protocol.receive_data(data[: end + 4])
+        rest = data[end + 4 :]
+        # A refusal may carry a body; read it (within the caller's timeout) so the status
+        # comes out as such rather than as a broken response.
+        while not protocol.events_received() and protocol.handshake_exc is None:
+            if rest:
+                protocol.receive_data(rest)
+                rest = b""
+            elif chunk := await transport.read():
+                protocol.receive_data(chunk)
+            else:
+                protocol.receive_eof()
+                break
     except Broken:
         raise UpstreamError("upstream closed the connection during the handshake") from None
-    head, _, rest = data.partition(b"\r\n\r\n")
-    status_line, *header_lines = head.decode("latin-1").split("\r\n")
-    parts = status_line.split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
-        raise UpstreamError("upstream handshake failed")
-    status = int(parts[1])
-    if status != 101:
+    exc = protocol.handshake_exc
+    if isinstance(exc, InvalidStatus):
+        status = exc.response.status_code
         raise UpstreamError(f"upstream refused handshake: {status}", status=status)
-    fields: dict[str, str] = {}
-    for line in header_lines:
-        name, _, value = line.partition(":")
-        fields[name.strip().lower()] = value.strip()
-    if (
-        fields.get("upgrade", "").lower() != "websocket"
-        or "upgrade" not in fields.get("connection", "").lower()
-        or fields.get("sec-websocket-accept") != accept_value(key)
-    ):
-        raise UpstreamError("upstream handshake failed")
+    if exc is not None:
+        raise UpstreamError(f"upstream handshake failed: {_short(exc)}")
+    if protocol.state is not OPEN:
+        raise UpstreamError("upstream closed the connection during the handshake")
     return rest
+
+
+def _short(exc: Exception) -> str:
+    """One line, bounded: the library's reason (it names the header, never our key)."""
+    return str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
 
 
 def _endpoint(url: str) -> tuple[str, int, str, bool]:
@@ -194,7 +217,3 @@ def _endpoint(url: str) -> tuple[str, int, str, bool]:
     port = parts.port or (443 if tls else 80)
     resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     return parts.hostname, port, resource, tls
-
-
-def _bracket(host: str) -> str:
-    return f"[{host}]" if ":" in host else host

@@ -22,7 +22,6 @@ import base64
 import contextlib
 import hashlib
 import os
-import re
 import socket
 import struct
 import time
@@ -35,6 +34,7 @@ import trio_websocket
 
 from relay.config import decode_encryption_key
 from relay.testing.daemon import Daemon
+from relay.testing.metrics import sample_value
 from relay.testing.portal import Held, Portal
 from relay.tokens import mint
 
@@ -80,28 +80,6 @@ def http_get(port: int, path: str, *, timeout: float = 10) -> tuple[int, str]:
     return int(head.split()[1]), body.decode("utf-8", "replace")
 
 
-def scrape(port: int, name: str) -> float:
-    """The value of the first sample of metric ``name`` (with or without labels)."""
-    status, text = http_get(port, "/metrics")
-    assert status == 200, status
-    for line in text.splitlines():
-        if line.startswith((name + " ", name + "{")):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name} not in /metrics")
-
-
-def samples(port: int, name: str) -> dict[str, float]:
-    """Every sample of ``name``, keyed by its label text (``""`` when it has none)."""
-    status, text = http_get(port, "/metrics")
-    assert status == 200, status
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith((name + " ", name + "{")):
-            key, value = line.rsplit(" ", 1)
-            out[key[len(name) :]] = float(value)
-    return out
-
-
 @dataclass
 class Watch:
     """Baseline of one daemon, and the check run after every property."""
@@ -118,7 +96,7 @@ class Watch:
         adds a task and an fd that end a moment later, which is noise, not a leak."""
         fds, tasks = [], []
         for _ in range(3):
-            tasks.append(scrape(self.daemon.port, "relay_trio_tasks"))
+            tasks.append(sample_value(metrics_text(self.daemon.port), "relay_trio_tasks"))
             fds.append(self.daemon.fd_count())
             time.sleep(0.05)
         return min(fds), min(tasks)
@@ -366,31 +344,12 @@ def read_frames(data: bytes) -> list[Frame]:
 
 # -- metrics and logs ---------------------------------------------------------------
 
-_SAMPLE = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)")
-
-
-def metric_in(text: str, name: str, **labels: str) -> float:
-    """The sample of ``name`` with exactly ``labels`` in Prometheus text; 0 if absent
-    (a labelled counter has no sample until its first increment)."""
-    wanted = sorted(f'{k}="{v}"' for k, v in labels.items())
-    for line in text.splitlines():
-        m = _SAMPLE.fullmatch(line)
-        if m is None or m.group(1) != name:
-            continue
-        if sorted(filter(None, (m.group(2) or "").split(","))) == wanted:
-            return float(m.group(3))
-    return 0.0
-
 
 def metrics_text(port: int) -> str:
+    """One scrape of /metrics; read it with relay.testing.metrics.sample_value."""
     status, text = http_get(port, "/metrics")
     assert status == 200, status
     return text
-
-
-def metric(port: int, name: str, **labels: str) -> float:
-    """One scrape: the sample of ``name`` with exactly ``labels`` (0 if absent)."""
-    return metric_in(metrics_text(port), name, **labels)
 
 
 def leaked(log: str, values: Iterable[str], *, min_chars: int = 12) -> list[str]:

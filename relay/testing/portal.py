@@ -9,20 +9,21 @@ example being a short ``portal.run(some_async_fn, ...)``.
     with trio_portal(lambda: running_daemon(cfg)) as (portal, daemon):
         portal.run(check, daemon)
 
-Async context managers that own a nursery (``twilio_call``, ``open_websocket``)
-must be entered and exited by the same task; :meth:`Portal.hold` runs each in a
-task of its own that lives until :meth:`Held.release`.
+The thread, the loop and the calls into it are anyio's ``BlockingPortal`` on the
+trio backend. Async context managers that own a nursery (``twilio_call``,
+``open_websocket``) must be entered and exited by the same task; :meth:`Portal.hold`
+runs each in a task of its own that lives until :meth:`Held.release`.
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import AbstractAsyncContextManager, contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import trio
+from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -46,9 +47,9 @@ class Held(Generic[T]):
 
 
 class Portal:
-    def __init__(self, token: trio.lowlevel.TrioToken, nursery: trio.Nursery) -> None:
-        self.token = token
-        self.nursery = nursery
+    def __init__(self, portal: BlockingPortal, nursery: trio.Nursery) -> None:
+        self.portal = portal
+        self.nursery = nursery  # for tasks started from the loop; cancelled on exit
 
     def run(self, afn: Callable[..., Awaitable[R]], *args: Any, timeout: float = 30) -> R:
         """Run ``afn(*args)`` in the loop, from the test's thread; bounded, so a hang
@@ -58,7 +59,7 @@ class Portal:
             with trio.fail_after(timeout):
                 return await afn(*args)
 
-        return trio.from_thread.run(bounded, trio_token=self.token)
+        return self.portal.call(bounded)
 
     async def hold(self, factory: Callable[[], AbstractAsyncContextManager[T]]) -> Held[T]:
         """Enter ``factory()`` in a new task of the portal's nursery (call from the loop)."""
@@ -82,44 +83,24 @@ class Portal:
         return result
 
 
+@asynccontextmanager
+async def _cancelled_on_exit() -> AsyncIterator[trio.Nursery]:
+    async with trio.open_nursery() as nursery:
+        yield nursery
+        nursery.cancel_scope.cancel()
+
+
 @contextmanager
 def trio_portal(
-    setup: Callable[[], AbstractAsyncContextManager[T]], *, stop_timeout: float = 60
+    setup: Callable[[], AbstractAsyncContextManager[T]],
 ) -> Iterator[tuple[Portal, T]]:
     """Run ``setup()`` in a Trio loop on a new thread; yield a portal and its value.
 
     On exit every held resource is cancelled, the context exits and the thread
     ends; an exception from the loop is re-raised here."""
-    ready = threading.Event()
-    box: dict[str, Any] = {}
-
-    async def main() -> None:
-        async with setup() as value, trio.open_nursery() as nursery:
-            box["portal"] = Portal(trio.lowlevel.current_trio_token(), nursery)
-            box["value"] = value
-            box["stop"] = stop = trio.Event()
-            ready.set()
-            await stop.wait()
-            nursery.cancel_scope.cancel()
-
-    def thread_main() -> None:
-        try:
-            trio.run(main)
-        except BaseException as exc:  # handed to the test thread
-            box["error"] = exc
-        finally:
-            ready.set()
-
-    thread = threading.Thread(target=thread_main, name="trio-portal", daemon=True)
-    thread.start()
-    ready.wait()
-    if "error" in box:
-        raise box["error"]
-    portal: Portal = box["portal"]
-    try:
-        yield portal, box["value"]
-    finally:
-        trio.from_thread.run_sync(box["stop"].set, trio_token=portal.token)
-        thread.join(stop_timeout)
-        if "error" in box:
-            raise box["error"]
+    with (
+        start_blocking_portal("trio") as portal,
+        portal.wrap_async_context_manager(setup()) as value,
+        portal.wrap_async_context_manager(_cancelled_on_exit()) as nursery,
+    ):
+        yield Portal(portal, nursery), value

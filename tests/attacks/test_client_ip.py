@@ -17,6 +17,7 @@ import trio_websocket
 from relay.config import decode_encryption_key
 from relay.testing.daemon import TEST_OPENAI_KEY, Daemon, daemon_env, running_daemon
 from relay.testing.fake_realtime import FakeRealtime, fake_realtime
+from relay.testing.metrics import sample_value
 from relay.testing.redis_server import REDIS_SERVER, running_redis
 from relay.tokens import mint
 
@@ -58,18 +59,15 @@ async def request(
     return int(data.split(b" ", 2)[1])
 
 
-async def metric(d: Daemon, name: str) -> float:
-    """A sample's value from /metrics (0 when absent)."""
+async def scrape(d: Daemon, name: str, **labels: str) -> float:
+    """One scrape: the sample ``name`` with exactly ``labels`` (0 when absent)."""
     stream = await trio.open_tcp_stream("127.0.0.1", d.port)
     async with stream:
         await stream.send_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         data = b""
         while chunk := await stream.receive_some(65536):
             data += chunk
-    for line in data.decode().splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[-1])
-    return 0.0
+    return sample_value(data.decode().partition("\r\n\r\n")[2], name, **labels)
 
 
 # -- X-Forwarded-For --------------------------------------------------------------
@@ -237,8 +235,7 @@ async def test_one_token_holds_at_most_sessions_per_token(fake: FakeRealtime) ->
                             async with session(d, token):
                                 break
                         await trio.sleep(0.05)
-            reason = 'relay_rejected_total{reason="token_in_use"}'
-            assert await metric(d, reason) >= 3
+            assert await scrape(d, "relay_rejected_total", reason="token_in_use") >= 3
 
 
 async def test_sessions_per_ip_then_max_sessions(fake: FakeRealtime) -> None:
@@ -258,8 +255,8 @@ async def test_sessions_per_ip_then_max_sessions(fake: FakeRealtime) -> None:
                         async with session(d, token_of(d), "203.0.113.3"):
                             break
                     await trio.sleep(0.05)
-            assert await metric(d, 'relay_rejected_total{reason="sessions_per_ip"}') == 1
-            assert await metric(d, 'relay_rejected_total{reason="max_sessions"}') >= 1
+            assert await scrape(d, "relay_rejected_total", reason="sessions_per_ip") == 1
+            assert await scrape(d, "relay_rejected_total", reason="max_sessions") >= 1
 
 
 async def test_twilio_upgrades_count_against_max_sessions(fake: FakeRealtime) -> None:
@@ -269,7 +266,7 @@ async def test_twilio_upgrades_count_against_max_sessions(fake: FakeRealtime) ->
     with trio.fail_after(60):
         async with running_daemon(caps) as d, session(d, token_of(d)):
             assert await request("127.0.0.1", d.port, "/twilio/media", UPGRADE) == 503
-            assert await metric(d, 'relay_rejected_total{reason="max_sessions"}') == 1
+            assert await scrape(d, "relay_rejected_total", reason="max_sessions") == 1
 
 
 @pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server not installed: NOT tested")

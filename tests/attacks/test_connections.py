@@ -23,6 +23,7 @@ from twilio.request_validator import RequestValidator
 from relay.config import decode_encryption_key
 from relay.testing.daemon import TEST_OPENAI_KEY, TEST_TWILIO_TOKEN, Daemon, running_daemon
 from relay.testing.fake_realtime import FakeRealtime, fake_realtime
+from relay.testing.metrics import sample_value
 from relay.tokens import mint
 
 PUBLIC = "https://relay.example.com"
@@ -101,13 +102,6 @@ def limited(*, close: bool) -> list[Ask]:
 def status_of(data: bytes) -> int:
     found = re.match(rb"HTTP/1\.1 (\d{3}) ", data)
     return int(found.group(1)) if found else 0
-
-
-def metric(text: str, line_prefix: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(line_prefix):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 async def answer_then_eof(port: int, ask: Ask, within: float) -> tuple[int, float | None]:
@@ -313,8 +307,9 @@ async def test_max_connections_refuses_the_next_with_503() -> None:
             for stream in silent[2:]:
                 await stream.aclose()
     assert status_of(text) == 200
-    assert metric(text.decode(), 'relay_rejected_total{reason="max_connections"}') == 1.0
-    assert metric(text.decode(), "relay_connections_open ") == 9  # 8 silent ones and this
+    body = text.partition(b"\r\n\r\n")[2].decode()
+    assert sample_value(body, "relay_rejected_total", reason="max_connections") == 1.0
+    assert sample_value(body, "relay_connections_open") == 9  # 8 silent ones and this
 
 
 async def test_serve_raises_its_soft_nofile_limit_to_the_hard_one() -> None:
