@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
@@ -30,3 +31,31 @@ def open_fds() -> int:
 
 def pytest_report_header(config: Any) -> str:
     return "relay: end-to-end tests start `relay serve` as a subprocess on 127.0.0.1"
+
+
+def require_tool(name: str, install: str) -> str:
+    """The path of a command-line tool a test drives. Missing: under CI (CI=true,
+    as .ci/run runs the suite, after installing it) the test fails; elsewhere it
+    skips and says how to install it."""
+    path = shutil.which(name)
+    if path is not None:
+        return path
+    message = f"{name} is not installed ({install})"
+    if os.environ.get("CI") == "true":
+        pytest.fail(message + ": .ci/run installs it")
+    pytest.skip(message)
+
+
+@pytest.fixture
+def redis_server_installed() -> str:
+    return require_tool("redis-server", "Debian: apt-get install redis-server")
+
+
+@pytest.fixture
+def systemd_analyze() -> str:
+    return require_tool("systemd-analyze", "Debian: apt-get install systemd")
+
+
+# Markers for tests that drive these tools (fail under CI when missing, else skip).
+needs_redis = pytest.mark.usefixtures("redis_server_installed")
+needs_analyze = pytest.mark.usefixtures("systemd_analyze")

@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import re
-import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import httpx
-import pytest
 import trio
 import trio_websocket
 
 from relay.testing.daemon import Daemon
 from relay.tokens import mint
+from tests.conftest import require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 ORIGIN = [(b"Origin", b"https://gateframes.com")]
@@ -131,9 +130,7 @@ async def test_python_recipe_token_accepted(daemon: Daemon, tmp_path: Path) -> N
 
 
 async def test_node_recipe_token_accepted(daemon: Daemon, tmp_path: Path) -> None:
-    node = shutil.which("node")
-    if node is None:
-        pytest.skip("node is not installed on this machine: the Node.js token recipe was not run")
+    node = require_tool("node", "Debian: apt-get install nodejs")
     script = tmp_path / "mint.js"
     script.write_text(recipe("node-recipe"))
     out = subprocess.run(

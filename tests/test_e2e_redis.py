@@ -46,12 +46,9 @@ from relay.testing.redis_server import (
     running_redis,
 )
 from relay.tokens import mint
+from tests.conftest import needs_redis
 
-pytestmark = pytest.mark.skipif(
-    REDIS_SERVER is None,
-    reason="redis-server not installed (Debian: apt-get install redis-server); "
-    "shared limits are NOT tested",
-)
+pytestmark = needs_redis
 
 PUBLIC_URL = "https://relay.example.com"
 ORIGIN = "http://localhost:5173"

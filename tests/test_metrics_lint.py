@@ -4,8 +4,6 @@ client session and a Twilio call live, then ended, so the labelled series exist.
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 from typing import Any
 
@@ -17,16 +15,12 @@ import trio_websocket
 from relay.testing.daemon import TEST_OPENAI_KEY, TEST_TWILIO_TOKEN, running_daemon
 from relay.testing.fake_realtime import fake_realtime
 from relay.testing.twilio_caller import twilio_call
+from tests.conftest import require_tool
 from tests.test_logs_metrics import ORIGIN, token_for, wait_for_sample
 
 
 def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("promtool is missing (.ci/run installs Debian's prometheus package)")
-        pytest.skip("promtool is not installed (Debian: apt-get install prometheus)")
-    return path
+    return require_tool("promtool", "Debian: apt-get install prometheus")
 
 
 def lint(tool: str, text: str) -> str:

@@ -23,17 +23,13 @@ from relay.config import ConfigError, StoreSettings
 from relay.store import MemoryStore, create_store
 from relay.store.redis import RedisStore, redis_location
 from relay.testing.redis_server import (
-    REDIS_SERVER,
     RedisServer,
     free_port,
     running_redis,
 )
+from tests.conftest import needs_redis
 
-pytestmark = pytest.mark.skipif(
-    REDIS_SERVER is None,
-    reason="redis-server not installed (Debian: apt-get install redis-server); "
-    "the Redis store is NOT tested",
-)
+pytestmark = needs_redis
 
 FAST = {"retry_min": 0.05, "retry_max": 0.2, "health_interval": 0.2, "probe_timeout": 0.5}
 # For the tests of what Redis shares. A call slower than the production 200 ms

@@ -26,10 +26,9 @@ from cryptography.x509.oid import NameOID
 
 from relay.store.redis import RedisStore, tls_context
 from relay.testing.redis_server import REDIS_SERVER, free_port
+from tests.conftest import needs_redis
 
-pytestmark = pytest.mark.skipif(
-    REDIS_SERVER is None, reason="redis-server is not installed (apt-get install redis-server)"
-)
+pytestmark = needs_redis
 
 
 def _name(common: str) -> x509.Name:

@@ -34,17 +34,12 @@ from relay.config import decode_encryption_key
 from relay.testing.daemon import TEST_OPENAI_KEY, daemon_env, running_daemon
 from relay.testing.fake_realtime import fake_realtime
 from relay.tokens import mint
+from tests.conftest import needs_analyze, require_tool
 
 UNIT = Path(__file__).resolve().parent.parent / "systemd" / "relay.service"
 EXEC_START = "/opt/relay/venv/bin/relay"
 MAX_EXPOSURE = 1.5
 ANALYZE = shutil.which("systemd-analyze")
-
-needs_analyze = pytest.mark.skipif(
-    ANALYZE is None,
-    reason="systemd-analyze not installed (Debian: apt-get install systemd); "
-    "the unit is NOT verified",
-)
 
 
 def analyze(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -345,10 +340,7 @@ def unit_syscalls() -> set[str]:
 @pytest.fixture
 def sandbox_env(tmp_path: Path) -> dict[str, str]:
     if ANALYZE is None:
-        pytest.skip(
-            "systemd-analyze not installed (Debian: apt-get install systemd): "
-            "cannot read the unit's syscall filter"
-        )
+        require_tool("systemd-analyze", "Debian: apt-get install systemd")
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(SANDBOX_SITE)

@@ -22,17 +22,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import needs_analyze
+
 SYSTEMD = Path(__file__).resolve().parent.parent / "systemd"
 UNIT = SYSTEMD / "relay.service"
 DROP_IN = SYSTEMD / "relay@.service.d" / "instance.conf"
 EXEC_START = "/opt/relay/venv/bin/relay"
 ANALYZE = shutil.which("systemd-analyze")
-
-needs_analyze = pytest.mark.skipif(
-    ANALYZE is None,
-    reason="systemd-analyze not installed (Debian: apt-get install systemd); "
-    "the template instances are NOT verified",
-)
 
 
 def analyze(*args: str) -> subprocess.CompletedProcess[str]:

@@ -18,8 +18,9 @@ from relay.config import decode_encryption_key
 from relay.testing.daemon import TEST_OPENAI_KEY, Daemon, daemon_env, running_daemon
 from relay.testing.fake_realtime import FakeRealtime, fake_realtime
 from relay.testing.metrics import sample_value
-from relay.testing.redis_server import REDIS_SERVER, running_redis
+from relay.testing.redis_server import running_redis
 from relay.tokens import mint
+from tests.conftest import needs_redis
 
 ORIGIN = ("Origin", "http://localhost:5173")
 UPGRADE = [
@@ -269,7 +270,7 @@ async def test_twilio_upgrades_count_against_max_sessions(fake: FakeRealtime) ->
             assert await scrape(d, "relay_rejected_total", reason="max_sessions") == 1
 
 
-@pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server not installed: NOT tested")
+@needs_redis
 async def test_a_token_in_use_on_one_process_is_in_use_on_another(fake: FakeRealtime) -> None:
     """Two processes sharing a Redis share the token's sessions: moving to another
     process (another host behind the same balancer) does not reset the count."""

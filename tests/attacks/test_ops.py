@@ -11,13 +11,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import pytest
 import trio
 
 from relay.testing.daemon import TEST_TWILIO_TOKEN, Daemon, daemon_env, running_daemon, toml_dumps
 from relay.testing.fake_realtime import fake_realtime
-from relay.testing.redis_server import REDIS_SERVER, free_port, running_redis
+from relay.testing.redis_server import free_port, running_redis
 from relay.testing.twilio_caller import twilio_call
+from tests.conftest import needs_redis
 
 PUBLIC = "https://relay.example.com"
 STREAM_URL = "wss://relay.example.com/twilio/media"
@@ -125,7 +125,7 @@ def test_check_config_masks_redis_passwords(tmp_path: Path) -> None:
     assert "REDIS_URL set" in out
 
 
-@pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server not installed")
+@needs_redis
 async def test_the_redis_url_secret_wins_and_its_password_stays_out_of_the_log() -> None:
     password = "redis-secret-pass-789"
     with trio.fail_after(40):
