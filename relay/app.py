@@ -41,7 +41,7 @@ def create_http_app(
 ) -> QuartTrio:
     """``twilio_routes`` maps ``/twilio/...`` paths to POST handlers; ``signed`` tells
     whether the current request carries a valid Twilio signature (such requests
-    are exempt from the per-IP bucket, SPEC §3)."""
+    are exempt from the per-IP bucket, docs/contract.md §3)."""
     app = QuartTrio("relay")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.config["BODY_TIMEOUT"] = 10
@@ -180,7 +180,7 @@ async def _route(rt: Runtime, ip: str, scope: Scope, send: Send) -> None:
             await _send(send, 200, rt.metrics.render(), CONTENT_TYPE, ())
     elif first in ("token", "auth"):
         # Health ping for clients that probe the token URL over plain HTTP;
-        # the token is deliberately not checked (SPEC §3).
+        # the token is deliberately not checked (docs/contract.md §3).
         await _plain(scope, send, 200, "ok")
     else:
         await _plain(

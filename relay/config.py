@@ -3,7 +3,7 @@
 This is the only module that reads the environment. It is pure apart from
 reading the config file and the credential files: no trio, no sockets.
 
-Every key has a default (SPEC §2). Unknown keys, wrong types and impossible
+Every key has a default (docs/contract.md §2). Unknown keys, wrong types and impossible
 values raise :class:`ConfigError` with a message that names the key, so the
 CLI can print it and exit 2.
 """

@@ -1,7 +1,7 @@
 """Logging setup: plain text or one JSON object per line, for us and every library.
 
 With ``log_format = "json"`` the process writes nothing but JSON lines to
-stdout and stderr (SPEC §3): our records, hypercorn's and libraries' records,
+stdout and stderr (docs/contract.md §3): our records, hypercorn's and libraries' records,
 warnings, uncaught and unraisable exceptions, and, as a catch-all, any text a
 library prints to ``sys.stdout``/``sys.stderr``. (Writes straight to file
 descriptor 2 from C code, e.g. a faulthandler dump, cannot be caught here.)

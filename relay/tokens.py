@@ -1,4 +1,4 @@
-"""Client tokens (SPEC §4): AES-GCM over a small JSON claim, base64url without padding.
+"""Client tokens (docs/contract.md §4): AES-GCM over a small JSON claim, base64url without padding.
 
     token = base64url_nopad(nonce[12] || AESGCM(key).encrypt(nonce, plaintext, None))
 

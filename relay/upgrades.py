@@ -1,4 +1,4 @@
-"""The WebSocket front door: which kind of connection, and may it in (SPEC §5, §6).
+"""The WebSocket front door: which kind of connection, and may it in (docs/contract.md §5, §6).
 
 Every refusal happens before accept, as a real HTTP response with the
 status the contract names and a one-line reason.

@@ -1,4 +1,4 @@
-"""The `relay` command's contract (SPEC §1): output, exit codes, no tracebacks."""
+"""The `relay` command's contract (docs/contract.md §1): output, exit codes, no tracebacks."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The dialect table and builders: exact shapes per SPEC §5/§6 and PROTOCOLS.md."""
+"""The dialect table and builders: exact shapes per docs/contract.md §5/§6 and PROTOCOLS.md."""
 
 from __future__ import annotations
 

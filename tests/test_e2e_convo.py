@@ -1,4 +1,4 @@
-"""Conversations webhook (SPEC §7), end to end.
+"""Conversations webhook (docs/contract.md §7), end to end.
 
 `relay serve` runs as a subprocess pointed at the fake Twilio REST + chat
 completions server, which runs inside each test's own Trio loop. The test

@@ -1,4 +1,4 @@
-"""Two `relay serve` processes sharing one Redis (SPEC §8), end to end.
+"""Two `relay serve` processes sharing one Redis (docs/contract.md §8), end to end.
 
 This is the scale-out model the README describes: several instances (here on
 two ports, as two systemd template instances would be) behind one load
@@ -65,7 +65,7 @@ def config(
             "trusted_proxies": ["127.0.0.1/32"],
             "metrics_allow": ["127.0.0.1/32", "10.9.0.0/16"],
         },
-        # SPEC defaults (the test harness raises them for other tests).
+        # The contract's defaults (the test harness raises them for other tests).
         "limits": {"http_per_minute": 60, "ws_upgrades_per_minute": 10},
         "store": {"backend": "redis", "redis_url": redis_url},
         "twilio": {"api_base": twilio_base},

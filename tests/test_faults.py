@@ -9,7 +9,7 @@ that stops reading, an HTTP API that fails, rate-limits, hangs or trickles —
 and checks three things:
 
 - the broken session (or job) ends within a bound, with the close the
-  contract names (SPEC §5 table; ``limits.stall_seconds`` for stalls);
+  contract names (docs/contract.md §5 table; ``limits.stall_seconds`` for stalls);
 - two healthy sessions on the same daemon, a Twilio call and a browser
   client, keep relaying both ways during the fault and after it;
 - afterwards the daemon's open fds and Trio tasks are back to their baseline
@@ -379,7 +379,7 @@ async def raw_client(d: Daemon, *, rcvbuf: int | None = None) -> AsyncIterator[R
 
 async def test_upstream_reset_mid_session_closes_call_and_client_promptly() -> None:
     """The upstream host drops mid-session with a TCP reset and no close frame:
-    the browser gets 1011 (SPEC §5, "upstream fails without a close") and the
+    the browser gets 1011 (docs/contract.md §5, "upstream fails without a close") and the
     Twilio stream is closed, both within PROMPT seconds."""
     async with fake_realtime() as fake, running_daemon(relay_config(fake)) as d:
         watch = await baseline(d)

@@ -1,8 +1,8 @@
-"""WebSocket upgrades with hostile tokens and headers (SPEC §3, §4, §5, §6), fuzzed with
+"""WebSocket upgrades with hostile tokens and headers (docs/contract.md §3, §4, §5, §6), fuzzed with
 hypothesis against ``relay serve`` subprocesses that live for the whole module.
 
 Every request is written to a plain TCP socket. A well-formed upgrade gets the
-answer the SPEC's checks give it, in their order (rate limit 429, Origin 403,
+answer the contract's checks give it, in their order (rate limit 429, Origin 403,
 token 401, model/voice 400, else a correct 101 handshake with the upstream
 opened exactly as §5 says; a Twilio connection 403 unless signed); a refusal
 carries a one-line reason and opens no upstream. Mangled bytes get a 4xx, a
@@ -63,7 +63,7 @@ ALLOWED = {
     for host in ("www.gateframes.com", "gateframes.com", "www.ricslist.com", "ricslist.com")
 }
 RATE = 3  # ws_upgrades_per_minute of the rate-limit daemon
-# Statuses of a refusal the relay itself decides (SPEC §5, §6): each has a reason line.
+# Statuses of a refusal the relay itself decides (docs/contract.md §5, §6): each has a reason line.
 RELAY_REFUSALS = frozenset({400, 401, 403, 429})
 
 FUZZ = settings(
@@ -72,7 +72,7 @@ FUZZ = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 
-# -- tokens (SPEC §4), built at run time: the key is the daemon's, "now" is now ----------
+# -- tokens (docs/contract.md §4), built at run time: the key is the daemon's, "now" is now ----------
 
 
 def spec_token(key: bytes, plaintext: bytes) -> str:
@@ -196,7 +196,7 @@ token_text = st.text(_TCHARS, min_size=1, max_size=20)
 @dataclass(frozen=True)
 class OriginRecipe:
     value: bytes | None  # None: no Origin header
-    allowed: bool | None  # None: the SPEC leaves it open
+    allowed: bool | None  # None: the contract leaves it open
 
 
 def _origin(scheme: str, host: str, port: int | str | None, suffix: str) -> OriginRecipe:
@@ -263,7 +263,7 @@ _RARE_ORIGINS = st.one_of(
 @dataclass(frozen=True)
 class Upgrade:
     """A well-formed upgrade request (or one whose only fault is in a header the
-    transport may refuse with 400); what it carries decides the SPEC's answer."""
+    transport may refuse with 400); what it carries decides the contract's answer."""
 
     path_kind: str  # "token" | "auth" | "plain" | "twilio_media"
     path_token: TokenRecipe | None
@@ -445,22 +445,22 @@ def _expect(
     *,
     stream_token: bool = False,
 ) -> frozenset[int]:
-    """The statuses the SPEC allows for ``u`` on a daemon with no rate limit in reach.
+    """The statuses the contract allows for ``u`` on a daemon with no rate limit in reach.
     ``stream_token``: the path is /twilio/media/<stream token> (§10), here never a
     valid one (none is minted for these upgrades)."""
     if u.version != b"13":
         # No WebSocket version this server speaks: refused, or (not being an upgrade
-        # it can take) answered as plain HTTP: 200 on /token/…, else 426 (SPEC §3).
+        # it can take) answered as plain HTTP: 200 on /token/…, else 426 (docs/contract.md §3).
         return frozenset({200, 400, 426})
     extra = {400} if _transport_may_refuse(u) else set()
     if twilio:
         if u.signature != "valid" or stream_token:
             return frozenset({403} | extra)
         # The signature is over the path as requested; whether the relay rebuilds the
-        # URL from the raw or the decoded path, the SPEC does not say.
+        # URL from the raw or the decoded path, the contract does not say.
         return frozenset(({101, 403} if escaped_path else {101}) | extra)
     # Which token counts: the path's if it has one, else the query's. With both, the
-    # SPEC names no precedence: either answer is fine.
+    # The contract names no precedence: either answer is fine.
     candidates: list[bool] = []
     if path_recipe is not None:
         candidates.append(path_recipe.valid)
@@ -714,7 +714,7 @@ def after_property(env: Env, request: pytest.FixtureRequest) -> Iterator[None]:
     yield
     for node in (env.main, env.limited):
         env.check(node, f"{request.node.name}[{node.name}]")
-        # SPEC §3: no log line ever holds a token or a signature.
+        # docs/contract.md §3: no log line ever holds a token or a signature.
         found = leaked(node.daemon.log_text(), env.secrets)
         assert not found, f"secrets in the {node.name} daemon's log: {found[:3]}"
 
@@ -731,7 +731,7 @@ async def _upstream_opened(env: Env, index: int, b: Built) -> None:
         assert conn.header("Authorization") == f"Bearer {TEST_OPENAI_KEY}"
         assert conn.header("OpenAI-Beta") is None  # the GA dialect
         if b.voice is not None and not b.twilio:
-            # SPEC §5: the voice's session.update went up before the client was accepted.
+            # docs/contract.md §5: the voice's session.update went up before the client was accepted.
             while not conn.received:
                 await trio.sleep(0.001)
             first = orjson.loads(conn.received[0])
@@ -934,7 +934,7 @@ def test_mangled_upgrade_bytes(env: Env, u: Upgrade, ms: list[Mutation]) -> None
 def test_upgrade_rate_limit_is_checked_first(
     env: Env, firsts: list[Upgrade], twilio: Upgrade, last: Upgrade, prefix: bytes
 ) -> None:
-    """SPEC §5 check 1: past ws_upgrades_per_minute for its IP, any client upgrade is
+    """docs/contract.md §5 check 1: past ws_upgrades_per_minute for its IP, any client upgrade is
     429 + Retry-After, whatever else is wrong with it; Twilio's are not counted,
     unless their signature or stream token fails (§10): then they are, and get 429."""
     env.ensure(env.limited)

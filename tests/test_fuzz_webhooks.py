@@ -1,4 +1,4 @@
-"""Twilio webhooks (SPEC §3, §6, §7) with hostile forms, fuzzed with hypothesis against
+"""Twilio webhooks (docs/contract.md §3, §6, §7) with hostile forms, fuzzed with hypothesis against
 one ``relay serve`` for the whole module, signature validation on, a fake Twilio
 REST + chat completions server as the target of every background job.
 
@@ -97,8 +97,8 @@ class Number:
     e164: str | None
 
 
-# SPEC §7: "comma or space separated; 10 digits mean +1, or E.164". Nothing with a
-# space inside it, which the SPEC would split.
+# docs/contract.md §7: "comma or space separated; 10 digits mean +1, or E.164". Nothing with a
+# space inside it, which the contract would split.
 NUMBERS = [
     Number("4155550123", "+14155550123"),
     Number("(415)555-0124", "+14155550124"),
@@ -383,7 +383,7 @@ def after_property(env: Env, request: pytest.FixtureRequest) -> Iterator[None]:
     yield
     env.keeper.check_alive(request.node.name)
     accepted, ended, crashed = wait_jobs(env.daemon.port)
-    # SPEC §7: the work runs after the answer and ends; none of it may crash.
+    # docs/contract.md §7: the work runs after the answer and ends; none of it may crash.
     assert ended == accepted, f"{accepted - ended:.0f} convo jobs never ended"
     assert crashed == before[2], f"{crashed - before[2]:.0f} convo jobs crashed"
     assert env.canary is not None and env.watch is not None
@@ -506,7 +506,7 @@ def form_verdict(form: dict[str, str]) -> tuple[str, int] | None:
 
 
 def judge(env: Env, pairs: Sequence[tuple[str, str]]) -> Verdict:
-    """What SPEC §7 says of a validly signed form (keys unique)."""
+    """What docs/contract.md §7 says of a validly signed form (keys unique)."""
     form = dict(pairs)
     refused = form_verdict(form)
     if refused is not None:
@@ -623,7 +623,7 @@ def check_effects(env: Env, e: Event, convo: str, requests: Sequence[RecordedReq
             sms = {p.address for p in new.participants if p.address}
             assert sms == {author, *numbers}, (sms, author, numbers)
             assert any(p.projected_address == PROJECTED for p in new.participants)
-            # SPEC §7: everyone added before the intro is posted in it.
+            # docs/contract.md §7: everyone added before the intro is posted in it.
             assert [m.body for m in new.messages] == [INTRO], new.messages
         return
     assert calls == []
@@ -684,7 +684,7 @@ def bad_signature(path: str, pairs: Sequence[tuple[str, str]], bad: Bad) -> str 
 @settings(FUZZ, max_examples=500)
 @given(path=st.sampled_from(PATHS), e=events, bad=bad_signatures)
 def test_unsigned_webhooks_are_refused(env: Env, path: str, e: Event, bad: Bad) -> None:
-    """SPEC §6/§7: without a valid X-Twilio-Signature, 403; nothing reaches Twilio."""
+    """docs/contract.md §6/§7: without a valid X-Twilio-Signature, 403; nothing reaches Twilio."""
     env.ensure()
     env.count("unsigned", 1)
     pairs, _ = event_pairs(env, e)
@@ -700,7 +700,7 @@ def test_unsigned_webhooks_are_refused(env: Env, path: str, e: Event, bad: Bad) 
 @settings(FUZZ, max_examples=600)
 @given(e=events, repeat=st.booleans())
 def test_signed_convo_events_follow_the_spec(env: Env, e: Event, repeat: bool) -> None:
-    """SPEC §7, event by event: 200 ok within a second; ignored, duplicate, limited or
+    """docs/contract.md §7, event by event: 200 ok within a second; ignored, duplicate, limited or
     accepted as the rules say; an accepted event's job does what its body asks.
     ``repeat`` sends it twice, as Twilio retries: the second is a duplicate."""
     env.ensure()
@@ -715,7 +715,7 @@ def test_signed_convo_events_follow_the_spec(env: Env, e: Event, repeat: bool) -
         assert r.status in verdict.statuses, (r.status, r.body, verdict)
         if r.status == 200:
             assert r.body == b"ok\n", r.body
-            # SPEC §7: the answer within one second; the work comes after it.
+            # docs/contract.md §7: the answer within one second; the work comes after it.
             assert took < 1.0, f"answered in {took:.2f} s"
             env.slowest = max(env.slowest, took)
         after_answer = metrics_text(env.daemon.port)
@@ -783,7 +783,7 @@ def check_twiml(r: Response, form: dict[str, str], direction: str | None) -> Non
     assert root.tag == "Response", r.body
     streams = root.findall("./Connect/Stream")
     assert len(streams) == 1, r.body
-    # SPEC §6: public_url with https→wss, path /twilio/media/<stream token> (§10).
+    # docs/contract.md §6: public_url with https→wss, path /twilio/media/<stream token> (§10).
     url = streams[0].get("url") or ""
     base = "wss://relay.example.com/twilio/media/"
     assert url.startswith(base) and len(url) > len(base) + 40, r.body
@@ -803,7 +803,7 @@ def check_twiml(r: Response, form: dict[str, str], direction: str | None) -> Non
 @settings(FUZZ, max_examples=300)
 @given(c=calls)
 def test_signed_voice_webhooks_answer_twiml(env: Env, c: Call) -> None:
-    """SPEC §6: TwiML connecting the call to this relay's stream, with ``direction``
+    """docs/contract.md §6: TwiML connecting the call to this relay's stream, with ``direction``
     (Twilio's Direction; inbound if it sent none), ``amd`` (AnsweredBy, if any),
     ``from`` and ``to``; §7's AccountSid and SID checks first."""
     env.ensure()
@@ -886,7 +886,7 @@ def test_odd_bodies(env: Env, path: str, e: Event, c: Call, odd: Odd) -> None:
         return
     # Signed over what it carries: refused as unreadable, or taken as that form.
     assert r.status in (200, 400, 403, 415), (r.status, r.body)
-    # Which of two values counts, the SPEC does not say: "repeated" is not checked.
+    # Which of two values counts, the contract does not say: "repeated" is not checked.
     if r.status == 200 and path == "/twilio/voice" and odd.encoding != "repeated":
         form = dict(parsed)
         direction = form.get("Direction")

@@ -1,4 +1,4 @@
-"""relay.listener: upgrades on the socket itself, the rest to Hypercorn (SPEC §3-§6)."""
+"""relay.listener: upgrades on the socket itself, the rest to Hypercorn (docs/contract.md §3-§6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""is_audio: exactly standard base64 with padding, non-empty (SPEC §6: audio that
+"""is_audio: exactly standard base64 with padding, non-empty (docs/contract.md §6: audio that
 either side would refuse is never relayed)."""
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ PRIMER_NUMBER = 800_000  # stream numbers of the primer's call (and client, + CL
 # this much audio left when the cut response's last frame reached it: the fake only
 # barges in with >= soak_fake.MIN_UNPLAYED_MS surely unplayed, so a nearly dry caller
 # means delivery ran late (an overloaded host), and the relay, seeing every mark
-# confirmed, rightly sent nothing (SPEC §6: no truncate without unplayed audio).
+# confirmed, rightly sent nothing (docs/contract.md §6: no truncate without unplayed audio).
 DRY_MS = 100
 
 

@@ -1,4 +1,4 @@
-"""``POST /twilio/convo``: the Conversations webhook (SPEC §7).
+"""``POST /twilio/convo``: the Conversations webhook (docs/contract.md §7).
 
 The route only decides: signature, event type, author, dedupe, per-conversation
 limit. It answers ``200 ok`` at once and hands the work (Twilio REST, OpenAI)
@@ -44,7 +44,7 @@ REST_TIMEOUT = 10.0
 # Twilio refuses a Conversations message longer than this; a reply cut short
 # reaches the person, one refused does not.
 MAX_REPLY_CHARS = 1600
-# SPEC has no key for the SMS reply deadline. It scales with the operator's one
+# The contract has no key for the SMS reply deadline. It scales with the operator's one
 # knob for patience with OpenAI, ``openai.connect_timeout_seconds``: this many
 # times it for the whole exchange (30 s at the default of 10 s).
 CHAT_DEADLINE_FACTOR = 3.0

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from relay.ws.connection import WebSocket
 
 # Codes that must never be sent in a close frame (RFC 6455 §7.4.1), or that only
-# describe a missing close; the client gets 1011 for those (SPEC §5).
+# describe a missing close; the client gets 1011 for those (docs/contract.md §5).
 _NOT_SENDABLE = frozenset({1004, 1005, 1006, 1015})
 MAX_REASON_BYTES = 123
 

@@ -78,7 +78,7 @@ def voice_update(d: Dialect, voice: str) -> dict[str, object]:
 def phone_session_update(
     d: Dialect, *, voice: str, instructions: str, turn_detection: bool
 ) -> dict[str, object]:
-    """The one ``session.update`` of a phone call (SPEC §6).
+    """The one ``session.update`` of a phone call (docs/contract.md §6).
 
     G.711 μ-law in and out, spoken answers with transcripts, server VAD or,
     when ``turn_detection`` is false, turn detection explicitly off (JSON null:

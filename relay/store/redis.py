@@ -1,7 +1,7 @@
 """Rate buckets and dedupe shared through Redis, with a per-process fallback.
 
 Every process and host that points ``store.redis_url`` at one Redis enforces
-one limit and one dedupe window together (SPEC §8):
+one limit and one dedupe window together (docs/contract.md §8):
 
 - a bucket check is one Lua script, run atomically by Redis: no
   read-modify-write race between processes, and Redis's own clock (``TIME``)

@@ -468,7 +468,7 @@ LOCAL_ORIGIN = "http://localhost:5173"  # allowed by the default allow_localhost
 
 
 def client_url(daemon: Daemon, query: str = "") -> str:
-    """A client relay URL with a fresh valid token (SPEC §4) in the path."""
+    """A client relay URL with a fresh valid token (docs/contract.md §4) in the path."""
     token = mint(decode_encryption_key(daemon.env["ENCRYPTION_KEY"]), 60)
     return f"{daemon.ws_url}/token/{token}/realtime{query}"
 
