@@ -72,7 +72,7 @@ FUZZ = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 
-# -- tokens (docs/contract.md §4), built at run time: the key is the daemon's, "now" is now ----------
+# -- tokens (docs/contract.md §4), built at run time: the key is the daemon's, "now" is now
 
 
 def spec_token(key: bytes, plaintext: bytes) -> str:
@@ -731,7 +731,8 @@ async def _upstream_opened(env: Env, index: int, b: Built) -> None:
         assert conn.header("Authorization") == f"Bearer {TEST_OPENAI_KEY}"
         assert conn.header("OpenAI-Beta") is None  # the GA dialect
         if b.voice is not None and not b.twilio:
-            # docs/contract.md §5: the voice's session.update went up before the client was accepted.
+            # docs/contract.md §5: the voice's session.update went up before the client
+            # was accepted.
             while not conn.received:
                 await trio.sleep(0.001)
             first = orjson.loads(conn.received[0])

@@ -1,5 +1,5 @@
-"""/metrics (docs/contract.md §3, §9) and the logs (docs/contract.md §3): names and labels, the allow-list after
-proxy resolution, process metrics; JSON-only output, a readable text format, no secret
+"""/metrics (docs/contract.md §3, §9) and the logs (§3): names and labels, the allow-list
+after proxy resolution, process metrics; JSON-only output, a readable text format, no secret
 in any line, and refusal logging that a flood cannot turn into a disk-filler."""
 
 from __future__ import annotations

@@ -40,7 +40,9 @@ GRACE_S = 1.0  # frames still in flight this long after a window are counted los
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="relay bench",
-        description="Measure what one relay process carries per core (docs/contract.md §6 load profile).",
+        description=(
+            "Measure what one relay process carries per core (docs/contract.md §6 load profile)."
+        ),
     )
     p.add_argument("--mode", choices=("twilio", "client"), default="twilio")
     group = p.add_mutually_exclusive_group()

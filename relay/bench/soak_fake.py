@@ -479,7 +479,8 @@ class _Peer:
         self.emit("session.updated", session=session)
 
     def _check_phone_session(self, session: Event) -> None:
-        """docs/contract.md §6: one update, μ-law both ways, server VAD, before the first response."""
+        """docs/contract.md §6: one update, μ-law both ways, server VAD, before the first
+        response."""
         fig = self.fake.fig
         audio = session.get("audio") or {}
         inp, out = audio.get("input") or {}, audio.get("output") or {}
