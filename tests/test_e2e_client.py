@@ -19,6 +19,9 @@ from relay.testing.daemon import TEST_OPENAI_KEY, Daemon, running_daemon
 from relay.testing.fake_realtime import FakeConnection, FakeRealtime, fake_realtime
 from relay.tokens import mint
 
+# Both drivers of the session core: the reactor's fast path, and the pumps alone.
+pytestmark = pytest.mark.usefixtures("fast_path")
+
 ORIGIN = [(b"Origin", b"http://localhost:5173")]
 SMALL = 1000  # max_message_bytes for the oversize tests
 

@@ -113,16 +113,6 @@ def is_audio(payload: object) -> bool:
     return True
 
 
-def parse_twilio(raw: str | bytes) -> dict[str, Any] | None:
-    """A Twilio message as a dict with an ``event``, or None for anything else
-    (which the call ignores)."""
-    try:
-        event = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return None
-    return event if isinstance(event, dict) and "event" in event else None
-
-
 def _upstream_event(raw: str | bytes) -> tuple[Any, Any] | None:
     """An upstream message as (event, its ``type``), or None for one that is not
     JSON or has no type (which the call ignores)."""
@@ -230,10 +220,8 @@ class TwilioCore:
         next other event."""
         if self.ending is not None:
             return
-        event = parse_twilio(raw)
-        if event is None:
-            return
         try:
+            event = orjson.loads(raw)
             kind = event["event"]
             if kind == "media":
                 if self.stream_sid is None or self.voicemail or self.closing:
@@ -253,8 +241,8 @@ class TwilioCore:
             elif kind == "stop":
                 self._end(Ending("twilio_stop", 1000, "", 1000))
             # connected, dtmf and unknown events do not disturb the call.
-        except (KeyError, TypeError, AttributeError):
-            return
+        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+            return  # not a Twilio event, or a malformed one: the call ignores it
 
     def flush(self) -> None:
         """No more Twilio messages are ready now: send the joined caller audio."""
