@@ -26,16 +26,20 @@ class Wire:
     to_client: list[str | bytes] = field(default_factory=list)
     to_upstream: list[str | bytes] = field(default_factory=list)
     order: list[str] = field(default_factory=list)
+    feeding: str = ""  # the side whose message the core is handling
 
 
 def core() -> tuple[ClientCore, Wire, Tally]:
     wire, tally = Wire(), Tally()
 
+    # The fast path relies on each side's messages going to the other side only.
     def to_client(m: str | bytes) -> None:
+        assert wire.feeding == "upstream"
         wire.to_client.append(m)
         wire.order.append("client")
 
     def to_upstream(m: str | bytes) -> None:
+        assert wire.feeding == "client"
         wire.to_upstream.append(m)
         wire.order.append("up")
 
@@ -73,6 +77,7 @@ def test_relayed_unchanged_in_order_until_the_end_and_nothing_after(evs: list[An
         if kind == "client":
             if not over and size(arg) <= LIMIT:
                 want_up.append(arg)
+            wire.feeding = "client"
             c.client(arg)
             if not over and size(arg) > LIMIT:
                 assert c.ending is not None and c.ending.client_code == 1009
@@ -80,6 +85,7 @@ def test_relayed_unchanged_in_order_until_the_end_and_nothing_after(evs: list[An
         elif kind == "upstream":
             if not over:
                 want_down.append(arg)
+            wire.feeding = "upstream"
             c.upstream(arg)
         elif arg == "client_gone":
             c.client_gone(Disconnected(1000, ""))

@@ -36,9 +36,13 @@ class Wire:
 
     sent: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     writes_to_twilio: list[int] = field(default_factory=list)  # texts per write
+    # Set while a Twilio message is fed: the fast path relies on the core sending
+    # nothing to Twilio then (it checks only the upstream can take a write).
+    from_twilio: bool = False
 
     def out(self) -> TwilioOut:
         def to_twilio(*texts: bytes) -> None:
+            assert not self.from_twilio, "a Twilio message made the core write to Twilio"
             self.writes_to_twilio.append(len(texts))
             self.sent.extend(("twilio", orjson.loads(t)) for t in texts)
 
@@ -143,21 +147,33 @@ class Run:
 def play(amd: str, events: list[tuple[str, Any]], end: str) -> Run:
     c, wire, tally = core()
     run = Run(c, wire, tally)
-    c.twilio(start(amd), run.now)
-    c.flush()
+    feed_twilio, flush = c.twilio, c.flush
+
+    def twilio(raw: bytes, now: float) -> None:
+        wire.from_twilio = True
+        feed_twilio(raw, now)
+        wire.from_twilio = False
+
+    def flushed() -> None:
+        wire.from_twilio = True
+        flush()
+        wire.from_twilio = False
+
+    twilio(start(amd), run.now)
+    flushed()
     for kind, arg in events:
         taking = c.ending is None and not c.voicemail and not c.closing
         if kind == "media":
             if taking:
                 run.fed_audio += arg
-            c.twilio(media(arg), run.now)
+            twilio(media(arg), run.now)
         elif kind == "junk":
-            c.twilio(arg, run.now)
+            twilio(arg, run.now)
         elif kind == "flush":
-            c.flush()
+            flushed()
         elif kind == "mark":
             sent = [e["mark"]["name"] for e in wire.twilio("mark")]
-            c.twilio(mark(sent[arg] if arg < len(sent) else f"x{arg}"), run.now)
+            twilio(mark(sent[arg] if arg < len(sent) else f"x{arg}"), run.now)
         elif kind == "delta":
             before = len(wire.sent)
             c.upstream(delta(*arg), run.now)
@@ -176,9 +192,9 @@ def play(amd: str, events: list[tuple[str, Any]], end: str) -> Run:
         elif kind == "drain":
             c.drain_started(arg)
         run.note_end()
-    c.flush()
+    flushed()
     if end == "stop":
-        c.twilio(b'{"event":"stop"}', run.now)
+        twilio(b'{"event":"stop"}', run.now)
     elif end == "twilio_gone":
         c.twilio_gone(Disconnected(1006, "lost"))
     elif end == "upstream_gone":
@@ -191,8 +207,8 @@ def play(amd: str, events: list[tuple[str, Any]], end: str) -> Run:
     if c.ending is None:
         return run
     # Whatever still arrives once the call is over.
-    c.twilio(media(b"late"), run.now)
-    c.flush()
+    twilio(media(b"late"), run.now)
+    flushed()
     c.upstream(delta("i1", b"late"), run.now)
     c.upstream(SPEECH, run.now)
     c.goodbye_due()

@@ -99,7 +99,8 @@ class ClientCore:
         self.ending: Ending | None = None
 
     def client(self, message: str | bytes) -> None:
-        """A message from the client: upstream unchanged, unless it is over the limit."""
+        """A message from the client: upstream unchanged, unless it is over the limit.
+        Sends upstream only."""
         if self.ending is not None:
             return
         if too_big(message, self.limit):
@@ -110,7 +111,7 @@ class ClientCore:
 
     def upstream(self, message: str | bytes) -> None:
         """A message from OpenAI (the upstream socket has refused any over the limit:
-        that arrives as :meth:`upstream_gone` with 1009)."""
+        that arrives as :meth:`upstream_gone` with 1009). Sends to the client only."""
         if self.ending is not None:
             return
         self.out.to_client(message)

@@ -137,21 +137,25 @@ class ClientSession:
 
     # -- the fast path: never waits -------------------------------------------
     def _fast_from_client(self, messages: deque[str | bytes]) -> None:
-        """Feed the core the client's ready messages while both sockets take writes now."""
-        self._fast(messages, self.core.client)
+        """Feed the core the client's ready messages while the upstream takes writes
+        now (the core sends a client message upstream only)."""
+        assert self._up is not None
+        self._fast(messages, self.core.client, self._up)
 
     def _fast_from_upstream(self, messages: deque[str | bytes]) -> None:
-        """Feed the core OpenAI's ready messages while both sockets take writes now."""
-        self._fast(messages, self.core.upstream)
+        """Feed the core OpenAI's ready messages while the client takes writes now."""
+        assert isinstance(self.ws, WebSocket)
+        self._fast(messages, self.core.upstream, self.ws)
 
-    def _fast(self, messages: deque[str | bytes], feed: Callable[[str | bytes], None]) -> None:
-        core, ws, up = self.core, self.ws, self._up
-        assert isinstance(ws, WebSocket) and up is not None
+    def _fast(
+        self, messages: deque[str | bytes], feed: Callable[[str | bytes], None], to: WebSocket
+    ) -> None:
+        core = self.core
         if self._outbox:
             return  # the pumps are carrying out earlier sends: after them, in order
         core.out = self._fast_out
         try:
-            while messages and core.ending is None and ws.can_send_now() and up.can_send_now():
+            while messages and core.ending is None and to.can_send_now():
                 feed(messages.popleft())
         finally:
             core.out = self._pump_out

@@ -217,7 +217,8 @@ class TwilioCore:
     def twilio(self, raw: str | bytes, now_ms: float) -> None:
         """A message from Twilio (whatever arrived: the core ignores what is not
         a Twilio event). Media is held for the join until :meth:`flush` or the
-        next other event."""
+        next other event. Sends upstream only, never to Twilio (a driver that
+        feeds it without waiting needs only the upstream socket to take a write)."""
         if self.ending is not None:
             return
         try:

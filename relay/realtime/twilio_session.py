@@ -161,15 +161,16 @@ class TwilioSession:
 
     # -- the fast path: never waits -------------------------------------------
     def _fast_from_twilio(self, messages: deque[str | bytes]) -> None:
-        """Feed the core Twilio's ready messages while both sockets take writes now."""
-        core, ws, up = self.core, self.ws, self._up
-        assert isinstance(ws, WebSocket) and up is not None
+        """Feed the core Twilio's ready messages while the upstream takes writes now
+        (the core sends nothing to Twilio for a Twilio message)."""
+        core, up = self.core, self._up
+        assert up is not None
         if self._outbox:
             return  # the pumps are carrying out earlier sends: after them, in order
         core.out = self._fast_out
         try:
             now = trio.current_time() * 1000
-            while messages and core.ending is None and ws.can_send_now() and up.can_send_now():
+            while messages and core.ending is None and up.can_send_now():
                 core.twilio(messages.popleft(), now)
             core.flush()
         finally:
