@@ -6,10 +6,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.realtime.client_core import ClientCore, ClientOut
+from relay.realtime.client_core import ClientCore, ClientOut, opening
 from relay.ws.errors import Disconnected, UpstreamClosed
 
 LIMIT = 64
@@ -146,3 +147,11 @@ def test_endings_carry_the_contracts_close_codes() -> None:
             client_code,
             upstream_code,
         )
+
+
+def test_opening_sets_the_voice_asked_for_and_nothing_else() -> None:
+    assert opening("ga", None) is None
+    assert orjson.loads(opening("beta", "ash") or b"") == {
+        "type": "session.update",
+        "session": {"voice": "ash"},
+    }

@@ -365,3 +365,11 @@ def test_goodbye_cancels_an_active_response_then_asks_for_the_goodbye() -> None:
     c.twilio(media(b"\x01" * 160), 0.0)
     c.flush()
     assert wire.up("input_audio_buffer.append") == []  # no caller audio in goodbye
+
+
+def test_an_upstream_that_cannot_be_opened_ends_the_call_1011() -> None:
+    c, wire, _ = core()
+    c.upstream_unavailable()
+    c.twilio(start(), 0.0)
+    assert c.ending == Ending("upstream_failed", 1011, "upstream unavailable", None)
+    assert wire.sent == []

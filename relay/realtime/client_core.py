@@ -17,7 +17,10 @@ from __future__ import annotations
 
 from typing import Protocol
 
+import orjson
+
 from relay.realtime.closing import Ending, client_code_for_upstream
+from relay.realtime.dialect import dialect_for, voice_update
 from relay.ws.errors import Disconnected
 
 
@@ -41,6 +44,14 @@ class ClientOut:
     def __init__(self, to_client: Send, to_upstream: Send) -> None:
         self.to_client = to_client
         self.to_upstream = to_upstream
+
+
+def opening(dialect: str, voice: str | None) -> bytes | None:
+    """What goes upstream before the client is accepted: the voice it asked for
+    (a ``session.update``), or nothing."""
+    if voice is None:
+        return None
+    return orjson.dumps(voice_update(dialect_for(dialect), voice))
 
 
 def too_big(message: str | bytes, limit: int) -> bool:

@@ -24,13 +24,12 @@ import logging
 from collections import deque
 from collections.abc import Callable
 
-import orjson
 import trio
 
 from relay.metrics import Tally
-from relay.realtime.client_core import ClientCore, ClientOut
+from relay.realtime.client_core import ClientCore, ClientOut, opening
 from relay.realtime.closing import clip_reason, close_upstream
-from relay.realtime.dialect import dialect_for, voice_update
+from relay.realtime.dialect import dialect_for
 from relay.realtime.upstream import UpstreamError, open_upstream
 from relay.runtime import Runtime
 from relay.ws.connection import WebSocket
@@ -84,12 +83,9 @@ class ClientSession:
                 return
             self.rt.metrics.upstream_connect_seconds.observe(trio.current_time() - started)
             try:
-                if self.voice is not None:
-                    await up.send(
-                        orjson.dumps(
-                            voice_update(dialect_for(s.openai.dialect), self.voice)
-                        ).decode()
-                    )
+                first = opening(s.openai.dialect, self.voice)
+                if first is not None:
+                    await up.send_texts((first,))
                 offered = self.ws.subprotocols
                 await self.ws.accept("realtime" if "realtime" in offered else None)
             except (Disconnected, OSError):  # either side, UpstreamClosed included

@@ -164,6 +164,7 @@ def upstream_gone(closed: Disconnected) -> Ending:
     )
 
 
+UPSTREAM_UNAVAILABLE = Ending("upstream_failed", 1011, "upstream unavailable", None)
 TIME_LIMIT = Ending("time_limit", 1000, "session time limit", 1000, "session time limit")
 DRAIN = Ending("drain", 1001, "server shutting down", 1001, "server shutting down")
 
@@ -301,6 +302,10 @@ class TwilioCore:
     def upstream_gone(self, closed: Disconnected) -> None:
         self._join.clear()
         self._end(upstream_gone(closed))
+
+    def upstream_unavailable(self) -> None:
+        """The upstream could not be opened: the call ends 1011 before it began."""
+        self._end(UPSTREAM_UNAVAILABLE)
 
     def goodbye_due(self) -> None:
         """``goodbye_seconds`` before the time limit: ask for the goodbye."""

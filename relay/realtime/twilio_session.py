@@ -100,10 +100,12 @@ class TwilioSession:
                     )
                 except UpstreamError as exc:
                     log.warning("call upstream failed: %s", exc.reason, extra={"session": self.id})
-                    self.core.ending = Ending("upstream_failed", 1011, "upstream unavailable", None)
-                    await self.ws.close(1011, "upstream unavailable")
+                    self.core.upstream_unavailable()
+                    ending = self.core.ending
+                    assert ending is not None and ending.client_code is not None
+                    await self.ws.close(ending.client_code, ending.client_reason)
                     self.rt.metrics.sessions_total.labels(
-                        kind="twilio", outcome="upstream_failed"
+                        kind="twilio", outcome=ending.outcome
                     ).inc()
                     return
                 self.rt.metrics.upstream_connect_seconds.observe(trio.current_time() - started)
