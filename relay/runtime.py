@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 
@@ -76,6 +77,9 @@ class Runtime:
         # Set drain_seconds later (or at once on a second signal): sessions close 1001.
         self.drain_expired = trio.Event()
         self.active: dict[str, int] = {"client": 0, "twilio": 0}
+        # RELAY_FAST_PATH=0 (a diagnostic, read once at start): sessions relay every
+        # message through their pumps, never from the reactor (docs/architecture.md).
+        self.fast_path = os.environ.get("RELAY_FAST_PATH", "1") != "0"
         self.jobs_in_flight = 0
         self._idle = trio.Event()
         self._idle.set()

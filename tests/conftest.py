@@ -13,6 +13,16 @@ from relay.testing.daemon import Daemon, running_daemon
 DaemonFactory = Callable[..., AbstractAsyncContextManager[Daemon]]
 
 
+@pytest.fixture(params=["fast_path", "pumps_only"])
+def fast_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Run a test against a daemon with the reactor's fast path on, then off
+    (``RELAY_FAST_PATH=0``): both drivers of the session cores must carry every
+    behaviour. Apply with ``pytestmark = pytest.mark.usefixtures("fast_path")``."""
+    on: bool = request.param == "fast_path"
+    monkeypatch.setenv("RELAY_FAST_PATH", "1" if on else "0")
+    return on
+
+
 @pytest.fixture
 def start_daemon() -> DaemonFactory:
     """``async with start_daemon({"limits": {...}}) as d:`` runs ``relay serve`` as a subprocess."""

@@ -20,6 +20,9 @@ from relay.testing.fake_realtime import FakeConnection, FakeRealtime, fake_realt
 from relay.testing.metrics import sample_value
 from relay.tokens import mint
 
+# Both drivers of the session core: the reactor's fast path, and the pumps alone.
+pytestmark = pytest.mark.usefixtures("fast_path")
+
 ORIGIN = [(b"Origin", b"http://localhost:5173")]
 SMALL = 1000  # max_message_bytes for the oversize tests
 

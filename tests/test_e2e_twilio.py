@@ -22,6 +22,9 @@ from relay.testing.daemon import TEST_TWILIO_TOKEN, Daemon, daemon_env, running_
 from relay.testing.fake_realtime import FakeConnection, FakeRealtime, chunk_audio, fake_realtime
 from relay.testing.twilio_caller import TwilioCall, pattern_frame, twilio_call
 
+# Both drivers of the session core: the reactor's fast path, and the pumps alone.
+pytestmark = pytest.mark.usefixtures("fast_path")
+
 PUBLIC = "https://relay.example.com"
 STREAM_URL = "wss://relay.example.com/twilio/media"
 MACHINES = ["machine_start", "machine_end_beep", "machine_end_silence", "machine_end_other", "fax"]

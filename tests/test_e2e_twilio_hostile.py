@@ -9,12 +9,16 @@ from __future__ import annotations
 import base64
 from typing import Any
 
+import pytest
 import trio
 
 from relay.testing.daemon import TEST_TWILIO_TOKEN, Daemon, running_daemon
 from relay.testing.fake_realtime import FakeRealtime, fake_realtime
 from relay.testing.fuzz import http_get
 from relay.testing.twilio_caller import twilio_call
+
+# Both drivers of the session core: the reactor's fast path, and the pumps alone.
+pytestmark = pytest.mark.usefixtures("fast_path")
 
 LIMIT = 32 * 1024
 PUBLIC = "https://relay.example.com"

@@ -48,6 +48,9 @@ from relay.testing.fuzz import (
 )
 from relay.testing.portal import Held, Portal, trio_portal
 
+# Both drivers of the session core: the reactor's fast path, and the pumps alone.
+pytestmark = pytest.mark.usefixtures("fast_path")
+
 LIMIT = 32 * 1024  # max_message_bytes
 FUZZ = settings(
     deadline=None,

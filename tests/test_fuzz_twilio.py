@@ -31,6 +31,9 @@ from relay.testing.fuzz import Watch
 from relay.testing.portal import Held, Portal, trio_portal
 from relay.testing.twilio_caller import TwilioCall, twilio_call
 
+# Both drivers of the session core: the reactor's fast path, and the pumps alone.
+pytestmark = pytest.mark.usefixtures("fast_path")
+
 PUBLIC = "https://relay.example.com"
 STREAM_URL = "wss://relay.example.com/twilio/media"
 LIMIT = 32 * 1024  # max_message_bytes: small, so frames around it are cheap to send

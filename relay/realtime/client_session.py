@@ -1,22 +1,35 @@
-"""Browser client ⇄ OpenAI Realtime: one nursery, two pumps, a drain watcher, a deadline.
+"""Browser client ⇄ OpenAI Realtime: the two drivers of one session's core.
 
-Guarantees (SPEC §5): the client is accepted only once the upstream is open;
-every message is relayed unchanged and in order both ways; the session ends
-with the close codes of the contract; when this coroutine returns, both
-sockets are closed and no task of the session is left.
+What a session does lives in :class:`relay.realtime.client_core.ClientCore`;
+this module opens the upstream, accepts the client, and then only moves
+messages between the sockets and the core and carries out what it asks, by
+one of two drivers that hold no session logic (as in
+``relay.realtime.twilio_session``):
+
+- the **fast path** (``WebSocket.fast_path``, run by the reactor while the
+  reader is parked) feeds the core what is ready as long as both sockets take
+  a write without waiting, and sends with non-waiting writes;
+- the **pumps** (tasks in the session's nursery) wait for a message, feed the
+  core, and await its sends: everything the fast path leaves, everything on a
+  socket served over ASGI, everything with the fast path switched off.
+
+A fast path's exception is raised by the pump's ``receive``, in the session's
+nursery. When :meth:`ClientSession.run` returns, both sockets are closed and
+no task of the session is left.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Callable
 
-import orjson
 import trio
 
 from relay.metrics import Tally
-from relay.realtime.closing import Ending, client_code_for_upstream, clip_reason, close_upstream
-from relay.realtime.dialect import dialect_for, voice_update
+from relay.realtime.client_core import ClientCore, ClientOut, opening
+from relay.realtime.closing import clip_reason, close_upstream
+from relay.realtime.dialect import dialect_for
 from relay.realtime.upstream import UpstreamError, open_upstream
 from relay.runtime import Runtime
 from relay.ws.connection import WebSocket
@@ -24,17 +37,6 @@ from relay.ws.errors import Disconnected, UpstreamClosed
 from relay.ws.peer import PeerSocket
 
 log = logging.getLogger("relay.client")
-
-
-def _too_big(message: str | bytes, limit: int) -> bool:
-    """For client messages: over ASGI (an upgrade on a keep-alive connection)
-    Hypercorn limits text in characters, not UTF-8 bytes, so the session checks."""
-    if isinstance(message, bytes):
-        return len(message) > limit
-    # A str of n chars is between n and 4n UTF-8 bytes: encode only when it matters.
-    if len(message) * 4 <= limit:
-        return False
-    return len(message) > limit or len(message.encode("utf-8")) > limit
 
 
 class ClientSession:
@@ -46,14 +48,18 @@ class ClientSession:
         self.voice = voice
         self.id = rt.new_session_id("client")
         self.limit = rt.settings.limits.max_message_bytes
-        self.ending: Ending | None = None
         self.tally = Tally("client")  # messages relayed, for logs and metrics
+        # The pumps' sends (to the client?, message), in the order the core asked.
+        self._outbox: deque[tuple[bool, str | bytes]] = deque()
+        outbox = self._outbox
+        self._pump_out = ClientOut(
+            lambda message: outbox.append((True, message)),
+            lambda message: outbox.append((False, message)),
+        )
+        self._fast_out = self._pump_out  # the fast path's, once there is one
+        self.core = ClientCore(self.limit, self._pump_out, self.tally)
         self._up: WebSocket | None = None
-
-    def _end(self, ending: Ending, scope: trio.CancelScope) -> None:
-        if self.ending is None:
-            self.ending = ending
-        scope.cancel()
+        self._scope: trio.CancelScope | None = None
 
     async def run(self) -> None:
         s = self.rt.settings
@@ -77,12 +83,9 @@ class ClientSession:
                 return
             self.rt.metrics.upstream_connect_seconds.observe(trio.current_time() - started)
             try:
-                if self.voice is not None:
-                    await up.send(
-                        orjson.dumps(
-                            voice_update(dialect_for(s.openai.dialect), self.voice)
-                        ).decode()
-                    )
+                first = opening(s.openai.dialect, self.voice)
+                if first is not None:
+                    await up.send_texts((first,))
                 offered = self.ws.subprotocols
                 await self.ws.accept("realtime" if "realtime" in offered else None)
             except (Disconnected, OSError):  # either side, UpstreamClosed included
@@ -107,124 +110,114 @@ class ClientSession:
     async def _relay(self, up: WebSocket) -> None:
         self._up = up
         ws = self.ws
-        if isinstance(ws, WebSocket):
-            # Messages that can go on at once are relayed by the reactor while the
-            # pumps are parked; the pumps handle the rest (waits, limits, endings).
-            ws.fast_path = self._fast_to_upstream
-            up.fast_path = self._fast_to_client
+        if self.rt.fast_path and isinstance(ws, WebSocket):
+            self._fast_out = ClientOut(ws.send_now, up.send_now)
+            ws.fast_path = self._fast_from_client
+            up.fast_path = self._fast_from_upstream
         try:
-            await self._pumps(up)
+            await self._pumps()
         finally:
             up.fast_path = None
             if isinstance(ws, WebSocket):
                 ws.fast_path = None
 
-    def _fast_to_upstream(self, messages: deque[str | bytes]) -> None:
-        """``WebSocket.fast_path`` of the client's socket: what the pump would send."""
-        up, limit = self._up, self.limit
-        assert up is not None
-        while messages and self.ending is None:
-            if _too_big(messages[0], limit) or not up.can_send_now():
-                return
-            up.send_now(messages.popleft())
-            self.tally.up += 1
-
-    def _fast_to_client(self, messages: deque[str | bytes]) -> None:
-        """``WebSocket.fast_path`` of the upstream socket: what the pump would send."""
-        ws = self.ws
-        assert isinstance(ws, WebSocket)
-        while messages and self.ending is None:
-            if not ws.can_send_now():
-                return
-            ws.send_now(messages.popleft())
-            self.tally.down += 1
-
-    async def _pumps(self, up: WebSocket) -> None:
+    async def _pumps(self) -> None:
         s = self.rt.settings
         async with trio.open_nursery() as nursery:
-            scope = nursery.cancel_scope
+            self._scope = scope = nursery.cancel_scope
             scope.deadline = trio.current_time() + s.limits.session_seconds
-            nursery.start_soon(self._client_to_upstream, up, scope)
-            nursery.start_soon(self._upstream_to_client, up, scope)
-            nursery.start_soon(self._drain_watch, scope)
-        if self.ending is None:  # only the deadline ends a session without a pump saying why
-            self.ending = Ending(
-                "time_limit", 1000, "session time limit", 1000, "session time limit"
-            )
+            nursery.start_soon(self._client_pump)
+            nursery.start_soon(self._upstream_pump)
+            nursery.start_soon(self._drain_watch)
+        self.core.time_limit()  # only the deadline ends a session without the core saying why
 
-    async def _client_to_upstream(self, up: WebSocket, scope: trio.CancelScope) -> None:
-        limit = self.limit
-        while True:
+    # -- the fast path: never waits -------------------------------------------
+    def _fast_from_client(self, messages: deque[str | bytes]) -> None:
+        """Feed the core the client's ready messages while the upstream takes writes
+        now (the core sends a client message upstream only)."""
+        assert self._up is not None
+        self._fast(messages, self.core.client, self._up)
+
+    def _fast_from_upstream(self, messages: deque[str | bytes]) -> None:
+        """Feed the core OpenAI's ready messages while the client takes writes now."""
+        assert isinstance(self.ws, WebSocket)
+        self._fast(messages, self.core.upstream, self.ws)
+
+    def _fast(
+        self, messages: deque[str | bytes], feed: Callable[[str | bytes], None], to: WebSocket
+    ) -> None:
+        core = self.core
+        if self._outbox:
+            return  # the pumps are carrying out earlier sends: after them, in order
+        core.out = self._fast_out
+        try:
+            while messages and core.ending is None and to.can_send_now():
+                feed(messages.popleft())
+        finally:
+            core.out = self._pump_out
+        if core.ending is not None:
+            self._over()
+
+    # -- the pumps: may wait ----------------------------------------------------
+    async def _client_pump(self) -> None:
+        core, ws = self.core, self.ws
+        while core.ending is None:
             try:
-                message = await self.ws.receive()
+                core.client(await ws.receive())
             except Disconnected as gone:
-                self._end(self._client_gone(gone), scope)
-                return
-            if _too_big(message, limit):
-                self._end(Ending("oversize", 1009, "message too big", 1000), scope)
-                return
+                core.client_gone(gone)
+            await self._perform()
+        self._over()
+
+    async def _upstream_pump(self) -> None:
+        core, up = self.core, self._up
+        assert up is not None
+        while core.ending is None:
             try:
-                await up.send(message)
+                core.upstream(await up.receive())
             except UpstreamClosed as closed:
-                self._end(self._upstream_gone(closed), scope)
-                return
-            self.tally.up += 1
+                core.upstream_gone(closed)
+            await self._perform()
+        self._over()
 
-    async def _upstream_to_client(self, up: WebSocket, scope: trio.CancelScope) -> None:
-        while True:
-            try:
-                # The upstream socket refuses a message over the limit itself (UTF-8
-                # bytes, from the frame header): that arrives here as UpstreamClosed
-                # 1009 and becomes 1009 to the client, 1000 upstream.
-                message = await up.receive()
-            except UpstreamClosed as closed:
-                self._end(self._upstream_gone(closed), scope)
-                return
-            try:
-                await self.ws.send(message)
-            except Disconnected as gone:
-                self._end(self._client_gone(gone), scope)
-                return
-            except Exception:  # the client's transport is gone mid-send (ASGI path)
-                self._end(Ending("client_closed", None, upstream_code=1000), scope)
-                return
-            self.tally.down += 1
-
-    @staticmethod
-    def _client_gone(gone: Disconnected) -> Ending:
-        """The client's socket is over: say why, and what each side still gets."""
-        if gone.stalled:  # aborted: it could not have read a close anyway
-            return Ending("client_stalled", None, upstream_code=1000)
-        if gone.local:  # it broke the rules (1009 oversize, 1002, 1007): tell it so
-            outcome = "oversize" if gone.code == 1009 else "protocol_error"
-            reason = "message too big" if gone.code == 1009 else gone.reason
-            return Ending(outcome, gone.code, reason, 1000)
-        # Over ASGI, Hypercorn has already closed an oversized message with 1009.
-        outcome = "oversize" if gone.code == 1009 else "client_closed"
-        return Ending(outcome, None, upstream_code=1000)
-
-    @staticmethod
-    def _upstream_gone(closed: Disconnected) -> Ending:
-        if closed.stalled:
-            return Ending("upstream_stalled", 1011, "upstream stalled", None)
-        if closed.local:  # the upstream broke the rules; SPEC: oversize → 1009 / 1000
-            if closed.code == 1009:
-                return Ending("oversize", 1009, "message too big", 1000)
-            return Ending("upstream_failed", 1011, "upstream protocol error", closed.code)
-        code = closed.code
-        failed = code in (1005, 1006)
-        text = "" if failed else closed.reason
-        outcome = "upstream_failed" if failed else "upstream_closed"
-        return Ending(outcome, client_code_for_upstream(code), text, None)
-
-    async def _drain_watch(self, scope: trio.CancelScope) -> None:
+    async def _drain_watch(self) -> None:
         await self.rt.drain_expired.wait()
-        self._end(
-            Ending("drain", 1001, "server shutting down", 1001, "server shutting down"), scope
-        )
+        self.core.drain_expired()
+        self._over()
+
+    async def _perform(self) -> None:
+        """Carry out the core's sends, in order (each entry is taken just before its
+        write starts); a socket found gone is the core's news."""
+        box, core, ws, up = self._outbox, self.core, self.ws, self._up
+        assert up is not None
+        while box:
+            to_client, message = box.popleft()
+            try:
+                if to_client:
+                    await ws.send(message)
+                else:
+                    await up.send(message)
+            except UpstreamClosed as closed:  # before Disconnected: it is one
+                box.clear()
+                core.upstream_gone(closed)
+            except Disconnected as gone:
+                box.clear()
+                core.client_gone(gone)
+            except Exception:
+                if not to_client:
+                    raise
+                box.clear()  # the client's transport is gone mid-send (ASGI path)
+                core.client_lost()
+        if core.ending is not None:
+            self._over()
+
+    def _over(self) -> None:
+        """The core has ended the session: stop every task of it."""
+        if self._scope is not None:
+            self._scope.cancel()
 
     async def _finish(self, up: WebSocket) -> None:
-        ending = self.ending
+        ending = self.core.ending
         assert ending is not None
         with trio.CancelScope(shield=True):
             if ending.client_code is not None:
@@ -236,7 +229,7 @@ class ClientSession:
         self.rt.metrics.sessions_total.labels(kind="client", outcome=ending.outcome).inc()
 
     def _log_end(self, duration: float) -> None:
-        ending = self.ending
+        ending = self.core.ending
         assert ending is not None
         log.info(
             "session end",

@@ -120,6 +120,7 @@ class WebSocket:
         # Set by a session: called by the reactor with the queue of arrived messages
         # while the reader is parked; it pops from the left those it has handled
         # completely (without waiting) and leaves the rest to the reader, in order.
+        # What it raises is raised by the reader's receive(), not by the reactor.
         self.fast_path: Callable[[deque[str | bytes]], None] | None = None
         # Set once nothing more will be exchanged: the peer closed, the connection
         # was lost or aborted, or our close completed. (Not on a protocol error by
@@ -206,8 +207,12 @@ class WebSocket:
         if messages and fast is not None and not self._controls and self._gone is None:
             try:
                 fast(messages)
-            except Exception:  # the reader handles what is left, its own way
-                log.exception("fast path failed; the session handles the message")
+            except Exception as exc:
+                # Not the reactor's to handle: the reader (the session's pump) raises
+                # it, inside the session's nursery; nothing is relayed fast any more.
+                self.fast_path = None
+                self.transport.wake_reader(exc)
+                return
         # Also when more input may be waiting (a full read, or a hangup still to be
         # read): no new edge would announce it.
         if messages or self._controls or self._gone is not None or self.transport.ready:
