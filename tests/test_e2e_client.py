@@ -1,4 +1,5 @@
-"""Client relay (SPEC §5), end to end: `relay serve` as a subprocess, the fake Realtime server."""
+"""Client relay (docs/contract.md §5), end to end: `relay serve` as a subprocess, the fake
+Realtime server."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Twilio Media Streams bridge (SPEC §6), end to end: `relay serve` as a subprocess,
+"""Twilio Media Streams bridge (docs/contract.md §6), end to end: `relay serve` as a subprocess,
 the fake Realtime server and the simulated Twilio caller, all on 127.0.0.1."""
 
 from __future__ import annotations

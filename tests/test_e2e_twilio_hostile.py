@@ -40,7 +40,7 @@ async def _alive(d: Daemon) -> None:
 
 
 async def test_caller_audio_that_is_not_base64_is_not_sent_upstream() -> None:
-    """SPEC §6: everything sent upstream must be valid for the real service. A media
+    """docs/contract.md §6: everything sent upstream must be valid for the real service. A media
     payload that is not base64 is forwarded as an append, and OpenAI answers with
     an error per frame. Fixed by is_audio in relay/realtime/twilio_session.py."""
     async with (
@@ -66,7 +66,7 @@ async def test_caller_audio_that_is_not_base64_is_not_sent_upstream() -> None:
 
 
 async def test_oversize_right_behind_media_still_closes_1009() -> None:
-    """SPEC: a message over max_message_bytes closes the stream with 1009. When it
+    """docs/contract.md: a message over max_message_bytes closes the stream with 1009. When it
     arrived right behind a media frame, the pump found it while joining waiting
     frames, took it for Twilio hanging up and dropped the socket with no close
     frame (Twilio saw 1006): found by tests/test_fuzz_twilio.py in a new user's

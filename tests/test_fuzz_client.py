@@ -1,5 +1,5 @@
-"""The browser client relay (SPEC §5), fuzzed with hypothesis against one ``relay serve``
-for the whole module, with ``max_message_bytes`` small (32 KiB) so that messages
+"""The browser client relay (docs/contract.md §5), fuzzed with hypothesis against one
+``relay serve`` for the whole module, with ``max_message_bytes`` small (32 KiB) so that messages
 around it are cheap.
 
 Messages of every size around the limit, text (1- to 4-byte UTF-8 characters, so
@@ -7,7 +7,7 @@ bytes and characters disagree at the boundary) and binary, empty ones, in both
 directions and interleaved: each message within the limit arrives unchanged and
 in order (text stays text, binary stays binary); one byte more closes the
 client with 1009 and the upstream with 1000. Close codes pass through as the
-SPEC's table says. Garbage frames on a raw socket cost only their own session.
+The contract's table says. Garbage frames on a raw socket cost only their own session.
 
 After each property the daemon is back to its baseline
 (:class:`relay.testing.fuzz.Watch`) and a session opened before the property
@@ -576,7 +576,7 @@ async def _spawn(env: Env, afn: Callable[..., Awaitable[Any]], *args: Any) -> No
     env.portal.nursery.start_soon(afn, *args)
 
 
-# Valid on the wire and passed through as they are (SPEC §5); the rest become 1011.
+# Valid on the wire and passed through as they are (docs/contract.md §5); the rest become 1011.
 _PASSED = frozenset(SENDABLE) | frozenset(range(3000, 5000))
 
 
@@ -589,7 +589,7 @@ _PASSED = frozenset(SENDABLE) | frozenset(range(3000, 5000))
     reason=st.text(max_size=30),
 )
 def test_upstream_close_codes(env: Env, code: int | None, reason: str) -> None:
-    """SPEC §5: upstream closes with code c, reason r → the client gets c, r; codes that
+    """docs/contract.md §5: upstream closes with code c, reason r → the client gets c, r; codes that
     cannot be sent (1005/1006/1015, and those invalid on the wire) become 1011."""
     env.ensure()
     env.count("close_codes", 1)

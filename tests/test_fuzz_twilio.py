@@ -1,4 +1,4 @@
-"""Hostile input on the Twilio bridge (SPEC §6), fuzzed with hypothesis against one
+"""Hostile input on the Twilio bridge (docs/contract.md §6), fuzzed with hypothesis against one
 ``relay serve`` for the whole module.
 
 Twilio frames of every wrong shape, before and after ``start``, and upstream

@@ -18,7 +18,7 @@ is dead: the connection is aborted and :class:`Disconnected` with
 Errors are :class:`Disconnected` (``relay.ws.errors``): the peer's close code,
 1006 for a connection lost without a close, or ``local=True`` with the code we
 owe the peer (1002, 1007, 1008, 1009) when it broke the protocol; the session then
-chooses what close to send (the SPEC says which).
+chooses what close to send (the contract says which).
 """
 
 from __future__ import annotations
