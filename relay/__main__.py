@@ -1,3 +1,3 @@
-from relay.cli import entry
+from relay.daemon.cli import entry
 
 entry()

@@ -1,4 +1,4 @@
-"""relay.asgi_ws against the ASGI interface itself (the socket Hypercorn hands over
+"""relay.edge.asgi_ws against the ASGI interface itself (the socket Hypercorn hands over
 for an upgrade on a keep-alive connection; its refusals are tested end to end
 in tests/test_listener.py)."""
 
@@ -15,8 +15,8 @@ from wsproto.connection import Connection
 from wsproto.events import BytesMessage
 from wsproto.frame_protocol import FrameProtocol
 
-from relay.asgi_ws import AsgiWebSocket, head_size
-from relay.hypercorn_fix import BoundedWebsocketBuffer
+from relay.edge.asgi_ws import AsgiWebSocket, head_size
+from relay.edge.hypercorn_fix import BoundedWebsocketBuffer
 from relay.ws.frames import FRAGMENT_COST
 
 

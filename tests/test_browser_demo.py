@@ -41,9 +41,9 @@ import httpx
 import orjson
 import trio
 
+from relay.admission.tokens import mint
 from relay.testing.browser import Page, chromium_path, headless_chromium
 from relay.testing.daemon import daemon_env, toml_dumps
-from relay.tokens import mint
 
 MIC_RATE = 48_000
 TONE_HZ = 440.0

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import pytest
 
+from relay.admission.tokens import mint
 from relay.config import decode_encryption_key, load_secrets, parse_settings
-from relay.runtime import Runtime
+from relay.daemon.runtime import Runtime
+from relay.edge.upgrades import FrontDoor
 from relay.store.memory import MemoryStore
 from relay.testing.daemon import daemon_env
-from relay.tokens import mint
-from relay.upgrades import FrontDoor
 from relay.ws.peer import PeerSocket
 
 

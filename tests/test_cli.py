@@ -11,10 +11,10 @@ from pathlib import Path
 import trio
 import trio_websocket
 
+from relay.admission.tokens import b64url_decode, mint, verify
 from relay.config import decode_encryption_key
 from relay.testing.daemon import TEST_OPENAI_KEY, daemon_env, running_daemon
 from relay.testing.fake_realtime import fake_realtime
-from relay.tokens import b64url_decode, mint, verify
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = str(ROOT / "config.toml")

@@ -1,4 +1,4 @@
-"""relay.realtime.client_core on its own: random event sequences, no sockets, no trio."""
+"""relay.sessions.client_core on its own: random event sequences, no sockets, no trio."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.realtime.client_core import ClientCore, ClientOut, opening
+from relay.sessions.client_core import ClientCore, ClientOut, opening
 from relay.ws.errors import Disconnected, UpstreamClosed
 
 LIMIT = 64

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from relay.client_ip import (
+from relay.admission.client_ip import (
     IPAddress,
     client_ip,
     forwarded_lines,

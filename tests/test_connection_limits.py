@@ -11,9 +11,9 @@ import sys
 import pytest
 import trio
 
-from relay.app import _ending_shielded
-from relay.asgi_ws import Message
-from relay.nofile import AcceptErrors, raise_nofile
+from relay.edge.app import _ending_shielded
+from relay.edge.asgi_ws import Message
+from relay.ops.nofile import AcceptErrors, raise_nofile
 
 
 def accept_error(code: int = errno.EMFILE) -> logging.LogRecord:

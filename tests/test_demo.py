@@ -20,12 +20,12 @@ import pytest
 import trio
 import trio_websocket
 
+from relay.admission.tokens import new_key, verify
 from relay.config import ConfigError, parse_settings
-from relay.demo import _loopback_host, demo_settings
+from relay.demo.command import _loopback_host, demo_settings
 from relay.testing.daemon import daemon_env, toml_dumps
 from relay.testing.fake_realtime import fake_realtime
 from relay.testing.fake_voice import NOTE_BYTES, RATE, VoiceMode
-from relay.tokens import new_key, verify
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from relay.realtime.dialect import (
+from relay.sessions.dialect import (
     BETA,
     GA,
     append_audio,

@@ -15,11 +15,11 @@ import pytest
 import trio
 import trio_websocket
 
+from relay.admission.tokens import mint
 from relay.config import decode_encryption_key
 from relay.testing.daemon import TEST_OPENAI_KEY, Daemon, running_daemon
 from relay.testing.fake_realtime import FakeConnection, FakeRealtime, fake_realtime
 from relay.testing.metrics import sample_value
-from relay.tokens import mint
 
 # Both drivers of the session core: the reactor's fast path, and the pumps alone.
 pytestmark = pytest.mark.usefixtures("fast_path")
@@ -400,7 +400,7 @@ async def test_300_sessions_leave_no_fd_or_task_behind() -> None:
 async def test_oversize_then_other_type(echo_fake: FakeRealtime) -> None:
     """Found by fuzzing: Hypercorn kept an oversized message's buffer, so binary then
     text killed the whole server, and a large oversized message (many TCP reads)
-    never reached the session, which lingered. See relay/hypercorn_fix.py."""
+    never reached the session, which lingered. See relay/edge/hypercorn_fix.py."""
     limit = 32 * 1024
     async with running_daemon(daemon_config(echo_fake, max_message_bytes=limit)) as d:
         for first, second in (

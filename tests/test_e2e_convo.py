@@ -31,9 +31,11 @@ import pytest
 import trio
 from twilio.request_validator import RequestValidator
 
-from relay.app import create_http_app
+from relay.admission.twilio_auth import TwilioGate
 from relay.config import load_secrets, parse_settings
-from relay.runtime import Runtime
+from relay.daemon.runtime import Runtime
+from relay.daemon.wiring import twilio_routes
+from relay.edge.app import create_http_app
 from relay.store.memory import MemoryStore
 from relay.testing.daemon import (
     TEST_OPENAI_KEY,
@@ -47,8 +49,6 @@ from relay.testing.daemon import (
 )
 from relay.testing.fake_twilio import FakeConversation, FakeTwilio, fake_twilio
 from relay.testing.metrics import sample_value
-from relay.twilio_auth import TwilioGate
-from relay.wiring import twilio_routes
 
 PUBLIC_URL = "https://relay.example.com"
 WEBHOOK_URL = PUBLIC_URL + "/twilio/convo"

@@ -12,8 +12,8 @@ import httpx
 import trio
 import trio_websocket
 
+from relay.admission.tokens import mint
 from relay.testing.daemon import Daemon
-from relay.tokens import mint
 from tests.conftest import require_tool
 
 ROOT = Path(__file__).resolve().parent.parent

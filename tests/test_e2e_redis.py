@@ -28,6 +28,7 @@ from twilio.request_validator import RequestValidator
 
 pytest.importorskip("coredis", reason="coredis (the `redis` extra) is not installed")
 
+from relay.admission.tokens import mint
 from relay.config import decode_encryption_key
 from relay.testing.daemon import (
     TEST_OPENAI_KEY,
@@ -45,7 +46,6 @@ from relay.testing.redis_server import (
     free_port,
     running_redis,
 )
-from relay.tokens import mint
 from tests.conftest import needs_redis
 
 pytestmark = needs_redis

@@ -1,4 +1,4 @@
-"""Regression tests for defects the Twilio fuzz suite found in relay/realtime/twilio_session.py.
+"""Regression tests for defects the Twilio fuzz suite found in relay/sessions/twilio_session.py.
 
 (The oversize defect it found in Hypercorn is held by
 tests/test_e2e_client.py::test_oversize_then_other_type.)
@@ -42,7 +42,7 @@ async def _alive(d: Daemon) -> None:
 async def test_caller_audio_that_is_not_base64_is_not_sent_upstream() -> None:
     """docs/contract.md §6: everything sent upstream must be valid for the real service. A media
     payload that is not base64 is forwarded as an append, and OpenAI answers with
-    an error per frame. Fixed by is_audio in relay/realtime/twilio_session.py."""
+    an error per frame. Fixed by is_audio in relay/sessions/twilio_session.py."""
     async with (
         fake_realtime() as fake,
         running_daemon(config(fake)) as d,

@@ -13,7 +13,7 @@ import pytest
 import trio
 import trio_websocket
 
-from relay.realtime.dialect import BETA, GA, append_audio, phone_session_update, truncate
+from relay.sessions.dialect import BETA, GA, append_audio, phone_session_update, truncate
 from relay.testing.fake_realtime import FakeConnection, chunk_audio, fake_realtime
 
 Ws = trio_websocket.WebSocketConnection

@@ -36,6 +36,7 @@ import trio
 import trio_websocket
 from twilio.request_validator import RequestValidator
 
+from relay.admission.tokens import mint
 from relay.config import decode_encryption_key
 from relay.conversations.twilio_rest import TwilioRest, TwilioTransportError, ensure_participant
 from relay.conversations.webhook import REST_TIMEOUT
@@ -57,7 +58,6 @@ from relay.testing.fake_twilio import FakeConversation, FakeFault, FakeTwilio, f
 from relay.testing.fuzz import Watch
 from relay.testing.metrics import sample_value
 from relay.testing.twilio_caller import FRAME_BYTES, TwilioCall, twilio_call
-from relay.tokens import mint
 
 # The dead-peer timeout under test. `limits.stall_seconds` is set here and only
 # here: relay/config.py refuses unknown keys, so a daemon without the key fails

@@ -330,7 +330,7 @@ async def _send_frames(env: Env, frames: list[str | bytes]) -> None:
 
 
 # Oversize frames of both types: binary then text once crashed Hypercorn (see
-# relay/hypercorn_fix.py).
+# relay/edge/hypercorn_fix.py).
 oversize = st.sampled_from(["x" * (LIMIT + 1), b"x" * (LIMIT + 1)])
 
 

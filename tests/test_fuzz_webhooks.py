@@ -35,6 +35,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twilio.request_validator import RequestValidator
 
+from relay.admission.twilio_auth import SID_PREFIXES
+from relay.edge.twiml import xml_safe
 from relay.testing.daemon import (
     TEST_OPENAI_KEY,
     TEST_TWILIO_SID,
@@ -56,8 +58,6 @@ from relay.testing.fuzz import (
 )
 from relay.testing.metrics import sample_value
 from relay.testing.portal import Held, Portal, trio_portal
-from relay.twilio_auth import SID_PREFIXES
-from relay.twiml import xml_safe
 
 PUBLIC = "https://relay.example.com"
 BOT = "gateframes-bot"
@@ -72,7 +72,7 @@ FORM = "application/x-www-form-urlencoded"
 PATHS = ("/twilio/convo", "/twilio/voice")
 SID = re.compile(r"\ACH[0-9a-f]{32}\Z")
 # §7: any SID field is two capitals and 32 lower-case hex digits, the capitals fixed
-# for the kinds Twilio documents (relay.twilio_auth.SID_PREFIXES names them).
+# for the kinds Twilio documents (relay.admission.twilio_auth.SID_PREFIXES names them).
 ANY_SID = re.compile(r"\A[A-Z]{2}[0-9a-f]{32}\Z")
 INDEX = re.compile(r"\A[0-9]{1,12}\Z")
 CONVO_EVENTS = 12  # limits.convo_events (the default), per 30 s
@@ -790,7 +790,7 @@ def check_twiml(r: Response, form: dict[str, str], direction: str | None) -> Non
     params = {p.get("name"): p.get("value") for p in streams[0].findall("Parameter")}
     if direction is None:
         direction = params.get("direction")
-    # Characters XML cannot carry are dropped (relay.twiml.xml_safe); an AnsweredBy,
+    # Characters XML cannot carry are dropped (relay.edge.twiml.xml_safe); an AnsweredBy,
     # From or To left empty by that is not passed on.
     expected = {"direction": xml_safe(direction or "")}
     for name, field in (("amd", "AnsweredBy"), ("from", "From"), ("to", "To")):

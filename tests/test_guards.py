@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
+from relay.admission.guards import OriginPolicy
 from relay.config import AuthSettings
-from relay.guards import OriginPolicy
 
 
 @pytest.mark.parametrize(

@@ -12,10 +12,10 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.logs import CONTINUATION, JsonFormatter, TextFormatter, escape
+from relay.ops.logs import CONTINUATION, JsonFormatter, TextFormatter, escape
 
 RECORD_START = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ ")
-FORGED = "2026-01-01 00:00:00,000 INFO relay.server: forged"
+FORGED = "2026-01-01 00:00:00,000 INFO relay.daemon.server: forged"
 # Everything some reader takes for a line break, and a terminal escape.
 BREAKERS = ["\n", "\r", "\r\n", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029"]
 

@@ -25,10 +25,11 @@ import trio_websocket
 from prometheus_client.parser import text_string_to_metric_families
 from twilio.request_validator import RequestValidator
 
+from relay.admission.tokens import mint
 from relay.config import decode_encryption_key
-from relay.logs import REDACTED, JsonFormatter, JsonLinesStream, Redactor, TextFormatter
-from relay.metrics import DIRECTIONS, KINDS, Metrics, ProcessMetrics, Tally
-from relay.refusal_log import RefusalLog
+from relay.ops.logs import REDACTED, JsonFormatter, JsonLinesStream, Redactor, TextFormatter
+from relay.ops.metrics import DIRECTIONS, KINDS, Metrics, ProcessMetrics, Tally
+from relay.ops.refusal_log import RefusalLog
 from relay.testing.daemon import (
     TEST_OPENAI_KEY,
     TEST_TWILIO_SID,
@@ -40,7 +41,6 @@ from relay.testing.daemon import (
 )
 from relay.testing.fake_realtime import FakeRealtime, fake_realtime
 from relay.testing.twilio_caller import twilio_call
-from relay.tokens import mint
 
 ORIGIN = [(b"Origin", b"http://localhost:5173")]
 # The daemon's default public_url: what Twilio signatures are computed over.

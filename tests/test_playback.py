@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.realtime.playback import BYTES_PER_MS, Playback, Truncate
+from relay.sessions.playback import BYTES_PER_MS, Playback, Truncate
 
 # ---------------------------------------------------------------- unit tests
 

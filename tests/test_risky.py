@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from relay.config import load_settings, parse_settings
-from relay.risky import is_loopback_host, risky_settings
+from relay.ops.risky import is_loopback_host, risky_settings
 from relay.testing.daemon import daemon_env, toml_dumps
 
 

@@ -15,11 +15,11 @@ import pytest
 import trio
 import trio_websocket
 
+from relay.admission.tokens import mint
 from relay.config import decode_encryption_key
-from relay.sd_notify import Notifier
+from relay.ops.sd_notify import Notifier
 from relay.testing.daemon import TEST_OPENAI_KEY, daemon_env, running_daemon
 from relay.testing.fake_realtime import fake_realtime
-from relay.tokens import mint
 
 
 @pytest.fixture

@@ -30,10 +30,10 @@ import pytest
 import trio
 import trio_websocket
 
+from relay.admission.tokens import mint
 from relay.config import decode_encryption_key
 from relay.testing.daemon import TEST_OPENAI_KEY, daemon_env, running_daemon
 from relay.testing.fake_realtime import fake_realtime
-from relay.tokens import mint
 from tests.conftest import needs_analyze, require_tool
 
 UNIT = Path(__file__).resolve().parent.parent / "systemd" / "relay.service"
@@ -178,7 +178,7 @@ def test_stop_timeout_outlasts_the_drain() -> None:
     1001 closes, hypercorn's shutdown, background jobs, cleanups: CLOSE_GRACE each at
     worst), or systemd SIGKILLs a daemon that is still closing sessions politely."""
     from relay.config import Settings
-    from relay.server import CLOSE_GRACE
+    from relay.daemon.server import CLOSE_GRACE
 
     timeout = unit_settings(UNIT.read_text())["TimeoutStopSec"][0]
     assert timeout.endswith("s")

@@ -8,7 +8,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.tokens import b64url_decode, b64url_encode, mint, new_key, token_id, verify
+from relay.admission.tokens import b64url_decode, b64url_encode, mint, new_key, token_id, verify
 
 KEY = os.urandom(32)
 NOW = 1_800_000_000.0

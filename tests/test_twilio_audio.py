@@ -9,7 +9,7 @@ import re
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.realtime.twilio_session import is_audio
+from relay.sessions.twilio_session import is_audio
 
 # The reference: the regular expression is_audio replaced (same language, slower).
 REFERENCE = re.compile(r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?")

@@ -1,4 +1,4 @@
-"""relay.twilio_auth: SID shapes and the checks on a signed form (docs/contract.md §7),
+"""relay.admission.twilio_auth: SID shapes and the checks on a signed form (docs/contract.md §7),
 stream tokens (§10). Pure functions; the end-to-end attacks are in tests/attacks/."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.tokens import b64url_decode, b64url_encode, mint
-from relay.twilio_auth import (
+from relay.admission.tokens import b64url_decode, b64url_encode, mint
+from relay.admission.twilio_auth import (
     SID_PREFIXES,
     STREAM_TOKEN_SECONDS,
     form_refusal,

@@ -14,6 +14,7 @@ import trio
 import trio_websocket
 from twilio.request_validator import RequestValidator
 
+from relay.edge.twiml import connect_twiml
 from relay.testing.twilio_caller import (
     USER_AGENT,
     parse_stream_twiml,
@@ -21,7 +22,6 @@ from relay.testing.twilio_caller import (
     protocol_error,
     twilio_call,
 )
-from relay.twiml import connect_twiml
 
 TOKEN = "test-auth-token"
 PUBLIC = "wss://relay.example.com/twilio/media"

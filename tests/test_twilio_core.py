@@ -1,4 +1,4 @@
-"""relay.realtime.twilio_core on its own: random event sequences, no sockets, no trio.
+"""relay.sessions.twilio_core on its own: random event sequences, no sockets, no trio.
 
 Each example drives a TwilioCore the way either driver does (messages fed in
 batches, each batch ended by ``flush``) and checks the call's guarantees on
@@ -16,8 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relay.config import Settings
-from relay.realtime.closing import Ending
-from relay.realtime.twilio_core import TwilioCore, TwilioOut
+from relay.sessions.closing import Ending
+from relay.sessions.twilio_core import TwilioCore, TwilioOut
 from relay.ws.errors import Disconnected, UpstreamClosed
 
 SID = "MZ00000000000000000000000000000000"

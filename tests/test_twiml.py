@@ -1,10 +1,10 @@
-"""relay.twiml: the TwiML of POST /twilio/voice is well-formed XML whatever the form says."""
+"""relay.edge.twiml: the TwiML of POST /twilio/voice is well-formed XML whatever the form says."""
 
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 
-from relay.twiml import connect_twiml
+from relay.edge.twiml import connect_twiml
 
 
 def test_control_characters_from_the_form_never_break_the_xml() -> None:

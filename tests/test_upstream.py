@@ -14,8 +14,8 @@ import orjson
 import pytest
 import trio
 
-from relay.realtime.dialect import BETA, GA, Dialect
-from relay.realtime.upstream import UpstreamError, _endpoint, open_upstream, upstream_url
+from relay.sessions.dialect import BETA, GA, Dialect
+from relay.sessions.upstream import UpstreamError, _endpoint, open_upstream, upstream_url
 from relay.testing.fake_realtime import FakeRealtime, fake_realtime
 from relay.ws import reactor
 from relay.ws.connection import WebSocket

@@ -20,8 +20,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from relay.realtime.dialect import GA
-from relay.realtime.upstream import open_upstream
+from relay.sessions.dialect import GA
+from relay.sessions.upstream import open_upstream
 from relay.ws.connection import CLOSE_TIMEOUT, WebSocket
 from relay.ws.errors import Disconnected, UpstreamClosed
 from relay.ws.frames import CONTROL_BUDGET, PING, encode

@@ -284,7 +284,7 @@ class Bench:
 
     @staticmethod
     def _mint(served: Served) -> str:
-        from relay.tokens import b64url_decode, mint
+        from relay.admission.tokens import b64url_decode, mint
 
         assert served.workdir is not None
         key = json.loads((served.workdir / "env.json").read_text())["ENCRYPTION_KEY"]

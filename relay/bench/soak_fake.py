@@ -56,7 +56,7 @@ import trio
 from relay.bench import wire
 from relay.bench.fake import FRAME_BYTES, SLOTS, read_stamp, stamp_frame, ticks
 from relay.bench.outbox import Outbox
-from relay.realtime.dialect import GA
+from relay.sessions.dialect import GA
 from relay.testing.daemon import TEST_OPENAI_KEY
 from relay.testing.fake_realtime import _session_problem, truncate_problem
 

@@ -40,7 +40,7 @@ from relay.bench import wire
 from relay.bench.fake import SLOTS, read_stamp, stamp_frame, ticks
 from relay.bench.load import CONNECTED, start_body
 from relay.bench.outbox import Outbox
-from relay.realtime.dialect import GA
+from relay.sessions.dialect import GA
 
 BYTES_PER_NS = 8e-6  # μ-law at 8 kHz: 8 bytes per ms
 LATE_TICK_NS = 5_000_000

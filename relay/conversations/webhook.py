@@ -17,7 +17,7 @@ from quart import Response, request
 from twilio.base.exceptions import TwilioException
 from werkzeug.exceptions import HTTPException
 
-from relay.app import refusal_response, text
+from relay.admission.twilio_auth import TwilioGate, form_refusal
 from relay.conversations.assistant import AssistantError, sms_reply
 from relay.conversations.commands import (
     Command,
@@ -35,8 +35,8 @@ from relay.conversations.twilio_rest import (
     post_message,
     recent_messages,
 )
-from relay.runtime import Runtime
-from relay.twilio_auth import TwilioGate, form_refusal
+from relay.daemon.runtime import Runtime
+from relay.edge.app import refusal_response, text
 
 log = logging.getLogger("relay.convo")
 
@@ -52,7 +52,7 @@ HISTORY = 20
 # Conversations known to have the bot; bounded so a flood of new ones cannot grow it.
 KNOWN_BOT_CACHE = 10_000
 # A message's position in its conversation: digits only, so that no other field
-# can be run into it under the same signature (see relay.twilio_auth.SID_PREFIXES).
+# can be run into it under the same signature (see relay.admission.twilio_auth.SID_PREFIXES).
 INDEX = re.compile(r"\A[0-9]{1,12}\Z")
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import trio
 
-from relay.tokens import new_key
+from relay.admission.tokens import new_key
 
 TEST_OPENAI_KEY = "sk-test-relay-openai-key-0123456789"
 TEST_TWILIO_SID = "AC" + "0" * 31 + "1"

@@ -32,7 +32,7 @@ import orjson
 import trio
 import trio_websocket
 
-from relay.realtime.dialect import Dialect, dialect_for
+from relay.sessions.dialect import Dialect, dialect_for
 
 Event = dict[str, Any]
 Hook = Callable[["FakeConnection"], Awaitable[None]]

@@ -32,11 +32,11 @@ from dataclasses import dataclass, field
 import trio
 import trio_websocket
 
+from relay.admission.tokens import mint
 from relay.config import decode_encryption_key
 from relay.testing.daemon import Daemon
 from relay.testing.metrics import sample_value
 from relay.testing.portal import Held, Portal
-from relay.tokens import mint
 
 MAX_HEAD = 64 * 1024
 

@@ -1,7 +1,7 @@
 """What the front door and the sessions need of the socket facing a browser or
 Twilio: served on the socket itself (``relay.ws.server``) or, for an upgrade
 that arrives on an HTTP keep-alive connection Hypercorn already holds, over
-ASGI (``relay.asgi_ws``)."""
+ASGI (``relay.edge.asgi_ws``)."""
 
 from __future__ import annotations
 

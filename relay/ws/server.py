@@ -1,6 +1,6 @@
 """The server side of a WebSocket whose upgrade request the listener has read.
 
-It offers the same surface as :class:`relay.asgi_ws.AsgiWebSocket` (the front
+It offers the same surface as :class:`relay.edge.asgi_ws.AsgiWebSocket` (the front
 door and the sessions run unchanged on either): request accessors, then
 ``reject`` (a real HTTP refusal) or ``accept`` (the 101), then the messages.
 """

@@ -14,12 +14,12 @@ import pytest
 import trio
 import trio_websocket
 
+from relay.admission.tokens import mint
 from relay.config import decode_encryption_key
 from relay.testing.daemon import TEST_OPENAI_KEY, Daemon, daemon_env, running_daemon
 from relay.testing.fake_realtime import FakeRealtime, fake_realtime
 from relay.testing.metrics import sample_value
 from relay.testing.redis_server import running_redis
-from relay.tokens import mint
 from tests.conftest import needs_redis
 
 ORIGIN = ("Origin", "http://localhost:5173")

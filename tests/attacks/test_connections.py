@@ -20,11 +20,11 @@ import trio
 import trio_websocket
 from twilio.request_validator import RequestValidator
 
+from relay.admission.tokens import mint
 from relay.config import decode_encryption_key
 from relay.testing.daemon import TEST_OPENAI_KEY, TEST_TWILIO_TOKEN, Daemon, running_daemon
 from relay.testing.fake_realtime import FakeRealtime, fake_realtime
 from relay.testing.metrics import sample_value
-from relay.tokens import mint
 
 PUBLIC = "https://relay.example.com"
 IDLE = 5.0  # the keep-alive timeout of docs/contract.md §10

@@ -22,7 +22,7 @@ from tests.conftest import needs_redis
 PUBLIC = "https://relay.example.com"
 STREAM_URL = "wss://relay.example.com/twilio/media"
 # What an attacker wants an operator (or a log alert) to read as a record of its own.
-FORGED = "1999-01-01 00:00:00.000 CRITICAL relay.server: FORGED admin token issued"
+FORGED = "1999-01-01 00:00:00.000 CRITICAL relay.daemon.server: FORGED admin token issued"
 
 
 def forged_lines(log: str) -> list[str]:

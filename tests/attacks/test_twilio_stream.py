@@ -21,6 +21,8 @@ import trio
 import trio_websocket
 from twilio.request_validator import RequestValidator
 
+from relay.admission.tokens import b64url_encode, mint
+from relay.admission.twilio_auth import mint_stream_token
 from relay.config import decode_encryption_key
 from relay.testing.daemon import (
     TEST_OPENAI_KEY,
@@ -32,8 +34,6 @@ from relay.testing.daemon import (
 from relay.testing.fake_realtime import FakeRealtime, fake_realtime
 from relay.testing.fake_twilio import fake_twilio
 from relay.testing.twilio_caller import StreamOrder, twilio_call, voice_webhook
-from relay.tokens import b64url_encode, mint
-from relay.twilio_auth import mint_stream_token
 
 PUBLIC = "https://relay.example.com"
 STREAM_BASE = "wss://relay.example.com/twilio/media"

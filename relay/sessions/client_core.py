@@ -5,7 +5,7 @@ client's message-size limit, and every ending with the close code each side
 gets (docs/contract.md §5). No trio, no sockets: events come in as method calls
 (a message from either side, a socket that is gone, the drain, the time limit),
 sends go out through :class:`ClientOut`, and :attr:`ClientCore.ending` says how
-to close. The drivers in ``relay.realtime.client_session`` (the reactor's fast
+to close. The drivers in ``relay.sessions.client_session`` (the reactor's fast
 path and the pumps) only feed it and carry out what it asks.
 
 Guarantees (tests/test_client_core.py): messages go on byte-identical and in
@@ -19,8 +19,8 @@ from typing import Protocol
 
 import orjson
 
-from relay.realtime.closing import Ending, client_code_for_upstream
-from relay.realtime.dialect import dialect_for, voice_update
+from relay.sessions.closing import Ending, client_code_for_upstream
+from relay.sessions.dialect import dialect_for, voice_update
 from relay.ws.errors import Disconnected
 
 
@@ -29,7 +29,7 @@ class Send(Protocol):
 
 
 class Counts(Protocol):
-    """Messages relayed each way (``relay.metrics.Tally``)."""
+    """Messages relayed each way (``relay.ops.metrics.Tally``)."""
 
     up: int
     down: int

@@ -9,15 +9,15 @@ from collections.abc import Awaitable, Callable, Sequence
 from quart import Response
 from twilio.twiml.voice_response import Connect, Stream, VoiceResponse
 
-from relay.app import refusal_response, text
-from relay.runtime import Runtime
-from relay.twilio_auth import (
+from relay.admission.twilio_auth import (
     MEDIA_PATH,
     TwilioGate,
     form_refusal,
     mint_stream_token,
     public_ws_url,
 )
+from relay.daemon.runtime import Runtime
+from relay.edge.app import refusal_response, text
 
 # Characters XML 1.0 cannot carry even escaped (controls other than tab, LF, CR;
 # surrogates; U+FFFE/U+FFFF): Twilio's library copies values as they are.

@@ -1,4 +1,4 @@
-"""The daemon's shared state, created once in :func:`relay.server.run` and passed down.
+"""The daemon's shared state, created once in :func:`relay.daemon.server.run` and passed down.
 
 Holds the settings, the store, the metrics, the drain signals, the registry
 of live sessions and background jobs, and the per-process session caps.
@@ -15,10 +15,10 @@ from contextlib import contextmanager
 
 import trio
 
+from relay.admission.guards import OriginPolicy
 from relay.config import Settings
-from relay.guards import OriginPolicy
-from relay.metrics import Metrics, Tally
-from relay.refusal_log import RefusalLog
+from relay.ops.metrics import Metrics, Tally
+from relay.ops.refusal_log import RefusalLog
 from relay.store.base import Store
 
 log = logging.getLogger("relay")

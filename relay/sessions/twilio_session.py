@@ -1,6 +1,6 @@
 """Twilio Media Streams ⇄ OpenAI Realtime: the two drivers of one call's core.
 
-What a call does lives in :class:`relay.realtime.twilio_core.TwilioCore`; this
+What a call does lives in :class:`relay.sessions.twilio_core.TwilioCore`; this
 module only moves messages between the sockets and the core, and carries out
 what it asks. There are two drivers, and neither holds session logic:
 
@@ -28,11 +28,11 @@ from collections import deque
 
 import trio
 
-from relay.metrics import Tally
-from relay.realtime.closing import Ending, close_upstream
-from relay.realtime.twilio_core import TwilioCore, TwilioOut, b64_len, is_audio
-from relay.realtime.upstream import UpstreamError, open_upstream
-from relay.runtime import Runtime
+from relay.daemon.runtime import Runtime
+from relay.ops.metrics import Tally
+from relay.sessions.closing import Ending, close_upstream
+from relay.sessions.twilio_core import TwilioCore, TwilioOut, b64_len, is_audio
+from relay.sessions.upstream import UpstreamError, open_upstream
 from relay.ws.connection import WebSocket
 from relay.ws.errors import Disconnected, UpstreamClosed
 from relay.ws.peer import PeerSocket

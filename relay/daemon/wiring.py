@@ -10,12 +10,12 @@ from collections.abc import Awaitable, Callable
 
 from quart import Response, g, request
 
+from relay.admission.twilio_auth import TwilioGate, public_http_url
 from relay.conversations.webhook import convo_handler
-from relay.realtime.client_session import ClientSession
-from relay.realtime.twilio_session import TwilioSession
-from relay.runtime import Runtime
-from relay.twilio_auth import TwilioGate, public_http_url
-from relay.twiml import voice_handler
+from relay.daemon.runtime import Runtime
+from relay.edge.twiml import voice_handler
+from relay.sessions.client_session import ClientSession
+from relay.sessions.twilio_session import TwilioSession
 from relay.ws.peer import PeerSocket
 
 Handler = Callable[[], Awaitable[Response]]

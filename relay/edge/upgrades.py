@@ -9,12 +9,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 
-from relay.asgi_ws import AsgiWebSocket, Receive, Scope, Send
-from relay.guards import Refusal, client_ip, ip_key, rate_limit
-from relay.runtime import Runtime
+from relay.admission.guards import Refusal, client_ip, ip_key, rate_limit
+from relay.admission.tokens import token_id, verify
+from relay.admission.twilio_auth import MEDIA_PATH, TwilioGate, public_ws_url, verify_stream_token
+from relay.daemon.runtime import Runtime
+from relay.edge.asgi_ws import AsgiWebSocket, Receive, Scope, Send
 from relay.store.base import Lease
-from relay.tokens import token_id, verify
-from relay.twilio_auth import MEDIA_PATH, TwilioGate, public_ws_url, verify_stream_token
 from relay.ws.peer import PeerSocket
 
 log = logging.getLogger("relay.upgrade")

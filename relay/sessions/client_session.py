@@ -1,10 +1,10 @@
 """Browser client ⇄ OpenAI Realtime: the two drivers of one session's core.
 
-What a session does lives in :class:`relay.realtime.client_core.ClientCore`;
+What a session does lives in :class:`relay.sessions.client_core.ClientCore`;
 this module opens the upstream, accepts the client, and then only moves
 messages between the sockets and the core and carries out what it asks, by
 one of two drivers that hold no session logic (as in
-``relay.realtime.twilio_session``):
+``relay.sessions.twilio_session``):
 
 - the **fast path** (``WebSocket.fast_path``, run by the reactor while the
   reader is parked) feeds the core what is ready as long as both sockets take
@@ -26,12 +26,12 @@ from collections.abc import Callable
 
 import trio
 
-from relay.metrics import Tally
-from relay.realtime.client_core import ClientCore, ClientOut, opening
-from relay.realtime.closing import clip_reason, close_upstream
-from relay.realtime.dialect import dialect_for
-from relay.realtime.upstream import UpstreamError, open_upstream
-from relay.runtime import Runtime
+from relay.daemon.runtime import Runtime
+from relay.ops.metrics import Tally
+from relay.sessions.client_core import ClientCore, ClientOut, opening
+from relay.sessions.closing import clip_reason, close_upstream
+from relay.sessions.dialect import dialect_for
+from relay.sessions.upstream import UpstreamError, open_upstream
 from relay.ws.connection import WebSocket
 from relay.ws.errors import Disconnected, UpstreamClosed
 from relay.ws.peer import PeerSocket

@@ -15,9 +15,9 @@ from collections.abc import Callable, Mapping, Sequence
 
 from twilio.request_validator import RequestValidator
 
+from relay.admission.guards import Refusal
+from relay.admission.tokens import expiry_problem, open_claims, seal
 from relay.config import Settings
-from relay.guards import Refusal
-from relay.tokens import expiry_problem, open_claims, seal
 
 
 class _Form:

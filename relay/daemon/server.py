@@ -11,7 +11,7 @@ trio.run(main)
 ├── store              prunes idle keys; with Redis also holds the connections and
 │                      watches its health (degraded ⇄ shared)
 └── background jobs    webhook work after its 200 ok; waited for on drain
-    └── hypercorn      listeners; each connection enters relay.listener.Router:
+    └── hypercorn      listeners; each connection enters relay.edge.listener.Router:
         ├── WebSocket upgrade → FrontDoor.serve on the socket (relay.ws), one nursery per session
         └── anything else     → Hypercorn's HTTP/1.1 server and the ASGI app
 """
@@ -28,16 +28,17 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from prometheus_client import Gauge
 
-from relay import hypercorn_fix, nofile, tasks
-from relay.app import combine, create_http_app
 from relay.config import Settings
-from relay.listener import Router
-from relay.risky import log_risky_settings
-from relay.runtime import Runtime
-from relay.sd_notify import Notifier
+from relay.daemon.runtime import Runtime
+from relay.daemon.wiring import client_runner, twilio_routes, twilio_runner
+from relay.edge import hypercorn_fix
+from relay.edge.app import combine, create_http_app
+from relay.edge.listener import Router
+from relay.edge.upgrades import FrontDoor
+from relay.ops import nofile, tasks
+from relay.ops.risky import log_risky_settings
+from relay.ops.sd_notify import Notifier
 from relay.store.select import create_store
-from relay.upgrades import FrontDoor
-from relay.wiring import client_runner, twilio_routes, twilio_runner
 from relay.ws import liveness, reactor
 
 log = logging.getLogger("relay.server")

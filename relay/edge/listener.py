@@ -222,7 +222,7 @@ class Replayed(trio.abc.HalfCloseableStream):
         self._prefix = prefix
         # Hypercorn sends data under its own lock but its close's send_eof outside
         # it; a response body still being written (its last send is shielded, see
-        # relay.app) would then meet trio's BusyResourceError. One lock for both.
+        # relay.edge.app) would then meet trio's BusyResourceError. One lock for both.
         self._sending = trio.Lock()
         self.socket = stream.socket  # Hypercorn reads peer and local addresses from it
 

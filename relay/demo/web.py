@@ -30,8 +30,8 @@ import h11
 import orjson
 import trio
 
+from relay.admission.tokens import mint
 from relay.config import Settings
-from relay.tokens import mint
 
 log = logging.getLogger("relay.demo")
 

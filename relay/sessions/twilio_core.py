@@ -9,7 +9,7 @@ in as method calls (a raw Twilio or OpenAI message, a timer firing, the drain,
 a socket that is gone), time comes in as a number of milliseconds, and actions
 go out through :class:`TwilioOut` (send to Twilio, send upstream) and
 :attr:`TwilioCore.ending` (close both sides with these codes). The two drivers
-in ``relay.realtime.twilio_session`` (the reactor's fast path, which may not
+in ``relay.sessions.twilio_session`` (the reactor's fast path, which may not
 wait, and the pumps, which may) only feed it and carry out what it asks.
 
 Guarantees (each checked by tests/test_twilio_core.py over random event
@@ -23,7 +23,7 @@ sequences):
   ended by the first other event or by :meth:`TwilioCore.flush`;
 - each assistant audio delta becomes one Twilio ``media`` and one ``mark``;
 - on ``speech_started`` with unplayed audio: ``clear``, then exactly one
-  ``conversation.item.truncate`` at the played position (``relay.realtime.playback``);
+  ``conversation.item.truncate`` at the played position (``relay.sessions.playback``);
 - voicemail and goodbye end the call (1000) once Twilio has confirmed the final
   response played;
 - once :attr:`TwilioCore.ending` is set, nothing more is sent.
@@ -39,9 +39,9 @@ from typing import Any, Protocol
 
 import orjson
 
-from relay.realtime import dialect as rt_dialect
-from relay.realtime.closing import Ending
-from relay.realtime.playback import Playback
+from relay.sessions import dialect as rt_dialect
+from relay.sessions.closing import Ending
+from relay.sessions.playback import Playback
 from relay.ws.errors import Disconnected
 
 log = logging.getLogger("relay.twilio")
@@ -61,7 +61,7 @@ class SendText(Protocol):
 
 
 class Counts(Protocol):
-    """Messages relayed each way (``relay.metrics.Tally``)."""
+    """Messages relayed each way (``relay.ops.metrics.Tally``)."""
 
     up: int
     down: int

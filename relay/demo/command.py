@@ -2,9 +2,9 @@
 
     relay demo [--config config.toml] [--port 8788]
 
-It runs the relay exactly as ``serve`` does (``relay.server.main``), and beside
+It runs the relay exactly as ``serve`` does (``relay.daemon.server.main``), and beside
 it, on a second loopback port, the page from ``examples/browser`` with a
-backend that mints a token per session (``relay.demo_web``). What it changes
+backend that mints a token per session (``relay.demo.web``). What it changes
 in the settings, and why:
 
 - binds: loopback only — a demo has no business on a public interface, so a
@@ -31,8 +31,8 @@ from typing import Any
 import trio
 
 from relay.config import ConfigError, Settings
-from relay.demo_web import Site, serve_connection
-from relay.sd_notify import Notifier
+from relay.demo.web import Site, serve_connection
+from relay.ops.sd_notify import Notifier
 
 DEFAULT_PAGE_PORT = 8788
 FAKE_API_KEY = "sk-relay-demo-fake-upstream"
@@ -121,7 +121,7 @@ async def run(
     settings: Settings, page_port: int, page_dir: Path, *, say: Callable[[str], None]
 ) -> None:
     """Serve relay, the page and (without a key) the fake until relay stops (SIGINT/SIGTERM)."""
-    from relay.server import main as serve_relay
+    from relay.daemon.server import main as serve_relay
 
     listeners = await trio.open_tcp_listeners(page_port, host="127.0.0.1")
     page_port = listeners[0].socket.getsockname()[1]
@@ -173,7 +173,7 @@ def say(line: str) -> None:
 
 def main(settings: Settings, page_port: int, page_dir: str | None) -> int:
     """``relay demo``: 0 after a clean stop; ConfigError (exit 2) for a public bind."""
-    from relay.logs import setup_logging
+    from relay.ops.logs import setup_logging
 
     for bind in settings.server.bind:
         _loopback_host(bind)  # refused before anything starts

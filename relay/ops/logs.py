@@ -165,7 +165,7 @@ def _block(text: str) -> str:
 
 
 class TextFormatter(logging.Formatter):
-    """``2025-01-31 12:00:00,123 INFO relay.server: message key=value ...``
+    """``2025-01-31 12:00:00,123 INFO relay.daemon.server: message key=value ...``
 
     One line per record whatever its values hold; a traceback follows as
     indented continuation lines (see the module docstring).

@@ -30,7 +30,7 @@ from websockets.protocol import OPEN
 from websockets.typing import Subprotocol
 from websockets.uri import parse_uri
 
-from relay.realtime.dialect import Dialect
+from relay.sessions.dialect import Dialect
 from relay.ws.connection import WebSocket
 from relay.ws.handshake import MAX_HEAD
 from relay.ws.transport import Broken, Transport

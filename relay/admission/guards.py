@@ -1,4 +1,4 @@
-"""Who is asking and may they: client IP (``relay.client_ip``), Origin allowlist, rate buckets.
+"""Who is asking and may they: client IP (``admission.client_ip``), Origin allowlist, rate buckets.
 
 Each check returns a :class:`Refusal` (status, one-line reason, headers) or None,
 so the HTTP and WebSocket front ends answer the same way.
@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from relay.client_ip import client_ip, forwarded_lines, ip_allowed, ip_key
+from relay.admission.client_ip import client_ip, forwarded_lines, ip_allowed, ip_key
 from relay.config import AuthSettings
 from relay.store.base import Store
 

@@ -12,10 +12,17 @@ import trio
 from quart import Response, g, request
 from quart_trio import QuartTrio
 
-from relay.asgi_ws import Message, Receive, Scope, Send
-from relay.guards import Refusal, client_ip, forwarded_lines, ip_allowed, ip_key, rate_limit
-from relay.metrics import CONTENT_TYPE
-from relay.runtime import Runtime
+from relay.admission.guards import (
+    Refusal,
+    client_ip,
+    forwarded_lines,
+    ip_allowed,
+    ip_key,
+    rate_limit,
+)
+from relay.daemon.runtime import Runtime
+from relay.edge.asgi_ws import Message, Receive, Scope, Send
+from relay.ops.metrics import CONTENT_TYPE
 
 Handler = Callable[[], Awaitable[Response]]
 ALL_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]

@@ -63,20 +63,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         if args.command == "keygen":
-            from relay.tokens import new_key
+            from relay.admission.tokens import new_key
 
             print(new_key())
             return EXIT_OK
         if args.command == "token":
             return _token(load_settings(args.config), args.ttl)
         if args.command == "demo":
-            from relay.demo import main as demo_main
+            from relay.demo.command import main as demo_main
 
             return demo_main(load_settings(args.config), args.port, args.page_dir)
         settings = load_settings(args.config)
         if args.command == "check-config":
             print(describe(settings))
-            from relay.risky import risky_settings
+            from relay.ops.risky import risky_settings
 
             for line in risky_settings(settings):
                 print(f"relay: warning: {line}", file=sys.stderr)
@@ -85,8 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_OK
         if args.command == "serve":
             settings.require_serving_secrets()
-            from relay.logs import setup_logging
-            from relay.server import run
+            from relay.daemon.server import run
+            from relay.ops.logs import setup_logging
 
             setup_logging(
                 settings.server.log_format, settings.server.log_level, settings.secret_values()
@@ -114,8 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _token(settings: object, ttl: int | None) -> int:
+    from relay.admission.tokens import mint
     from relay.config import ConfigError, Settings
-    from relay.tokens import mint
 
     assert isinstance(settings, Settings)
     key = settings.secrets.encryption_key
