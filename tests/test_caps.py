@@ -8,8 +8,8 @@ import pytest
 
 from relay.admission.tokens import mint
 from relay.config import decode_encryption_key, load_secrets, parse_settings
-from relay.daemon.runtime import Runtime
-from relay.edge.upgrades import FrontDoor
+from relay.daemon.state import DaemonState
+from relay.edge.front_door import FrontDoor
 from relay.store.memory import MemoryStore
 from relay.testing.daemon import daemon_env
 from relay.ws.peer import PeerSocket
@@ -47,17 +47,19 @@ async def test_a_failing_session_gives_back_its_seats_and_lease() -> None:
         load_secrets(env),
     )
     store = MemoryStore()
-    rt = Runtime(settings, store)
+    rt = DaemonState(settings, store)
     token = mint(decode_encryption_key(env["ENCRYPTION_KEY"]), 60)
     runs = []
 
-    async def client(rt: Runtime, ws: PeerSocket, ip: str, model: str, voice: str | None) -> None:
+    async def client(
+        rt: DaemonState, ws: PeerSocket, ip: str, model: str, voice: str | None
+    ) -> None:
         runs.append(ip)
         assert rt.seats.taken == 1 and rt.seats.taken_by_ip == {ip: 1}
         assert store.leases(next(iter(store._leases))) == 1
         raise Boom
 
-    async def twilio(rt: Runtime, ws: PeerSocket, ip: str, call: str | None) -> None:
+    async def twilio(rt: DaemonState, ws: PeerSocket, ip: str, call: str | None) -> None:
         raise AssertionError("not a Twilio upgrade")
 
     door = FrontDoor(rt, client, twilio)

@@ -33,8 +33,8 @@ from twilio.request_validator import RequestValidator
 
 from relay.admission.twilio_auth import TwilioGate
 from relay.config import load_secrets, parse_settings
-from relay.daemon.runtime import Runtime
-from relay.daemon.wiring import twilio_routes
+from relay.daemon.handlers import twilio_routes
+from relay.daemon.state import DaemonState
 from relay.edge.app import create_http_app
 from relay.store.memory import MemoryStore
 from relay.testing.daemon import (
@@ -778,7 +778,7 @@ async def test_background_work_is_bounded(caplog: pytest.LogCaptureFixture) -> N
     """
     async with new_fake() as fake:
         settings = parse_settings(config(fake.base_url), load_secrets(daemon_env()))
-        rt = Runtime(settings, MemoryStore())
+        rt = DaemonState(settings, MemoryStore())
         rt.max_jobs = 2
         app = create_http_app(rt, *twilio_routes(rt, TwilioGate(settings)))
         fake.chat_delay = 60

@@ -1,4 +1,4 @@
-"""relay.edge.listener: upgrades on the socket, the rest to Hypercorn (docs/contract.md §3-§6)."""
+"""relay.edge.router: upgrades on the socket, the rest to Hypercorn (docs/contract.md §3-§6)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import hypercorn.trio.run as hypercorn_run
 import trio
 import trio.testing
 
-from relay.edge.listener import Replayed, Router
+from relay.edge.router import Replayed, Router
 from relay.testing.daemon import Daemon
 
 

@@ -35,7 +35,7 @@ from relay.conversations.twilio_rest import (
     post_message,
     recent_messages,
 )
-from relay.daemon.runtime import Runtime
+from relay.daemon.state import DaemonState
 from relay.edge.app import refusal_response, text
 
 log = logging.getLogger("relay.convo")
@@ -59,7 +59,7 @@ INDEX = re.compile(r"\A[0-9]{1,12}\Z")
 class ConvoJobs:
     """The background work of one webhook event, with the clients it shares."""
 
-    def __init__(self, rt: Runtime) -> None:
+    def __init__(self, rt: DaemonState) -> None:
         self.rt = rt
         s = rt.settings
         self.rest = TwilioRest(
@@ -201,7 +201,7 @@ class ConvoJobs:
 
 
 def convo_handler(
-    rt: Runtime,
+    rt: DaemonState,
     gate: TwilioGate,
     signed: Callable[[], Awaitable[bool]],
     form_pairs: Callable[[], Awaitable[list[tuple[str, str]]]],
@@ -273,7 +273,7 @@ def convo_handler(
     return handle
 
 
-async def _first_seen(rt: Runtime, convo: str, message: str, index: str) -> bool:
+async def _first_seen(rt: DaemonState, convo: str, message: str, index: str) -> bool:
     """Dedupe (docs/contract.md §7): on the MessageSid, or on ConversationSid:Index
     when there is none. A first delivery with a MessageSid also puts its
     ConversationSid:Index on record, so that a replay whose MessageSid was run into

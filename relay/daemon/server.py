@@ -11,7 +11,7 @@ trio.run(main)
 ├── store              prunes idle keys; with Redis also holds the connections and
 │                      watches its health (degraded ⇄ shared)
 └── background jobs    webhook work after its 200 ok; waited for on drain
-    └── hypercorn      listeners; each connection enters relay.edge.listener.Router:
+    └── hypercorn      listeners; each connection enters relay.edge.router.Router:
         ├── WebSocket upgrade → FrontDoor.serve on the socket (relay.ws), one nursery per session
         └── anything else     → Hypercorn's HTTP/1.1 server and the ASGI app
 """
@@ -29,13 +29,13 @@ from hypercorn.config import Config as HypercornConfig
 from prometheus_client import Gauge
 
 from relay.config import Settings
-from relay.daemon.runtime import Runtime
-from relay.daemon.wiring import client_runner, twilio_routes, twilio_runner
+from relay.daemon.handlers import client_runner, twilio_routes, twilio_runner
+from relay.daemon.state import DaemonState
 from relay.edge import hypercorn_fix
 from relay.edge.app import combine, create_http_app
-from relay.edge.listener import Router
-from relay.edge.upgrades import FrontDoor
-from relay.ops import nofile, tasks
+from relay.edge.front_door import FrontDoor
+from relay.edge.router import Router
+from relay.ops import nofile, task_dump
 from relay.ops.risky import log_risky_settings
 from relay.ops.sd_notify import Notifier
 from relay.store.select import create_store
@@ -72,7 +72,7 @@ async def main(settings: Settings, *, notifier: Notifier | None = None) -> None:
     notifier = notifier or Notifier()
     log_risky_settings(settings)  # docs/contract.md §10: named at start, one line each
     store = create_store(settings.store, settings.secrets.redis_url)
-    rt = Runtime(settings, store)
+    rt = DaemonState(settings, store)
     # Read at scrape time, so the gauge can never disagree with the store.
     rt.metrics.store_degraded.set_function(lambda: 1.0 if store.degraded else 0.0)
     shutdown = trio.Event()
@@ -80,7 +80,7 @@ async def main(settings: Settings, *, notifier: Notifier | None = None) -> None:
     # Live Trio tasks, read at scrape time: a leak of session tasks shows up here.
     Gauge(
         "relay_trio_tasks", "Live Trio tasks in the process", registry=rt.metrics.registry
-    ).set_function(tasks.count)
+    ).set_function(task_dump.count)
     gate_app = FrontDoor(rt, client_runner, twilio_runner)
     # WebSocket upgrades are served on the socket itself; Hypercorn gets the rest.
     router = Router(
@@ -107,7 +107,7 @@ async def main(settings: Settings, *, notifier: Notifier | None = None) -> None:
             # knows it is unreachable); the start never waits more than ~1 s on it.
             await root.start(store.run)
             root.start_soon(_flush_refusals, rt)
-            root.start_soon(tasks.dump_on_signal)
+            root.start_soon(task_dump.dump_on_signal)
             async with trio.open_nursery() as jobs:
                 rt.attach_jobs(jobs)
                 binds = await jobs.start(
@@ -138,14 +138,14 @@ async def main(settings: Settings, *, notifier: Notifier | None = None) -> None:
     log.info("stopped")
 
 
-def _refused_connection(rt: Runtime, reason: str, detail: str) -> None:
+def _refused_connection(rt: DaemonState, reason: str, detail: str) -> None:
     rt.metrics.reject(reason)
     # No client address: it is not known before the head is read (and at the
     # connection cap the peer is often a proxy); the flood summary is what matters.
     rt.refusal_log.note(reason, "", detail)
 
 
-async def _watch_signals(rt: Runtime, notifier: Notifier, shutdown: trio.Event) -> None:
+async def _watch_signals(rt: DaemonState, notifier: Notifier, shutdown: trio.Event) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             first = await signals.__anext__()
@@ -164,7 +164,7 @@ async def _watch_signals(rt: Runtime, notifier: Notifier, shutdown: trio.Event) 
             nursery.cancel_scope.cancel()
 
 
-async def _drain(rt: Runtime, shutdown: trio.Event) -> None:
+async def _drain(rt: DaemonState, shutdown: trio.Event) -> None:
     with trio.move_on_after(rt.settings.server.drain_seconds):
         await rt.wait_idle()
     if rt.busy:
@@ -182,7 +182,7 @@ async def _drain(rt: Runtime, shutdown: trio.Event) -> None:
     shutdown.set()
 
 
-async def _flush_refusals(rt: Runtime) -> None:
+async def _flush_refusals(rt: DaemonState) -> None:
     """A flood that simply stops still gets its summary line within a minute."""
     while True:
         await trio.sleep(60)
@@ -195,7 +195,7 @@ async def _watchdog(notifier: Notifier, interval: float) -> None:
         await trio.sleep(interval)
 
 
-def _status_line(rt: Runtime) -> str:
+def _status_line(rt: DaemonState) -> str:
     state = "draining" if rt.draining.is_set() else "serving"
     return (
         f"STATUS={state}: {rt.active['client']} client, {rt.active['twilio']} twilio sessions, "
@@ -203,7 +203,7 @@ def _status_line(rt: Runtime) -> str:
     )
 
 
-def _status(notifier: Notifier, rt: Runtime) -> None:
+def _status(notifier: Notifier, rt: DaemonState) -> None:
     if notifier.enabled:
         notifier.send(_status_line(rt))
 

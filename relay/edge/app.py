@@ -20,7 +20,7 @@ from relay.admission.guards import (
     ip_key,
     rate_limit,
 )
-from relay.daemon.runtime import Runtime
+from relay.daemon.state import DaemonState
 from relay.edge.asgi_ws import Message, Receive, Scope, Send
 from relay.ops.metrics import CONTENT_TYPE
 
@@ -44,7 +44,7 @@ def text(body: str, status: int = 200) -> Response:
 
 
 def create_http_app(
-    rt: Runtime, twilio_routes: dict[str, Handler], signed: Callable[[], Awaitable[bool]]
+    rt: DaemonState, twilio_routes: dict[str, Handler], signed: Callable[[], Awaitable[bool]]
 ) -> QuartTrio:
     """``twilio_routes`` maps ``/twilio/...`` paths to POST handlers; ``signed`` tells
     whether the current request carries a valid Twilio signature (such requests
@@ -106,7 +106,7 @@ def _post_only(handler: Handler) -> Handler:
 
 
 def combine(
-    rt: Runtime,
+    rt: DaemonState,
     http_app: QuartTrio,
     websocket: Callable[[Scope, Receive, Send], Awaitable[None]],
 ) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
@@ -170,7 +170,7 @@ def _ending_shielded(send: Send) -> Send:
     return shielded
 
 
-async def _route(rt: Runtime, ip: str, scope: Scope, send: Send) -> None:
+async def _route(rt: DaemonState, ip: str, scope: Scope, send: Send) -> None:
     path: str = scope["path"]
     method: str = scope["method"]
     first = path.split("/", 2)[1] if path.startswith("/") else ""

@@ -1,7 +1,7 @@
 """A thin WebSocket over raw ASGI (Hypercorn), used instead of Quart's wrapper.
 
 Only for an upgrade that arrives on a keep-alive connection Hypercorn already
-serves: every other upgrade is served on the socket itself (``relay.edge.listener``,
+serves: every other upgrade is served on the socket itself (``relay.edge.router``,
 ``relay.ws``). Both offer the same surface (``relay.ws.peer.PeerSocket``).
 
 Why not ``quart.websocket``: quart-trio turns an empty binary message into

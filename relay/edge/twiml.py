@@ -16,7 +16,7 @@ from relay.admission.twilio_auth import (
     mint_stream_token,
     public_ws_url,
 )
-from relay.daemon.runtime import Runtime
+from relay.daemon.state import DaemonState
 from relay.edge.app import refusal_response, text
 
 # Characters XML 1.0 cannot carry even escaped (controls other than tab, LF, CR;
@@ -47,7 +47,7 @@ def connect_twiml(
 
 
 def voice_handler(
-    rt: Runtime,
+    rt: DaemonState,
     gate: TwilioGate,
     signed: Callable[[], Awaitable[bool]],
     form_pairs: Callable[[], Awaitable[list[tuple[str, str]]]],

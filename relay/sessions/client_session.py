@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 import trio
 
-from relay.daemon.runtime import Runtime
+from relay.daemon.state import DaemonState
 from relay.ops.metrics import Tally
 from relay.sessions.client_core import ClientCore, ClientOut, opening
 from relay.sessions.closing import clip_reason, close_upstream
@@ -40,7 +40,9 @@ log = logging.getLogger("relay.client")
 
 
 class ClientSession:
-    def __init__(self, rt: Runtime, ws: PeerSocket, ip: str, model: str, voice: str | None) -> None:
+    def __init__(
+        self, rt: DaemonState, ws: PeerSocket, ip: str, model: str, voice: str | None
+    ) -> None:
         self.rt = rt
         self.ws = ws
         self.ip = ip

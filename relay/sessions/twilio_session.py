@@ -12,7 +12,7 @@ what it asks. There are two drivers, and neither holds session logic:
   the core it and whatever else is ready, and awaits the core's sends. They
   take over whatever the fast path leaves (a socket whose buffer is full, a
   send of the pumps still in progress), and run everything on a socket served
-  over ASGI or with the fast path switched off (``Runtime.fast_path``).
+  over ASGI or with the fast path switched off (``DaemonState.fast_path``).
 
 A fast path that fails has its exception raised by the pump's ``receive``, in
 the call's nursery (``relay.ws.connection``). The time limit, the goodbye timer
@@ -28,7 +28,7 @@ from collections import deque
 
 import trio
 
-from relay.daemon.runtime import Runtime
+from relay.daemon.state import DaemonState
 from relay.ops.metrics import Tally
 from relay.sessions.closing import Ending, close_upstream
 from relay.sessions.twilio_core import TwilioCore, TwilioOut, b64_len, is_audio
@@ -50,7 +50,7 @@ _TO_UPSTREAM = False
 
 
 class TwilioSession:
-    def __init__(self, rt: Runtime, ws: PeerSocket, ip: str, call: str | None = None) -> None:
+    def __init__(self, rt: DaemonState, ws: PeerSocket, ip: str, call: str | None = None) -> None:
         self.rt = rt
         self.ws = ws
         self.ip = ip

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from relay.ws import per_run
+from relay.ws import run_services
 
 if TYPE_CHECKING:
     from relay.ws.connection import WebSocket
@@ -91,7 +91,7 @@ class Sweeper:
 
 def sweeper() -> Sweeper:
     """This run's sweeper, started on first use."""
-    return per_run.service(_SWEEPER, Sweeper, "relay.ws.liveness")
+    return run_services.service(_SWEEPER, Sweeper, "relay.ws.liveness")
 
 
 def watch(ws: WebSocket, stall: float) -> None:

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from relay.ws import per_run
+from relay.ws import run_services
 from relay.ws.pacer import Pacer
 
 if TYPE_CHECKING:
@@ -112,4 +112,4 @@ class Reactor:
 
 def reactor() -> Reactor:
     """This run's reactor, started on first use."""
-    return per_run.service(_REACTOR, Reactor, "relay.ws.reactor")
+    return run_services.service(_REACTOR, Reactor, "relay.ws.reactor")

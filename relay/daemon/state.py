@@ -64,7 +64,7 @@ class Seats:
             self.taken_by_ip[key] = held  # a key goes with its last session
 
 
-class Runtime:
+class DaemonState:
     def __init__(self, settings: Settings, store: Store) -> None:
         self.settings = settings
         self.store = store

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from relay.admission.guards import Refusal, client_ip, ip_key, rate_limit
 from relay.admission.tokens import token_id, verify
 from relay.admission.twilio_auth import MEDIA_PATH, TwilioGate, public_ws_url, verify_stream_token
-from relay.daemon.runtime import Runtime
+from relay.daemon.state import DaemonState
 from relay.edge.asgi_ws import AsgiWebSocket, Receive, Scope, Send
 from relay.store.base import Lease
 from relay.ws.peer import PeerSocket
@@ -24,8 +24,8 @@ AT_CAPACITY = Refusal(503, "server at capacity")
 _MEDIA_PREFIX = MEDIA_PATH + "/"
 
 # The Twilio runner gets the CallSid the stream token names (None on plain /twilio/media).
-SessionRunner = Callable[[Runtime, PeerSocket, str, str | None], Awaitable[None]]
-ClientRunner = Callable[[Runtime, PeerSocket, str, str, str | None], Awaitable[None]]
+SessionRunner = Callable[[DaemonState, PeerSocket, str, str | None], Awaitable[None]]
+ClientRunner = Callable[[DaemonState, PeerSocket, str, str, str | None], Awaitable[None]]
 
 
 def is_twilio(ws: PeerSocket) -> bool:
@@ -54,7 +54,7 @@ class Held:
 
     __slots__ = ("ip_key", "lease", "rt", "seat")
 
-    def __init__(self, rt: Runtime) -> None:
+    def __init__(self, rt: DaemonState) -> None:
         self.rt = rt
         self.seat = False
         self.ip_key: str | None = None
@@ -88,7 +88,7 @@ class Held:
 
 
 class FrontDoor:
-    def __init__(self, rt: Runtime, client: ClientRunner, twilio: SessionRunner) -> None:
+    def __init__(self, rt: DaemonState, client: ClientRunner, twilio: SessionRunner) -> None:
         self.rt = rt
         self.gate = TwilioGate(rt.settings)
         self._client = client

@@ -1,7 +1,9 @@
-"""Binds the session and webhook implementations to the front door and the HTTP app.
+"""The handlers the edge calls: a runner per WebSocket session kind for the front
+door, and the Twilio HTTP routes (TwiML, Conversations webhook) for the app.
 
-Kept apart from ``app.py`` so that the app holds no protocol logic, and from
-``realtime``/``conversations`` so that neither imports the other.
+Kept in the daemon, which binds the layers together, so that ``edge.app`` holds
+no protocol logic and ``sessions``/``conversations`` import neither the edge's
+routes nor each other.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from quart import Response, g, request
 
 from relay.admission.twilio_auth import TwilioGate, public_http_url
 from relay.conversations.webhook import convo_handler
-from relay.daemon.runtime import Runtime
+from relay.daemon.state import DaemonState
 from relay.edge.twiml import voice_handler
 from relay.sessions.client_session import ClientSession
 from relay.sessions.twilio_session import TwilioSession
@@ -22,17 +24,17 @@ Handler = Callable[[], Awaitable[Response]]
 
 
 async def client_runner(
-    rt: Runtime, ws: PeerSocket, ip: str, model: str, voice: str | None
+    rt: DaemonState, ws: PeerSocket, ip: str, model: str, voice: str | None
 ) -> None:
     await ClientSession(rt, ws, ip, model, voice).run()
 
 
-async def twilio_runner(rt: Runtime, ws: PeerSocket, ip: str, call: str | None) -> None:
+async def twilio_runner(rt: DaemonState, ws: PeerSocket, ip: str, call: str | None) -> None:
     await TwilioSession(rt, ws, ip, call).run()
 
 
 def twilio_routes(
-    rt: Runtime, gate: TwilioGate
+    rt: DaemonState, gate: TwilioGate
 ) -> tuple[dict[str, Handler], Callable[[], Awaitable[bool]]]:
     """The signed Twilio webhooks, and the check that exempts signed requests
     from the per-IP HTTP bucket."""
