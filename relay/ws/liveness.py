@@ -13,16 +13,49 @@ whatever task waits on its socket.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import trio
 
 from relay.ws import run_services
 
-if TYPE_CHECKING:
-    from relay.ws.connection import WebSocket
-
 log = logging.getLogger(__name__)
+
+
+class WatchedTransport(Protocol):
+    """The progress a watched connection's transport shows the sweeper."""
+
+    @property
+    def closed(self) -> bool: ...
+
+    @property
+    def out(self) -> bytearray: ...  # bytes the kernel has not taken yet
+
+    @property
+    def writable(self) -> int: ...  # waits for room in the kernel that ended
+
+
+class Watched(Protocol):
+    """What the sweeper needs of a connection (in the relay a
+    ``relay.ws.connection.WebSocket``). A protocol, so that liveness, which the
+    connection builds on, imports nothing of it."""
+
+    @property
+    def transport(self) -> WatchedTransport: ...
+
+    @property
+    def stall_seconds(self) -> float | None: ...
+
+    @property
+    def rx_count(self) -> int: ...
+
+    @property
+    def reading(self) -> bool: ...
+
+    def ping_nowait(self) -> None: ...
+
+    def stalled(self) -> None: ...
+
 
 _SWEEPER: trio.lowlevel.RunVar[Sweeper] = trio.lowlevel.RunVar("relay_ws_sweeper")
 
@@ -40,11 +73,11 @@ class _Watch:
 
 class Sweeper:
     def __init__(self) -> None:
-        self.watched: dict[WebSocket, _Watch] = {}
+        self.watched: dict[Watched, _Watch] = {}
         self.interval = 1.0
         self._wake = trio.Event()
 
-    def add(self, ws: WebSocket, stall: float) -> None:
+    def add(self, ws: Watched, stall: float) -> None:
         self.watched[ws] = _Watch(trio.current_time())
         if stall / 4 < self.interval:
             self.interval = max(stall / 4, 0.02)
@@ -70,7 +103,7 @@ class Sweeper:
                 del self.watched[ws]
 
     @staticmethod
-    def _check(ws: WebSocket, w: _Watch, now: float) -> None:
+    def _check(ws: Watched, w: _Watch, now: float) -> None:
         stall = ws.stall_seconds
         assert stall is not None
         if ws.rx_count != w.rx or not ws.reading:
@@ -94,6 +127,6 @@ def sweeper() -> Sweeper:
     return run_services.service(_SWEEPER, Sweeper, "relay.ws.liveness")
 
 
-def watch(ws: WebSocket, stall: float) -> None:
+def watch(ws: Watched, stall: float) -> None:
     """Watch ``ws`` until its transport closes."""
     sweeper().add(ws, stall)

@@ -39,15 +39,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import select
-from typing import TYPE_CHECKING
+import socket
+from typing import Protocol
 
 import trio
 
 from relay.ws import run_services
 from relay.ws.pacer import Pacer
-
-if TYPE_CHECKING:
-    from relay.ws.transport import Transport
 
 log = logging.getLogger(__name__)
 
@@ -57,21 +55,35 @@ HANGUP = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 PASS_INTERVAL = 0.002  # seconds; see the module docstring
 _MASK = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
 
+
+class Registered(Protocol):
+    """What the reactor needs of a connection it watches (in the relay a
+    ``relay.ws.transport.Transport``). A protocol, so that the reactor, which the
+    transport builds on, imports nothing of it; it costs nothing at run time."""
+
+    @property
+    def sock(self) -> socket.socket: ...
+
+    def on_events(self, events: int) -> None: ...
+
+    def close(self, *, reset: bool = False) -> None: ...
+
+
 _REACTOR: trio.lowlevel.RunVar[Reactor] = trio.lowlevel.RunVar("relay_ws_reactor")
 
 
 class Reactor:
     def __init__(self) -> None:
         self._epoll = select.epoll()
-        self._by_fd: dict[int, Transport] = {}
+        self._by_fd: dict[int, Registered] = {}
         self._pacer = Pacer(PASS_INTERVAL)
 
-    def add(self, transport: Transport) -> None:
+    def add(self, transport: Registered) -> None:
         fd = transport.sock.fileno()
         self._epoll.register(fd, _MASK)
         self._by_fd[fd] = transport
 
-    def discard(self, transport: Transport, fd: int) -> None:
+    def discard(self, transport: Registered, fd: int) -> None:
         """Forget ``transport`` (before its fd is closed, so a reused fd is never
         mistaken for it)."""
         if self._by_fd.get(fd) is transport:
