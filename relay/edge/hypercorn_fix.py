@@ -18,7 +18,7 @@ held on this path too (an upgrade on a keep-alive connection lands here).
 Hypercorn builds the buffer from the module global ``WebsocketBuffer`` and the
 stream from ``WSStream`` as imported by its HTTP/1.1 protocol; replacing those
 globals is the only hook it offers. Remove this module once Hypercorn resets
-the buffer itself (tests/test_e2e_client.py::test_oversize_then_other_type holds
+the buffer itself (tests/e2e/test_client.py::test_oversize_then_other_type holds
 the behaviour either way).
 """
 

@@ -8,7 +8,7 @@ sends go out through :class:`ClientOut`, and :attr:`ClientCore.ending` says how
 to close. The drivers in ``relay.sessions.client_session`` (the reactor's fast
 path and the pumps) only feed it and carry out what it asks.
 
-Guarantees (tests/test_client_core.py): messages go on byte-identical and in
+Guarantees (tests/unit/test_client_core.py): messages go on byte-identical and in
 order; a client message over the limit ends the session 1009 and is not sent;
 once :attr:`ClientCore.ending` is set, nothing more is sent.
 """

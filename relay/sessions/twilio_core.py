@@ -12,7 +12,7 @@ go out through :class:`TwilioOut` (send to Twilio, send upstream) and
 in ``relay.sessions.twilio_session`` (the reactor's fast path, which may not
 wait, and the pumps, which may) only feed it and carry out what it asks.
 
-Guarantees (each checked by tests/test_twilio_core.py over random event
+Guarantees (each checked by tests/unit/test_twilio_core.py over random event
 sequences):
 
 - on ``start`` exactly one ``session.update`` and one ``response.create`` go up,

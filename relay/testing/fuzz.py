@@ -1,4 +1,4 @@
-"""Blocking probes of a running daemon, for hypothesis properties (tests/test_fuzz_*.py).
+"""Blocking probes of a running daemon, for hypothesis properties (tests/fuzz/).
 
 Each fuzz module runs one ``relay serve`` for all its properties; after every
 property :class:`Watch` proves the daemon unharmed: it still answers

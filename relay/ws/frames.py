@@ -36,7 +36,7 @@ try:
     # CPU at 50 calls in alternating bench runs (README, Capacity). Only this
     # one function of that package is used; it is at this name from 12.0 (the
     # lowest version pyproject allows) to 17.4, with wheels for CPython on
-    # Linux x86_64 and aarch64, and tests/test_ws_frames.py fails if it stops
+    # Linux x86_64 and aarch64, and tests/unit/test_ws_frames.py fails if it stops
     # loading.
     from websockets.speedups import apply_mask as _c_mask
 except ImportError:  # pragma: no cover - a platform without its wheel and no compiler

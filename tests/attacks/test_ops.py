@@ -152,7 +152,7 @@ async def test_the_redis_url_secret_wins_and_its_password_stays_out_of_the_log()
 
 async def test_serve_names_risky_settings_at_start() -> None:
     """One warning line each, before the listener is up. (validate_signatures = false
-    needs a public bind; it is checked by tests/test_risky.py and check-config, so
+    needs a public bind; it is checked by tests/unit/test_risky.py and check-config, so
     that this test never listens beyond loopback.)"""
     config = {
         "server": {"public_url": PUBLIC},  # https, loopback bind, no trusted_proxies

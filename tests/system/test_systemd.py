@@ -36,7 +36,7 @@ from relay.testing.daemon import TEST_OPENAI_KEY, daemon_env, running_daemon
 from relay.testing.fake_realtime import fake_realtime
 from tests.conftest import needs_analyze, require_tool
 
-UNIT = Path(__file__).resolve().parent.parent / "systemd" / "relay.service"
+UNIT = Path(__file__).resolve().parents[2] / "systemd" / "relay.service"
 EXEC_START = "/opt/relay/venv/bin/relay"
 MAX_EXPOSURE = 1.5
 ANALYZE = shutil.which("systemd-analyze")

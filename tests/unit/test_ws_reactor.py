@@ -11,7 +11,7 @@ import trio
 from relay.ws import reactor
 from relay.ws.connection import WebSocket
 from relay.ws.errors import Disconnected
-from tests.test_ws_connection import closing, pair
+from tests.helpers import closing, pair
 
 
 class Taker:

@@ -8,7 +8,6 @@ import random
 import signal
 import statistics
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
@@ -18,15 +17,14 @@ import trio_websocket
 from twilio.request_validator import RequestValidator
 
 from relay.config import DEFAULT_PROMPTS
-from relay.testing.daemon import TEST_TWILIO_TOKEN, Daemon, daemon_env, running_daemon
+from relay.testing.daemon import TEST_TWILIO_TOKEN, daemon_env, running_daemon
 from relay.testing.fake_realtime import FakeConnection, FakeRealtime, chunk_audio, fake_realtime
-from relay.testing.twilio_caller import TwilioCall, pattern_frame, twilio_call
+from relay.testing.twilio_caller import pattern_frame, twilio_call
+from tests.helpers import PUBLIC, call, until, wait_closed
 
 # Both drivers of the session core: the reactor's fast path, and the pumps alone.
 pytestmark = pytest.mark.usefixtures("fast_path")
 
-PUBLIC = "https://relay.example.com"
-STREAM_URL = "wss://relay.example.com/twilio/media"
 MACHINES = ["machine_start", "machine_end_beep", "machine_end_silence", "machine_end_other", "fax"]
 
 
@@ -39,34 +37,6 @@ def config(fake: FakeRealtime, **limits: Any) -> dict[str, dict[str, Any]]:
         "server": {"public_url": PUBLIC},
         "limits": limits,
     }
-
-
-@asynccontextmanager
-async def call(d: Daemon, **params: Any) -> AsyncIterator[TwilioCall]:
-    kw = {
-        k: params.pop(k)
-        for k in ("send_audio", "frame_source", "sign", "stream_sid", "echo_marks")
-        if k in params
-    }
-    async with twilio_call(
-        f"{d.ws_url}/twilio/media",
-        public_url=STREAM_URL,
-        auth_token=TEST_TWILIO_TOKEN,
-        custom_parameters=params or {"direction": "inbound"},
-        **kw,
-    ) as c:
-        yield c
-
-
-async def until(predicate: Any, timeout: float = 10) -> None:
-    with trio.fail_after(timeout):
-        while not predicate():
-            await trio.sleep(0.01)
-
-
-async def wait_closed(c: TwilioCall, timeout: float = 10) -> None:
-    with trio.fail_after(timeout):
-        await c.closed.wait()
 
 
 @pytest.fixture
@@ -430,7 +400,7 @@ async def test_voice_webhook_twiml(fake: FakeRealtime) -> None:
 async def test_200_calls_leave_no_fd_or_task_behind(fake: FakeRealtime) -> None:
     fake.response_chunks = 2
     fake.chunk_interval = 0
-    from tests.test_e2e_client import assert_nothing_left, task_dump
+    from tests.helpers import assert_nothing_left, task_dump
 
     async with running_daemon(config(fake)) as d:
 

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import socket
 import ssl
-from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Iterator, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -25,31 +23,7 @@ from relay.sessions.upstream import open_upstream
 from relay.ws.connection import CLOSE_TIMEOUT, WebSocket
 from relay.ws.errors import Disconnected, UpstreamClosed
 from relay.ws.frames import CONTROL_BUDGET, PING, encode
-from relay.ws.transport import Transport
-
-
-def pair(
-    stall: float | None = None, *, peer_stall: float | None = None, max_message: int = 1 << 20
-) -> tuple[WebSocket, WebSocket]:
-    """(client side, server side) of one connected socket pair."""
-    a, b = socket.socketpair()
-    for s in (a, b):
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
-    client = WebSocket(Transport(a), client=True, max_message=max_message, stall_seconds=stall)
-    server = WebSocket(
-        Transport(b), client=False, max_message=max_message, stall_seconds=peer_stall
-    )
-    return client, server
-
-
-@asynccontextmanager
-async def closing(*conns: WebSocket) -> AsyncIterator[None]:
-    try:
-        yield
-    finally:
-        for c in conns:
-            c.transport.close()
+from tests.helpers import closing, pair
 
 
 async def test_messages_both_ways_in_order_including_empty_and_large() -> None:

@@ -1,6 +1,6 @@
 """relay.edge.asgi_ws against the ASGI interface itself (the socket Hypercorn hands over
 for an upgrade on a keep-alive connection; its refusals are tested end to end
-in tests/test_listener.py)."""
+in tests/unit/test_router.py)."""
 
 from __future__ import annotations
 

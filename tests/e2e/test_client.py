@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import signal
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
@@ -15,16 +14,18 @@ import pytest
 import trio
 import trio_websocket
 
-from relay.admission.tokens import mint
-from relay.config import decode_encryption_key
-from relay.testing.daemon import TEST_OPENAI_KEY, Daemon, running_daemon
+from relay.testing.daemon import TEST_OPENAI_KEY, running_daemon
 from relay.testing.fake_realtime import FakeConnection, FakeRealtime, fake_realtime
-from relay.testing.metrics import sample_value
+from tests.helpers import (
+    assert_nothing_left,
+    client,
+    close_of,
+    task_dump,
+)
 
 # Both drivers of the session core: the reactor's fast path, and the pumps alone.
 pytestmark = pytest.mark.usefixtures("fast_path")
 
-ORIGIN = [(b"Origin", b"http://localhost:5173")]
 SMALL = 1000  # max_message_bytes for the oversize tests
 
 
@@ -36,32 +37,6 @@ def daemon_config(fake: FakeRealtime, **limits: Any) -> dict[str, dict[str, Any]
         },
         "limits": limits,
     }
-
-
-def client_url(d: Daemon, query: str = "") -> str:
-    token = mint(decode_encryption_key(d.env["ENCRYPTION_KEY"]), 60)
-    return f"{d.ws_url}/token/{token}/realtime{query}"
-
-
-@asynccontextmanager
-async def client(
-    d: Daemon, query: str = "", **kw: Any
-) -> AsyncIterator[trio_websocket.WebSocketConnection]:
-    async with trio_websocket.open_websocket_url(
-        client_url(d, query), extra_headers=ORIGIN, max_message_size=64 * 2**20, **kw
-    ) as ws:
-        yield ws
-
-
-async def close_of(ws: trio_websocket.WebSocketConnection, timeout: float = 10) -> tuple[int, str]:
-    """Read until the relay closes the socket; the (code, reason) it sent."""
-    with trio.fail_after(timeout):
-        while True:
-            try:
-                await ws.get_message()
-            except trio_websocket.ConnectionClosed as closed:
-                assert closed.reason is not None
-                return closed.reason.code, closed.reason.reason or ""
 
 
 async def upstream_close(conn: FakeConnection) -> int | None:
@@ -288,69 +263,6 @@ async def test_burst_of_10000_each_way_in_order(echo_fake: FakeRealtime) -> None
             f"\n10000 messages each way through one session in {elapsed:.2f} s "
             f"({n / elapsed:.0f} msg/s each way)"
         )
-
-
-async def scrape(d: Daemon, name: str, **labels: str) -> float:
-    """One scrape: the sample ``name`` with exactly ``labels`` (0 when absent)."""
-    # Connection: close, or Hypercorn keeps the socket until keep_alive_timeout.
-    async with httpx.AsyncClient(headers={"Connection": "close"}) as http:
-        text = (await http.get(d.http_url + "/metrics")).text
-    return sample_value(text, name, **labels)
-
-
-async def task_dump(d: Daemon) -> list[str]:
-    """The daemon's live tasks and where each waits, as it logs them on SIGUSR1."""
-    marker = "task dump: "
-    before = d.log_text().count(marker)
-    d.signal(signal.SIGUSR1)
-    with trio.fail_after(10):
-        while True:
-            text = d.log_text()
-            if text.count(marker) > before:
-                head = text.rindex(marker)
-                total = int(text[head + len(marker) :].split()[0])
-                lines = [
-                    line.split("task: ", 1)[1]
-                    for line in text[head:].splitlines()
-                    if "task: " in line
-                ]
-                if len(lines) >= total:
-                    return lines[:total]
-            await trio.sleep(0.05)
-
-
-def tasks_gained(before: list[str], after: list[str]) -> str:
-    """The tasks in ``after`` that ``before`` did not have (a leak check's message)."""
-    left = list(before)
-    gained = []
-    for line in after:
-        if line in left:
-            left.remove(line)
-        else:
-            gained.append(line)
-    return "tasks gained:\n" + "\n".join(gained)
-
-
-async def assert_nothing_left(d: Daemon, kind: str, fds: int, listed: list[str], what: str) -> None:
-    """Once the ``kind`` sessions are over, the daemon holds no more fds than ``fds``
-    and no more Trio tasks than its earlier listing ``listed``.
-
-    Tasks are counted from the daemon's SIGUSR1 listing, not /metrics: a scrape
-    counts its own HTTP connection, whose tasks vary by one with timing (the
-    "16 -> 17 tasks" these checks used to fail on now and then, with identical
-    listings before and after)."""
-    with trio.fail_after(10):  # sessions finish their closes asynchronously
-        while await scrape(d, "relay_sessions_active", kind=kind) != 0:
-            await trio.sleep(0.05)
-    # Closing handshakes finish in the background (each bounded by CLOSE_TIMEOUT,
-    # 2 s a side); a real leak stays past 15 s just the same.
-    with trio.move_on_after(15):
-        while d.fd_count() > fds or len(await task_dump(d)) > len(listed):
-            await trio.sleep(0.1)
-    fds_after, after = d.fd_count(), await task_dump(d)
-    print(f"\nafter {what}: fds {fds} -> {fds_after}, trio tasks {len(listed)} -> {len(after)}")
-    assert fds_after <= fds
-    assert len(after) <= len(listed), tasks_gained(listed, after)
 
 
 async def test_300_sessions_leave_no_fd_or_task_behind() -> None:

@@ -3,9 +3,9 @@
 relay@.service is the shipped relay.service installed under the template name,
 plus the drop-in systemd/relay@.service.d/instance.conf that points each
 instance at its own config. `systemd-analyze verify` checks the pair in a
-throwaway root (as tests/test_systemd.py does for the plain unit), and the
+throwaway root (as tests/system/test_systemd.py does for the plain unit), and the
 same root proves the drop-in is really read. That two such instances share
-limits and dedupe through Redis is tests/test_e2e_redis.py.
+limits and dedupe through Redis is tests/e2e/test_redis.py.
 
 systemd is a Debian package (`apt-get install systemd`); without
 systemd-analyze these tests skip and say so.
@@ -24,7 +24,7 @@ import pytest
 
 from tests.conftest import needs_analyze
 
-SYSTEMD = Path(__file__).resolve().parent.parent / "systemd"
+SYSTEMD = Path(__file__).resolve().parents[2] / "systemd"
 UNIT = SYSTEMD / "relay.service"
 DROP_IN = SYSTEMD / "relay@.service.d" / "instance.conf"
 EXEC_START = "/opt/relay/venv/bin/relay"

@@ -9,8 +9,7 @@ import trio
 import trio_websocket
 
 from relay.testing.daemon import running_daemon
-from tests.test_e2e_client import client
-from tests.test_upstream import raw_upstream
+from tests.helpers import client, raw_upstream
 
 
 @pytest.mark.parametrize(

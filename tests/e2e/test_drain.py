@@ -18,8 +18,7 @@ from relay.testing.daemon import (
 )
 from relay.testing.fake_realtime import fake_realtime
 from relay.testing.fake_twilio import fake_twilio
-from tests.test_e2e_client import ORIGIN, client_url, close_of
-from tests.test_e2e_twilio import PUBLIC, call, until, wait_closed
+from tests.helpers import ORIGIN, PUBLIC, call, client_url, close_of, until, wait_closed
 
 
 async def test_drain_with_client_call_and_job() -> None:

@@ -16,7 +16,7 @@ from relay.testing.daemon import TEST_OPENAI_KEY, TEST_TWILIO_TOKEN, running_dae
 from relay.testing.fake_realtime import fake_realtime
 from relay.testing.twilio_caller import twilio_call
 from tests.conftest import require_tool
-from tests.test_logs_metrics import ORIGIN, token_for, wait_for_sample
+from tests.helpers import ORIGIN, token_for, wait_for_sample
 
 
 def promtool() -> str:

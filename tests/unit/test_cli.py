@@ -16,7 +16,7 @@ from relay.config import decode_encryption_key
 from relay.testing.daemon import TEST_OPENAI_KEY, daemon_env, running_daemon
 from relay.testing.fake_realtime import fake_realtime
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG = str(ROOT / "config.toml")
 
 

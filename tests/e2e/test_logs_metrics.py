@@ -41,14 +41,10 @@ from relay.testing.daemon import (
 )
 from relay.testing.fake_realtime import FakeRealtime, fake_realtime
 from relay.testing.twilio_caller import twilio_call
+from tests.helpers import ORIGIN, token_for, wait_for_sample
 
-ORIGIN = [(b"Origin", b"http://localhost:5173")]
 # The daemon's default public_url: what Twilio signatures are computed over.
 PUBLIC = "http://localhost:8787"
-
-
-def token_for(d: Daemon, ttl: int = 60) -> str:
-    return mint(decode_encryption_key(d.env["ENCRYPTION_KEY"]), ttl)
 
 
 @asynccontextmanager
@@ -132,15 +128,6 @@ def test_process_metrics_survive_a_hidden_proc_stat(tmp_path: Path) -> None:
 async def scrape(http: httpx.AsyncClient, forwarded_for: str | None = None) -> httpx.Response:
     headers = {"X-Forwarded-For": forwarded_for} if forwarded_for else {}
     return await http.get("/metrics", headers=headers)
-
-
-async def wait_for_sample(http: httpx.AsyncClient, line: str, timeout: float = 10) -> str:
-    with trio.fail_after(timeout):
-        while True:
-            text = (await scrape(http)).text
-            if line in text.splitlines():
-                return text
-            await trio.sleep(0.05)
 
 
 async def test_metrics_names_labels_allow_list_and_live_sessions() -> None:

@@ -1,7 +1,7 @@
 """Regression tests for defects the Twilio fuzz suite found in relay/sessions/twilio_session.py.
 
 (The oversize defect it found in Hypercorn is held by
-tests/test_e2e_client.py::test_oversize_then_other_type.)
+tests/e2e/test_client.py::test_oversize_then_other_type.)
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ async def test_oversize_right_behind_media_still_closes_1009() -> None:
     """docs/contract.md: a message over max_message_bytes closes the stream with 1009. When it
     arrived right behind a media frame, the pump found it while joining waiting
     frames, took it for Twilio hanging up and dropped the socket with no close
-    frame (Twilio saw 1006): found by tests/test_fuzz_twilio.py in a new user's
+    frame (Twilio saw 1006): found by tests/fuzz/test_twilio.py in a new user's
     run, then 57 times in 60 with this sequence. Fixed in _twilio_to_upstream."""
     async with fake_realtime() as fake, running_daemon(config(fake)) as d:
         for i in range(3):  # the two frames land in one read or in two: both close 1009

@@ -1,6 +1,6 @@
 """`relay demo` without a browser: its loopback rule, its settings, its backend, the
 token server example, and the fake's voice mode (the browser test is
-tests/test_browser_demo.py)."""
+tests/e2e/test_browser_demo.py)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from relay.testing.daemon import daemon_env, toml_dumps
 from relay.testing.fake_realtime import fake_realtime
 from relay.testing.fake_voice import NOTE_BYTES, RATE, VoiceMode
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_relay(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

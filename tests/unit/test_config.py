@@ -15,7 +15,7 @@ from relay.config import (
     parse_settings,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_shipped_config_equals_defaults() -> None:

@@ -16,7 +16,7 @@ from relay.admission.tokens import mint
 from relay.testing.daemon import Daemon
 from tests.conftest import require_tool
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ORIGIN = [(b"Origin", b"https://gateframes.com")]
 
 
@@ -207,7 +207,7 @@ async def test_distinct_ip_flood_keeps_memory_flat(start_daemon) -> None:  # typ
 
 
 async def test_sigusr1_lists_live_tasks_and_where_they_wait(daemon: Daemon) -> None:
-    from tests.test_e2e_client import task_dump
+    from tests.helpers import task_dump
 
     lines = await task_dump(daemon)
     names = [line.split("  waits in ", 1)[0] for line in lines]
@@ -220,6 +220,6 @@ async def test_sigusr1_lists_live_tasks_and_where_they_wait(daemon: Daemon) -> N
     again = await task_dump(daemon)
     assert reactor in again and len(again) >= len(lines)
     # /metrics counts the same tasks, plus those of the scrape's own connection.
-    from tests.test_e2e_client import scrape
+    from tests.helpers import scrape
 
     assert await scrape(daemon, "relay_trio_tasks") > len(lines)

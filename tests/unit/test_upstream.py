@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import socket
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from functools import partial
 
 import orjson
@@ -20,7 +18,7 @@ from relay.testing.fake_realtime import FakeRealtime, fake_realtime
 from relay.ws import reactor
 from relay.ws.connection import WebSocket
 from relay.ws.errors import UpstreamClosed
-from relay.ws.handshake import upgrade_response
+from tests.helpers import raw_upstream
 
 KEY = "sk-test-secret-key"
 
@@ -239,28 +237,6 @@ async def test_bad_accept_header_is_an_upstream_error() -> None:
                     timeout=3,
                     max_message_size=1000,
                 )
-        nursery.cancel_scope.cancel()
-
-
-@asynccontextmanager
-async def raw_upstream(answer: bytes, after: bytes = b"") -> AsyncIterator[int]:
-    """A bare TCP server answering every upgrade with a valid 101 (right accept value) plus
-    ``answer`` as extra header lines, then ``after`` in the same write; yields its port."""
-
-    async def handler(stream: trio.SocketStream) -> None:
-        head = b""
-        while b"\r\n\r\n" not in head:
-            head += await stream.receive_some(65536)
-        key = re.search(rb"(?i)sec-websocket-key: *(\S+)", head)
-        assert key is not None
-        await stream.send_all(
-            upgrade_response(key.group(1).decode(), None)[:-2] + answer + b"\r\n" + after
-        )
-        await trio.sleep(10)
-
-    async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
-        yield listeners[0].socket.getsockname()[1]
         nursery.cancel_scope.cancel()
 
 

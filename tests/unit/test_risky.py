@@ -56,7 +56,7 @@ def test_not_loopback_hosts(host: str) -> None:
 
 def test_the_defaults_and_the_shipped_config_are_quiet() -> None:
     assert risks() == []
-    shipped = Path(__file__).resolve().parent.parent / "config.toml"
+    shipped = Path(__file__).resolve().parents[2] / "config.toml"
     assert risky_settings(load_settings(shipped, env={})) == []
 
 
