@@ -265,6 +265,7 @@ async def test_burst_of_10000_each_way_in_order(echo_fake: FakeRealtime) -> None
         )
 
 
+@pytest.mark.slow
 async def test_300_sessions_leave_no_fd_or_task_behind() -> None:
     async with fake_realtime() as fake:
 

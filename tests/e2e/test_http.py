@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 import trio
 import trio_websocket
 
@@ -174,6 +175,7 @@ async def _flood(port: int, count: int, first: int) -> int:
     return ok
 
 
+@pytest.mark.slow
 async def test_distinct_ip_flood_keeps_memory_flat(start_daemon) -> None:  # type: ignore[no-untyped-def]
     """Every request from a new IP makes a rate bucket (~200 B in the store);
     buckets that refilled must be forgotten, or a flood of spoofed

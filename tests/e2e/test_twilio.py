@@ -205,6 +205,7 @@ async def test_a_mark_read_with_waiting_media_still_confirms_the_audio(
         assert conn.errors == []
 
 
+@pytest.mark.slow
 async def test_200_randomized_barge_ins_never_overshoot() -> None:
     rng = random.Random(20261124)
     async with fake_realtime() as fake:
@@ -397,6 +398,7 @@ async def test_voice_webhook_twiml(fake: FakeRealtime) -> None:
         assert r.status_code == 403
 
 
+@pytest.mark.slow
 async def test_200_calls_leave_no_fd_or_task_behind(fake: FakeRealtime) -> None:
     fake.response_chunks = 2
     fake.chunk_interval = 0

@@ -48,6 +48,7 @@ def test_wire_frames_round_trip() -> None:
     assert read_stamp(stamp_frame(7, 123456789, 3)) == (7, 123456789)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_bench_twilio_prints_table_and_writes_json(tmp_path: Path) -> None:
     stdout, report = _bench(

@@ -31,6 +31,7 @@ def test_soak_help_is_registered() -> None:
     assert "--minutes" in proc.stdout and "--calls" in proc.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_short_soak_passes_with_barge_ins_and_no_loss(tmp_path: Path) -> None:
     out = tmp_path / "soak.json"
