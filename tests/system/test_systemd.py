@@ -16,13 +16,10 @@ systemd-analyze these tests skip and say so.
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -35,52 +32,16 @@ from relay.config import decode_encryption_key
 from relay.testing.daemon import TEST_OPENAI_KEY, daemon_env, running_daemon
 from relay.testing.fake_realtime import fake_realtime
 from tests.conftest import needs_analyze, require_tool
+from tests.system import units
+from tests.system.units import ANALYZE, EXEC_START, UNIT, analyze, unit_settings
 
-UNIT = Path(__file__).resolve().parents[2] / "systemd" / "relay.service"
-EXEC_START = "/opt/relay/venv/bin/relay"
 MAX_EXPOSURE = 1.5
-ANALYZE = shutil.which("systemd-analyze")
-
-
-def analyze(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    assert ANALYZE is not None
-    # SYSTEMD_LOG_COLOR/PAGER: plain text, no pager, whatever the terminal.
-    env = dict(os.environ, SYSTEMD_COLORS="0", SYSTEMD_PAGER="", SYSTEMD_LOG_COLOR="0")
-    return subprocess.run(
-        [ANALYZE, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=60, check=False
-    )
-
-
-def unit_settings(text: str) -> dict[str, list[str]]:
-    """``Key=value`` lines of a unit file (all sections), values in file order."""
-    out: dict[str, list[str]] = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith(("#", ";", "[")):
-            continue
-        key, _, value = line.partition("=")
-        out.setdefault(key.strip(), []).append(value.strip())
-    return out
 
 
 @pytest.fixture
-def verify_root(tmp_path: Path) -> Iterator[Path]:
+def verify_root(tmp_path: Path) -> Path:
     """A root with the shipped unit, the host's units and a stand-in for ExecStart."""
-    root = tmp_path / "root"
-    units = root / "etc" / "systemd" / "system"
-    units.mkdir(parents=True)
-    shutil.copyfile(UNIT, units / "relay.service")
-    for system_units in ("/usr/lib/systemd/system", "/lib/systemd/system"):
-        if Path(system_units).is_dir():
-            shutil.copytree(
-                system_units, root / system_units.lstrip("/"), symlinks=True, dirs_exist_ok=True
-            )
-            break
-    binary = root / EXEC_START.lstrip("/")
-    binary.parent.mkdir(parents=True)
-    binary.write_text("#!/bin/sh\nexit 0\n")
-    binary.chmod(0o755)
-    yield root
+    return units.verify_root(tmp_path, {"relay.service": UNIT})
 
 
 @needs_analyze

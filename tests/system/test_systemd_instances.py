@@ -13,61 +13,24 @@ systemd-analyze these tests skip and say so.
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import needs_analyze
+from tests.system.units import EXEC_START, SYSTEMD, UNIT, analyze, unit_settings, verify_root
 
-SYSTEMD = Path(__file__).resolve().parents[2] / "systemd"
-UNIT = SYSTEMD / "relay.service"
 DROP_IN = SYSTEMD / "relay@.service.d" / "instance.conf"
-EXEC_START = "/opt/relay/venv/bin/relay"
-ANALYZE = shutil.which("systemd-analyze")
-
-
-def analyze(*args: str) -> subprocess.CompletedProcess[str]:
-    assert ANALYZE is not None
-    env = dict(os.environ, SYSTEMD_COLORS="0", SYSTEMD_PAGER="", SYSTEMD_LOG_COLOR="0")
-    return subprocess.run(
-        [ANALYZE, *args], capture_output=True, text=True, env=env, timeout=60, check=False
-    )
-
-
-def settings(text: str) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith(("#", ";", "[")):
-            key, _, value = line.partition("=")
-            out.setdefault(key.strip(), []).append(value.strip())
-    return out
 
 
 @pytest.fixture
-def root(tmp_path: Path) -> Iterator[Path]:
+def root(tmp_path: Path) -> Path:
     """relay.service installed as relay@.service with the drop-in, as the README says."""
-    root = tmp_path / "root"
-    units = root / "etc" / "systemd" / "system"
-    (units / "relay@.service.d").mkdir(parents=True)
-    shutil.copyfile(UNIT, units / "relay@.service")
-    shutil.copyfile(DROP_IN, units / "relay@.service.d" / "instance.conf")
-    for system_units in ("/usr/lib/systemd/system", "/lib/systemd/system"):
-        if Path(system_units).is_dir():
-            shutil.copytree(
-                system_units, root / system_units.lstrip("/"), symlinks=True, dirs_exist_ok=True
-            )
-            break
-    binary = root / EXEC_START.lstrip("/")
-    binary.parent.mkdir(parents=True)
-    binary.write_text("#!/bin/sh\nexit 0\n")
-    binary.chmod(0o755)
-    yield root
+    return verify_root(
+        tmp_path,
+        {"relay@.service": UNIT, "relay@.service.d/instance.conf": DROP_IN},
+    )
 
 
 @needs_analyze
@@ -100,8 +63,8 @@ def test_instances_keep_the_sandbox(root: Path) -> None:
 
 def test_each_instance_reads_its_own_config() -> None:
     """Cheap checks that stay on without systemd-analyze."""
-    drop_in = settings(DROP_IN.read_text())
-    base = settings(UNIT.read_text())
+    drop_in = unit_settings(DROP_IN.read_text())
+    base = unit_settings(UNIT.read_text())
     # An empty ExecStart= first: a drop-in that only added one would give two.
     assert drop_in["ExecStart"] == ["", f"{EXEC_START} serve --config /etc/relay/%i.toml"]
     assert base["ExecStart"] == [f"{EXEC_START} serve --config /etc/relay/config.toml"]
