@@ -29,6 +29,7 @@ SECRET_NAMES = (
     "TWILIO_ACCOUNT_SID",
     "TWILIO_AUTH_TOKEN",
     "REDIS_URL",
+    "EVENTS_SIGNING_KEY",
 )
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -177,6 +178,34 @@ class StoreSettings:
 
 
 @dataclass(frozen=True)
+class HttpToolSettings:
+    """One ``[[calls.http_tools]]`` entry: a function the model may call on phone
+    calls, answered by POSTing to ``url`` (docs/contract.md §11)."""
+
+    name: str
+    url: str
+    description: str = ""
+    # JSON schema of the arguments; always an object schema.
+    parameters: Mapping[str, Any] = field(default_factory=lambda: {"type": "object"})
+    timeout_seconds: float = 5.0
+
+
+@dataclass(frozen=True)
+class CallsSettings:
+    """``[calls]``: phone calls that act (docs/contract.md §11)."""
+
+    tools: tuple[str, ...] = ("end_call", "transfer_call")
+    # name -> E.164 number; transfer_call offers only these names.
+    transfer_targets: Mapping[str, str] = field(default_factory=dict)
+    dtmf: bool = True
+    transcripts: bool = True
+    transcription_model: str = "gpt-4o-mini-transcribe"
+    events_url: str = ""
+    summaries: bool = True
+    http_tools: tuple[HttpToolSettings, ...] = ()
+
+
+@dataclass(frozen=True)
 class Secrets:
     """Secrets from the environment or ``$CREDENTIALS_DIRECTORY``; never from the TOML."""
 
@@ -185,6 +214,7 @@ class Secrets:
     twilio_account_sid: str | None = field(default=None, repr=False)
     twilio_auth_token: str | None = field(default=None, repr=False)
     redis_url: str | None = field(default=None, repr=False)
+    events_signing_key: str | None = field(default=None, repr=False)
 
     @property
     def twilio_ready(self) -> bool:
@@ -197,6 +227,7 @@ class Secrets:
             "TWILIO_ACCOUNT_SID": self.twilio_account_sid is not None,
             "TWILIO_AUTH_TOKEN": self.twilio_auth_token is not None,
             "REDIS_URL": self.redis_url is not None,
+            "EVENTS_SIGNING_KEY": self.events_signing_key is not None,
         }
 
 
@@ -209,6 +240,7 @@ class Settings:
     prompts: PromptSettings = PromptSettings()
     limits: LimitSettings = LimitSettings()
     store: StoreSettings = StoreSettings()
+    calls: CallsSettings = CallsSettings()
     secrets: Secrets = field(default=Secrets(), repr=False)
 
     def secret_values(self) -> list[str | bytes]:
@@ -220,6 +252,7 @@ class Settings:
             sec.twilio_auth_token,
             sec.twilio_account_sid,
             sec.encryption_key,
+            sec.events_signing_key,
             url_password(sec.redis_url),
             url_password(self.store.redis_url),
         )
@@ -429,6 +462,7 @@ def load_secrets(env: Mapping[str, str] | None = None) -> Secrets:
         twilio_account_sid=read_secret("TWILIO_ACCOUNT_SID", env),
         twilio_auth_token=read_secret("TWILIO_AUTH_TOKEN", env),
         redis_url=read_secret("REDIS_URL", env),
+        events_signing_key=read_secret("EVENTS_SIGNING_KEY", env),
     )
 
 

@@ -279,6 +279,19 @@ async def place_call(client: Client, to: str, from_: str, url: str) -> str:
     return sid
 
 
+async def update_call(
+    client: Client, call_sid: str, *, status: str | None = None, twiml: str | None = None
+) -> None:
+    """Change a live call (``POST …/Calls/<CallSid>.json``): ``status="completed"``
+    hangs up, ``twiml`` replaces what the call is doing (a transfer's ``<Dial>``)."""
+    kwargs: dict[str, str] = {}
+    if status is not None:
+        kwargs["status"] = status
+    if twiml is not None:
+        kwargs["twiml"] = twiml
+    await client.calls(call_sid).update_async(**kwargs)
+
+
 async def create_group(
     client: Client,
     *,

@@ -115,6 +115,25 @@ class Metrics:
         self.jobs_failed_total = Counter(
             "relay_jobs_failed_total", "Background webhook jobs that failed", ["stage"], registry=r
         )
+        # docs/contract.md §11: usage from every response.done, tools, call events.
+        self.openai_tokens_total = Counter(
+            "relay_openai_tokens_total",
+            "OpenAI Realtime tokens from response.done usage",
+            ["kind", "direction", "modality"],
+            registry=r,
+        )
+        self.tool_calls_total = Counter(
+            "relay_tool_calls_total",
+            "Tool calls answered on phone calls",
+            ["tool", "outcome"],
+            registry=r,
+        )
+        self.call_events_total = Counter(
+            "relay_call_events_total",
+            "call.ended events delivered or given up",
+            ["outcome"],
+            registry=r,
+        )
         self.store_degraded = Gauge(
             "relay_store_degraded", "1 while the shared store is unreachable", registry=r
         )
@@ -138,3 +157,17 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def count_tokens(metrics: Metrics, kind: str, added: tuple[int, int, int, int] | None) -> None:
+    """Add one ``response.done``'s usage (``relay.calls.usage.Usage.add``) to the metric."""
+    if added is None:
+        return
+    counter = metrics.openai_tokens_total
+    for (direction, modality), value in zip(
+        (("input", "text"), ("input", "audio"), ("output", "text"), ("output", "audio")),
+        added,
+        strict=True,
+    ):
+        if value:
+            counter.labels(kind=kind, direction=direction, modality=modality).inc(value)
