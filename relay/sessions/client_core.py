@@ -10,15 +10,18 @@ path and the pumps) only feed it and carry out what it asks.
 
 Guarantees (tests/unit/test_client_core.py): messages go on byte-identical and in
 order; a client message over the limit ends the session 1009 and is not sent;
-once :attr:`ClientCore.ending` is set, nothing more is sent.
+once :attr:`ClientCore.ending` is set, nothing more is sent; the token usage of
+every ``response.done`` relayed to the client is summed (docs/contract.md §9, §11).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import orjson
 
+from relay.calls.usage import Usage
 from relay.sessions.closing import Ending, client_code_for_upstream
 from relay.sessions.dialect import dialect_for, voice_update
 from relay.ws.errors import Disconnected
@@ -33,6 +36,31 @@ class Counts(Protocol):
 
     up: int
     down: int
+
+
+# The only upstream messages the relay reads (docs/contract.md §9: tokens of every
+# response.done). Everything else passes through unparsed: one C substring search per
+# message decides. Quotes included: inside a JSON string a quote is escaped, so a
+# transcript that merely mentions response.done does not match; a message that does
+# match (as a key, say) is parsed and its type checked, so it is counted only if it
+# is one. The search covers the whole message, not a prefix, since nothing in the
+# protocol says where "type" sits among the keys.
+_DONE_MARKER = '"response.done"'
+
+TokensAdded = Callable[[tuple[int, int, int, int]], None]
+
+
+def response_usage(message: str) -> object:
+    """``response.usage`` of a ``response.done`` event, or None when ``message`` is
+    not one (or not JSON at all: the client gets it anyway, it is just not counted)."""
+    try:
+        event = orjson.loads(message)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(event, dict) or event.get("type") != "response.done":
+        return None
+    response = event.get("response")
+    return response.get("usage") if isinstance(response, dict) else None
 
 
 class ClientOut:
@@ -101,13 +129,17 @@ TIME_LIMIT = Ending("time_limit", 1000, "session time limit", 1000, "session tim
 class ClientCore:
     """The state of one browser session and its reactions."""
 
-    __slots__ = ("ending", "limit", "out", "tally")
+    __slots__ = ("ending", "limit", "out", "tally", "tokens_added", "usage")
 
-    def __init__(self, limit: int, out: ClientOut, tally: Counts) -> None:
+    def __init__(
+        self, limit: int, out: ClientOut, tally: Counts, tokens_added: TokensAdded | None = None
+    ) -> None:
         self.limit = limit  # max_message_bytes, in UTF-8 bytes
         self.out = out  # the driver swaps it: each driver's sends go its own way
         self.tally = tally
         self.ending: Ending | None = None
+        self.usage = Usage()  # summed over the session, for its end log line
+        self.tokens_added = tokens_added  # each response.done's share, for the metric
 
     def client(self, message: str | bytes) -> None:
         """A message from the client: upstream unchanged, unless it is over the limit.
@@ -127,6 +159,14 @@ class ClientCore:
             return
         self.out.to_client(message)
         self.tally.down += 1
+        # Realtime events are text; after the send, so counting never delays a message.
+        if isinstance(message, str) and _DONE_MARKER in message:
+            self._count(message)
+
+    def _count(self, message: str) -> None:
+        added = self.usage.add(response_usage(message))
+        if added is not None and self.tokens_added is not None:
+            self.tokens_added(added)
 
     def client_gone(self, gone: Disconnected) -> None:
         self._end(client_gone(gone))

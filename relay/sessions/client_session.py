@@ -27,7 +27,7 @@ from collections.abc import Callable
 import trio
 
 from relay.daemon.state import DaemonState
-from relay.ops.metrics import Tally
+from relay.ops.metrics import Tally, count_tokens
 from relay.sessions.client_core import ClientCore, ClientOut, opening
 from relay.sessions.closing import clip_reason, close_upstream
 from relay.sessions.dialect import dialect_for
@@ -59,7 +59,13 @@ class ClientSession:
             lambda message: outbox.append((False, message)),
         )
         self._fast_out = self._pump_out  # the fast path's, once there is one
-        self.core = ClientCore(self.limit, self._pump_out, self.tally)
+        metrics = rt.metrics
+        self.core = ClientCore(
+            self.limit,
+            self._pump_out,
+            self.tally,
+            lambda added: count_tokens(metrics, "client", added),
+        )
         self._up: WebSocket | None = None
         self._scope: trio.CancelScope | None = None
 
@@ -246,5 +252,6 @@ class ClientSession:
                 "close_reason": ending.client_reason,
                 "messages_up": self.tally.up,
                 "messages_down": self.tally.down,
+                **self.core.usage.log_fields(),
             },
         )

@@ -20,7 +20,9 @@ from tests.helpers import (
     assert_nothing_left,
     client,
     close_of,
+    scrape,
     task_dump,
+    until,
 )
 
 # Both drivers of the session core: the reactor's fast path, and the pumps alone.
@@ -335,3 +337,85 @@ async def test_oversize_then_other_type(echo_fake: FakeRealtime) -> None:
             assert (await http.get(d.http_url + "/healthz")).status_code == 200
         assert d.proc.returncode is None
         assert "Traceback" not in d.log_text()
+
+
+async def test_token_usage_of_response_done_in_metrics_and_end_log() -> None:
+    """docs/contract.md §9/§11: every response.done's usage is counted for browser
+    sessions too (both drivers), while every message still passes unchanged."""
+    first: dict[str, Any] = {
+        "type": "response.done",
+        "response": {
+            "id": "resp_1",
+            "status": "completed",
+            "usage": {
+                "total_tokens": 185,
+                "input_tokens": 120,
+                "output_tokens": 65,
+                "input_token_details": {"text_tokens": 20, "audio_tokens": 100},
+                "output_token_details": {"text_tokens": 15, "audio_tokens": 50},
+            },
+        },
+    }
+    # "type" last, spaced, no details: the text tokens are the totals.
+    second = (
+        '{"response": {"usage": {"input_tokens": 7, "output_tokens": 3}}, "type": "response.done"}'
+    )
+    # Mentions that are not a response.done: never counted.
+    decoys: list[str | bytes] = [
+        orjson.dumps(
+            {
+                "type": "response.output_audio_transcript.done",
+                "transcript": 'I said "response.done" {"usage": {"input_tokens": 5000}}',
+            }
+        ).decode(),
+        orjson.dumps(
+            {
+                "type": "session.updated",
+                "session": {"response.done": 1},
+                "response": first["response"],
+            }
+        ).decode(),
+        orjson.dumps(first).decode().encode(),  # binary: not a Realtime event
+    ]
+    sent: list[str | bytes] = []
+
+    async with fake_realtime() as fake:
+
+        async def hook(conn: FakeConnection) -> None:
+            await conn.wait_for("go")
+            await conn.send_event(first)
+            sent.append(orjson.dumps(conn.sent[-1]).decode())
+            for message in [*decoys, second, "last"]:
+                await conn.send_raw(message)
+                sent.append(message)
+
+        fake.on_connect = hook
+        fake.auto_respond = False
+        config = {**daemon_config(fake), "server": {"log_format": "json", "drain_seconds": 2}}
+        async with running_daemon(config) as d:
+            async with client(d) as ws:
+                await ws.send_message('{"type":"go"}')
+                got: list[str | bytes] = []  # session.created and more come first
+                with trio.fail_after(10):
+                    while not got or got[-1] != "last":
+                        got.append(await ws.get_message())
+                assert got[-len(sent) :] == sent  # unchanged, in order, counted or not
+
+                async def tokens(direction: str, modality: str) -> float:
+                    labels = {"kind": "client", "direction": direction, "modality": modality}
+                    return await scrape(d, "relay_openai_tokens_total", **labels)
+
+                # Counted as each response.done passes, not only at the end.
+                assert await tokens("input", "text") == 20 + 7
+                assert await tokens("input", "audio") == 100
+                assert await tokens("output", "text") == 15 + 3
+                assert await tokens("output", "audio") == 50
+
+            def ends() -> list[dict[str, Any]]:
+                lines = [orjson.loads(x) for x in d.log_text().splitlines() if x.startswith("{")]
+                return [o for o in lines if o.get("msg") == "session end"]
+
+            await until(lambda: ends())
+            (end,) = ends()
+            assert end["kind"] == "client"
+            assert (end["tokens_in"], end["tokens_out"]) == (127, 68)

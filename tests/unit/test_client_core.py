@@ -155,3 +155,151 @@ def test_opening_sets_the_voice_asked_for_and_nothing_else() -> None:
         "type": "session.update",
         "session": {"voice": "ash"},
     }
+
+
+# -- token usage from response.done (docs/contract.md §9, §11) ----------------------
+
+
+def done(usage: object, **more: object) -> str:
+    return orjson.dumps({"type": "response.done", "response": {"usage": usage}, **more}).decode()
+
+
+USAGE = {
+    "total_tokens": 60,
+    "input_tokens": 40,
+    "output_tokens": 20,
+    "input_token_details": {"text_tokens": 10, "audio_tokens": 30, "cached_tokens": 5},
+    "output_token_details": {"text_tokens": 4, "audio_tokens": 16},
+}
+
+
+def counting() -> tuple[ClientCore, Wire, list[tuple[int, int, int, int]]]:
+    wire = Wire(feeding="upstream")
+    added: list[tuple[int, int, int, int]] = []
+    c = ClientCore(LIMIT, ClientOut(wire.to_client.append, wire.to_upstream.append), Tally())
+    c.tokens_added = added.append
+    return c, wire, added
+
+
+def test_usage_of_every_response_done_is_summed_and_reported_each_time() -> None:
+    c, wire, added = counting()
+    first, second = done(USAGE), done({"input_tokens": 7, "output_tokens": 3})
+    c.upstream(first)
+    c.upstream('{"type":"response.output_audio.delta","delta":"AAAA"}')
+    c.upstream(second)
+    # Relayed exactly as they came: counting reads, it never rewrites.
+    assert wire.to_client == [
+        first,
+        '{"type":"response.output_audio.delta","delta":"AAAA"}',
+        second,
+    ]
+    assert added == [(10, 30, 4, 16), (7, 0, 3, 0)]
+    assert c.usage.log_fields() == {"tokens_in": 47, "tokens_out": 23}
+
+
+def test_key_order_and_whitespace_do_not_matter() -> None:
+    c, _, added = counting()
+    # "type" last, after the response (nothing in the protocol fixes the order).
+    c.upstream(
+        '{"response": {"usage": {"input_tokens": 5, "output_tokens": 2}},'
+        '\n "type" : "response.done"}'
+    )
+    assert added == [(5, 0, 2, 0)]
+
+
+def test_messages_that_only_mention_response_done_are_not_counted() -> None:
+    c, wire, added = counting()
+    sneaky: list[str | bytes] = [
+        # A transcript quoting it (quotes are escaped inside a JSON string).
+        orjson.dumps(
+            {
+                "type": "response.output_audio_transcript.done",
+                "transcript": 'say "response.done" with usage {"input_tokens": 999}',
+            }
+        ).decode(),
+        # As a key: the marker matches, the parse says it is something else.
+        orjson.dumps(
+            {
+                "type": "session.updated",
+                "session": {"tools": [{"parameters": {"response.done": {"usage": USAGE}}}]},
+                "response": {"usage": USAGE},
+            }
+        ).decode(),
+        # As a nested type.
+        orjson.dumps(
+            {"type": "x", "item": {"type": "response.done", "response": {"usage": USAGE}}}
+        ).decode(),
+        # Not JSON, or not an object.
+        '"response.done" {"usage":',
+        '["response.done", {"response": {"usage": {"input_tokens": 1}}}]',
+        '"response.done"',
+        "[" * 5000 + '"response.done"' + "]" * 5000,  # deeper than the parser goes
+        # Binary: Realtime events are text.
+        done(USAGE).encode(),
+    ]
+    for message in sneaky:
+        c.upstream(message)
+    assert wire.to_client == sneaky
+    assert added == []
+    assert c.usage.log_fields() == {"tokens_in": 0, "tokens_out": 0}
+
+
+def test_response_done_without_usable_usage() -> None:
+    c, wire, added = counting()
+    usage: object
+    for usage in (
+        None,
+        "lots",
+        [],
+        {"input_tokens": -5, "output_tokens": True},
+        {"input_tokens": 10**12},
+    ):
+        c.upstream(done(usage))
+    c.upstream('{"type":"response.done"}')
+    c.upstream('{"type":"response.done","response":null}')
+    assert len(wire.to_client) == 7
+    # A usage object counts what is well formed in it (nothing, here) and no more.
+    assert all(a == (0, 0, 0, 0) for a in added)
+    assert c.usage.log_fields() == {"tokens_in": 0, "tokens_out": 0}
+
+
+def test_nothing_is_counted_after_the_end_or_from_the_client() -> None:
+    added: list[tuple[int, int, int, int]] = []
+    wire = Wire(feeding="client")
+    c = ClientCore(1000, ClientOut(wire.to_client.append, wire.to_upstream.append), Tally())
+    c.tokens_added = added.append
+    c.client(done(USAGE))  # the client's messages are never read
+    assert wire.to_upstream == [done(USAGE)]
+    c.time_limit()
+    c.upstream(done(USAGE))
+    assert added == []
+
+
+def test_without_a_hook_the_core_still_sums() -> None:
+    c = ClientCore(LIMIT, ClientOut(lambda m: None, lambda m: None), Tally())
+    c.upstream(done(USAGE))
+    assert c.usage.event_fields()["input_audio_tokens"] == 30
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(st.just("done"), st.integers(0, 10**6), st.integers(0, 10**6)),
+            st.tuples(st.just("other"), st.text(max_size=40), st.just(0)),
+        ),
+        max_size=30,
+    )
+)
+def test_the_sum_is_the_sum_of_the_response_dones(evs: list[tuple[str, Any, int]]) -> None:
+    c, wire, added = counting()
+    want_in = want_out = 0
+    for kind, a, b in evs:
+        if kind == "done":
+            c.upstream(done({"input_tokens": a, "output_tokens": b}))
+            want_in, want_out = want_in + a, want_out + b
+        else:
+            c.upstream(orjson.dumps({"type": "conversation.item.created", "text": a}).decode())
+    assert c.usage.log_fields() == {"tokens_in": want_in, "tokens_out": want_out}
+    assert sum(x[0] for x in added) == want_in and sum(x[2] for x in added) == want_out
+    assert len(wire.to_client) == len(evs)
