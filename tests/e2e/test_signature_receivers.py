@@ -11,8 +11,10 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import fields
 from pathlib import Path
 
 import httpx
@@ -22,6 +24,7 @@ import trio
 
 from relay.calls.report import EVENT_OUTCOMES, CallReport
 from relay.calls.signing import signature_header
+from relay.config import CallsSettings, HttpToolSettings
 from tests.conftest import require_tool
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -179,3 +182,19 @@ def test_readme_tool_request_example_has_each_field(field: str) -> None:
     assert isinstance(example, dict)
     assert field in example
     assert isinstance(example["arguments"], dict)
+
+
+def test_readme_calls_example_uses_exactly_the_calls_keys() -> None:
+    section = (ROOT / "README.md").read_text().split("## Phone calls that act")[1]
+    example = re.search(r"```toml\n(.*?)```", section, re.S)
+    assert example is not None
+    calls = tomllib.loads(example.group(1))["calls"]
+    http_tools = calls.pop("http_tools")
+    # Every [calls] key is shown, and nothing that is not one.
+    assert set(calls) == {f.name for f in fields(CallsSettings)} - {"http_tools"}
+    assert len(http_tools) == 2
+    for tool in http_tools:
+        assert set(tool) == {f.name for f in fields(HttpToolSettings)}
+        assert re.fullmatch(r"[a-zA-Z0-9_-]{1,64}", tool["name"])
+        assert tool["parameters"]["type"] == "object"
+    assert all(re.fullmatch(r"\+[1-9][0-9]{6,14}", n) for n in calls["transfer_targets"].values())
