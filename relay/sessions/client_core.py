@@ -24,6 +24,7 @@ import orjson
 from relay.calls.usage import Usage
 from relay.sessions.closing import Ending, client_code_for_upstream
 from relay.sessions.dialect import dialect_for, voice_update
+from relay.sessions.response_done import may_be_response_done, response_usage
 from relay.ws.errors import Disconnected
 
 
@@ -38,29 +39,7 @@ class Counts(Protocol):
     down: int
 
 
-# The only upstream messages the relay reads (docs/contract.md §9: tokens of every
-# response.done). Everything else passes through unparsed: one C substring search per
-# message decides. Quotes included: inside a JSON string a quote is escaped, so a
-# transcript that merely mentions response.done does not match; a message that does
-# match (as a key, say) is parsed and its type checked, so it is counted only if it
-# is one. The search covers the whole message, not a prefix, since nothing in the
-# protocol says where "type" sits among the keys.
-_DONE_MARKER = '"response.done"'
-
 TokensAdded = Callable[[tuple[int, int, int, int]], None]
-
-
-def response_usage(message: str) -> object:
-    """``response.usage`` of a ``response.done`` event, or None when ``message`` is
-    not one (or not JSON at all: the client gets it anyway, it is just not counted)."""
-    try:
-        event = orjson.loads(message)
-    except orjson.JSONDecodeError:
-        return None
-    if not isinstance(event, dict) or event.get("type") != "response.done":
-        return None
-    response = event.get("response")
-    return response.get("usage") if isinstance(response, dict) else None
 
 
 class ClientOut:
@@ -159,8 +138,9 @@ class ClientCore:
             return
         self.out.to_client(message)
         self.tally.down += 1
-        # Realtime events are text; after the send, so counting never delays a message.
-        if isinstance(message, str) and _DONE_MARKER in message:
+        # The one kind of message the relay reads (docs/contract.md §9): text, found
+        # without parsing the others; after the send, so counting never delays one.
+        if isinstance(message, str) and may_be_response_done(message):
             self._count(message)
 
     def _count(self, message: str) -> None:

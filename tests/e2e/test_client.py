@@ -347,6 +347,8 @@ async def test_token_usage_of_response_done_in_metrics_and_end_log() -> None:
         "response": {
             "id": "resp_1",
             "status": "completed",
+            # Long, as real ones are: judged by its head (relay/sessions/response_done.py).
+            "output": [{"type": "message", "content": [{"transcript": "Sure. " * 300}]}],
             "usage": {
                 "total_tokens": 185,
                 "input_tokens": 120,
@@ -365,7 +367,7 @@ async def test_token_usage_of_response_done_in_metrics_and_end_log() -> None:
         orjson.dumps(
             {
                 "type": "response.output_audio_transcript.done",
-                "transcript": 'I said "response.done" {"usage": {"input_tokens": 5000}}',
+                "transcript": 'I said "response.done" {"usage": {"input_tokens": 5000}}' * 30,
             }
         ).decode(),
         orjson.dumps(
