@@ -69,7 +69,7 @@ OUTBOUND = frozenset({"outbound", "outbound-api", "outbound-dial"})
 # Key presses closer together than this are one message (docs/contract.md §11).
 DTMF_GAP_MS = 1500.0
 DTMF_DIGITS = frozenset("0123456789*#ABCD")
-MAX_DIGITS = 64  # a longer burst is sent as it stands and a new one begins
+MAX_DIGITS = 64  # keys kept of one burst
 # Function calls one call answers; beyond it each gets an error output (a model in a
 # loop must not grow the call's memory, nor hammer an operator's tool).
 MAX_TOOL_CALLS = 128
@@ -677,10 +677,10 @@ class TwilioCore:
             return
         if not isinstance(digit, str) or digit not in DTMF_DIGITS:
             return  # not a key of a phone: nothing a hostile stream can smuggle in
-        self._digits.append(digit)
-        if len(self._digits) >= MAX_DIGITS:
-            self._send_digits()
-            return
+        if len(self._digits) < MAX_DIGITS:
+            # Beyond it a burst keeps only its first keys: a stream flooding key
+            # presses without a pause gets no message (and no response) at all.
+            self._digits.append(digit)
         self._dtmf_due = now_ms + DTMF_GAP_MS
         self._arm(self._dtmf_due)
 
