@@ -289,6 +289,7 @@ class TwilioCore:
         self._after_deadline = 0.0
         self._transferring = False
         self.hangup_requested = False  # the driver completes the call through REST
+        self.draining = False
         self.transfer_target: str | None = None
         self.tools_used: list[tuple[str, bool]] = []
         self._turn_of: dict[str, _Turn] = {}  # open function calls by call_id
@@ -418,6 +419,7 @@ class TwilioCore:
 
     def drain_started(self, drain_seconds: float) -> None:
         """The daemon drains: say goodbye if the drain leaves time for it."""
+        self.draining = True
         if drain_seconds >= 3:
             self._begin_goodbye()
 
@@ -491,7 +493,10 @@ class TwilioCore:
             callee=self.callee,
             started_at=started_unix,
             ended_at=ended_unix,
-            outcome=EVENT_OUTCOMES.get(ending.outcome, ending.outcome),
+            # A goodbye the drain asked for ended the call because of the drain.
+            outcome="draining"
+            if self.draining and ending.outcome == "goodbye"
+            else EVENT_OUTCOMES.get(ending.outcome, ending.outcome),
             transfer_target=self.transfer_target,
             tools=list(self.tools_used),
             transcript=self.transcript.turns() if self.transcript is not None else [],

@@ -623,3 +623,19 @@ def test_dtmf_flood_sends_nothing_until_it_pauses() -> None:
     wake_all(c, d, 5000 * 10.0 + 1500)
     [message] = d.up("conversation.item.create")
     assert message["item"]["content"][0]["text"] == "The caller pressed " + " ".join("9" * 64) + "."
+
+
+def test_report_outcomes_for_drain_goodbye_and_time_limit() -> None:
+    for draining, outcome in ((True, "draining"), (False, "time_limit")):
+        c, d = make()
+        if draining:
+            c.drain_started(10)
+        else:
+            c.goodbye_due()
+        created(c, "bye")
+        done(c, "bye")
+        assert c.ending is not None and c.ending.outcome == "goodbye"
+        report = c.report(0, 1)
+        assert report is not None and report.outcome == outcome
+        assert report.caller == "+14155550100" and report.callee == "+14155550199"
+        assert report.direction == "inbound" and report.answered_by is None
