@@ -627,7 +627,7 @@ def test_dtmf_flood_sends_nothing_until_it_pauses() -> None:
 
 def test_report_outcomes_for_drain_goodbye_and_time_limit() -> None:
     for draining, outcome in ((True, "draining"), (False, "time_limit")):
-        c, d = make()
+        c, _ = make()
         if draining:
             c.drain_started(10)
         else:
