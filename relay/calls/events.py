@@ -75,27 +75,34 @@ async def deliver_call_event(
     budget = min(BUDGET_SECONDS, max(0.0, report.ended_at + BUDGET_SECONDS - time.time()))
     attempts = 0
     why = "no answer in time"
-    with trio.move_on_after(budget) as scope:
-        try:
+    delivered = False
+    try:
+        with trio.move_on_after(budget):
             while True:
                 attempts += 1
                 failed = await _attempt(http, url, key, body)
                 if failed is None:
-                    metrics.call_events_total.labels(outcome="sent").inc()
+                    delivered = True
                     return True
                 why = failed
                 pause = BACKOFF[min(attempts, len(BACKOFF)) - 1]
                 await trio.sleep(pause * random.uniform(0.8, 1.2))
-        except _Refused as refused:
-            why = str(refused)
-    if scope.cancelled_caught:
         why += f"; gave up {BUDGET_SECONDS:g} s after the call's end"
-    metrics.call_events_total.labels(outcome="failed").inc()
-    log.warning(
-        "call.ended event for %s not delivered after %d attempt%s: %s",
-        report.call_sid,
-        attempts,
-        "" if attempts == 1 else "s",
-        why,
-    )
-    return False
+        return False
+    except _Refused as refused:
+        why = str(refused)
+        return False
+    except trio.Cancelled:
+        # The daemon stops (the drain's time is up): still counted and said, once.
+        why += "; cut off: relay is stopping"
+        raise
+    finally:
+        metrics.call_events_total.labels(outcome="sent" if delivered else "failed").inc()
+        if not delivered:
+            log.warning(
+                "call.ended event for %s not delivered after %d attempt%s: %s",
+                report.call_sid,
+                attempts,
+                "" if attempts == 1 else "s",
+                why,
+            )

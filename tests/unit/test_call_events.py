@@ -140,6 +140,23 @@ async def test_a_receiver_that_never_answers_is_given_up_on_time() -> None:
     assert counted(metrics) == {"sent": 0, "failed": 1}
 
 
+async def test_cut_off_by_the_daemon_stopping_is_still_counted_and_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The drain's time is up while a receiver is still down: the job is cancelled,
+    and the event is counted failed and named in the log all the same."""
+    metrics = Metrics()
+    caplog.set_level(logging.INFO, logger="relay")
+    with trio.fail_after(5):
+        async with scripted_http(statuses(502)) as server:
+            with trio.move_on_after(0.5) as stopping:
+                await deliver(server.url, report(), metrics)
+    assert stopping.cancelled_caught
+    assert counted(metrics) == {"sent": 0, "failed": 1}
+    [line] = [rec.getMessage() for rec in caplog.records if "call.ended" in rec.getMessage()]
+    assert line.endswith("answered HTTP 502; cut off: relay is stopping")
+
+
 async def test_no_attempt_after_the_budget() -> None:
     metrics = Metrics()
     with trio.fail_after(5):
