@@ -454,18 +454,19 @@ def _check_url(key: str, url: str, schemes: tuple[str, ...], *, allow_empty: boo
 
 def _check_http_url(key: str, url: str) -> None:
     """An http(s) URL relay will POST to: a host, a port that parses, nothing blank."""
+    # The message shows the URL with its password masked: it may go to a shared log.
+    refused = ConfigError(f"{key}: {mask_password(url)!r} is not an http/https URL")
     try:
         parts = urlsplit(url)
-        port = parts.port
+        _ = parts.port  # raises ValueError for a port that is not a number in range
     except ValueError:
-        raise ConfigError(f"{key}: {url!r} is not an http/https URL") from None
-    del port
+        raise refused from None
     if (
         parts.scheme not in ("http", "https")
         or not parts.hostname
         or any(c.isspace() or not c.isprintable() for c in url)
     ):
-        raise ConfigError(f"{key}: {url!r} is not an http/https URL")
+        raise refused
 
 
 def _validate_calls(c: CallsSettings) -> None:

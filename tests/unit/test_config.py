@@ -261,6 +261,16 @@ def test_bad_calls_config_names_the_key(keys: dict[str, object], needle: str) ->
     assert needle in str(err.value)
 
 
+def test_a_refused_url_is_shown_without_its_password() -> None:
+    for keys in (
+        {"events_url": "ftp://u:hook-pw@hooks.example.com/e"},
+        {"http_tools": [tool(url="https://u:tool-pw@tools.example.com:http/x")]},
+    ):
+        with pytest.raises(ConfigError) as err:
+            parse_settings(calls(**keys))
+        assert "-pw" not in str(err.value) and "u:***@" in str(err.value)
+
+
 def test_calls_table_from_toml_dates_is_refused(tmp_path: Path) -> None:
     """A TOML date inside a schema has no JSON form: refused at load, not at the first call."""
     config = tmp_path / "c.toml"
