@@ -78,7 +78,7 @@ async def test_tools_answered_and_the_event_delivered_signed() -> None:
                 "properties": {"order": {"type": "string"}},
                 "required": ["order"],
             }
-            config = {
+            config: dict[str, dict[str, Any]] = {
                 "openai": {"realtime_url": f"ws://127.0.0.1:{fake.port}/v1/realtime"},
                 "server": {"public_url": PUBLIC},
                 "calls": {
@@ -150,7 +150,7 @@ async def test_the_drain_waits_for_an_event_being_retried() -> None:
     with trio.fail_after(60):
         async with fake_realtime() as fake, scripted_http(receiver) as events:
             fake.response_chunks = 1
-            config = {
+            config: dict[str, dict[str, Any]] = {
                 "openai": {"realtime_url": f"ws://127.0.0.1:{fake.port}/v1/realtime"},
                 "server": {"public_url": PUBLIC, "drain_seconds": 5},
                 "calls": {"events_url": events.url + "/events"},
