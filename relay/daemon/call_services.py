@@ -16,6 +16,8 @@ import httpx
 from twilio.base.exceptions import TwilioException
 
 from relay.calls.report import CallReport
+from relay.calls.summaries import TaskReports
+from relay.calls.tasks import TaskBook
 from relay.config import HttpToolSettings
 from relay.conversations.twilio_rest import TwilioRest, update_call
 from relay.daemon.state import DaemonState
@@ -40,6 +42,9 @@ class CallServices:
             timeout=REST_TIMEOUT,
         )
         self.http = httpx.AsyncClient(follow_redirects=False)
+        self.task_reports = TaskReports(
+            s, TaskBook(rt.store), self.rest.client, self.http, rt.spawn_job
+        )
         rt.closers.append(self.aclose)
 
     async def aclose(self) -> None:
@@ -48,7 +53,7 @@ class CallServices:
 
     async def find_task(self, call_sid: str) -> str | None:
         """The ``@call`` task placed for this call, if any (docs/contract.md §12)."""
-        return None
+        return await self.task_reports.task_for_stream(call_sid)
 
     async def run_http_tool(
         self,
@@ -84,4 +89,4 @@ class CallServices:
 
     def call_ended(self, report: CallReport) -> None:
         """A call is over: deliver its event and its ``@call`` summary in the background."""
-        del report
+        self.task_reports.after_call(report)
