@@ -95,21 +95,34 @@ def _read_numbers(args: str) -> tuple[tuple[str, ...], tuple[str, ...], tuple[st
 def _split_task(args: str) -> tuple[str, str]:
     """(the leading list of numbers, the task after it, stripped; "" when none).
 
-    The list runs through the last word with a digit among leading words that
-    look like (pieces of) numbers and separators; the task starts at the first
-    word after it that is neither.
+    The list is the leading words that look like (pieces of) numbers, and
+    separators, up to the last one that completes a readable number; the task
+    starts at the next word that is not a separator. So digits that complete
+    no number just before the task are the task's ("4155550100 7 people at 8"),
+    while a message with no task reads as before.
     """
-    end = 0
+    digit_words: list[re.Match[str]] = []
     for piece in _LIST_PIECE.finditer(args):
         word = piece.group()
         if _LIST_SEPARATOR.match(word):
             continue
         if _NUMBERISH.match(word):
             if _DIGITS.search(word):
-                end = piece.end()
+                digit_words.append(piece)
             continue
-        return args[:end], args[piece.start() :].strip()
+        for index in range(len(digit_words) - 1, -1, -1):
+            end = digit_words[index].end()
+            if _ends_with_number(args[:end]):
+                start = digit_words[index + 1].start() if index + 1 < len(digit_words) else None
+                return args[:end], args[piece.start() if start is None else start :].strip()
+        return args, ""
     return args, ""
+
+
+def _ends_with_number(text: str) -> bool:
+    """True when the last piece of ``text`` (a list of numbers) is a readable number."""
+    pieces = _scan_chunk(_SEPARATORS.split(text)[-1])
+    return bool(pieces) and pieces[-1][0] is not None
 
 
 def split_targets(numbers: tuple[str, ...], limit: int) -> tuple[tuple[str, ...], tuple[str, ...]]:

@@ -249,7 +249,10 @@ def test_call_without_a_task_reads_as_before(
             (),
             "ask them to call 4155550009 back",
         ),
-        ("4155550001 555-12 ask", ("+14155550001",), ("555-12",), "ask"),
+        # Digits that complete no number, just before the task, are the task's.
+        ("4155550001 555-12 ask", ("+14155550001",), (), "555-12 ask"),
+        ("4155550100 7 people at 8", ("+14155550100",), (), "7 people at 8"),
+        ("+1 415 555 0100, 12 seats", ("+14155550100",), (), "12 seats"),
         ("4155550001, bob, 4155550002", ("+14155550001",), (), "bob, 4155550002"),
         ("4155550001 x12", ("+14155550001",), (), "x12"),
     ],
