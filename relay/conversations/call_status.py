@@ -54,6 +54,11 @@ def status_handler(
 
     rt.closers.append(aclose)
     reports = TaskReports(s, TaskBook(rt.store), rest.client, http, rt.spawn_job)
+    counted = rt.metrics.call_status_total
+
+    def ok(outcome: str) -> Response:
+        counted.labels(outcome=outcome).inc()
+        return text("ok")
 
     async def handle() -> Response:
         try:
@@ -61,38 +66,44 @@ def status_handler(
             await request.get_data()
             pairs = await form_pairs()
         except HTTPException as exc:  # too large (413), too slow (408): keep the status
+            counted.labels(outcome="malformed").inc()
             code = exc.code if exc.code is not None and 400 <= exc.code < 500 else 400
             return _closing(text("unreadable form", code))
         except Exception:  # undecodable body: nothing Twilio would send
+            counted.labels(outcome="malformed").inc()
             return _closing(text("malformed form", 400))
         # signed() already checked (and cached) the signature for the HTTP bucket.
         is_signed = await signed()
         refusal = gate.refusal_for(lambda: is_signed)
         if refusal is not None:
+            counted.labels(outcome="forbidden").inc()
             rt.metrics.reject("twilio_signature")
             return refusal_response(refusal)
         form = dict(pairs)
         refusal = form_refusal(form, s.secrets.twilio_account_sid)
         if refusal is not None:
+            counted.labels(outcome="forbidden" if refusal.status == 403 else "malformed").inc()
             rt.metrics.reject("twilio_form")
             return refusal_response(refusal)
         call_sid = form.get("CallSid", "")
         if not call_sid:
+            counted.labels(outcome="malformed").inc()
             rt.metrics.reject("twilio_form")
             return text("CallSid missing", 400)
         status = form.get("CallStatus", "")
         if status not in FINAL or not s.calls.summaries:
-            return text("ok")
+            return ok("ignored")
         # One report per call: Twilio's retries and any replay of a signed form
         # stop here, before they cost a job (the job's claim decides across processes).
         if not await rt.store.first_seen(f"status:{call_sid}", s.limits.dedupe_seconds):
-            return text("ok")
+            return ok("duplicate")
         if not reports.after_status(call_sid, status):
             log.warning(
                 "status callback job refused: background work is at its bound",
                 extra={"call_sid": call_sid},
             )
-        return text("ok")
+            return ok("overloaded")
+        return ok("accepted")
 
     return handle
 

@@ -31,9 +31,11 @@ from relay.testing.daemon import (
 )
 from relay.testing.fake_realtime import FakeConnection, FakeRealtime, fake_realtime
 from relay.testing.fake_twilio import FakeCall, FakeConversation, FakeTwilio, fake_twilio
+from relay.testing.metrics import sample_value
 from relay.testing.redis_server import free_port
 from relay.testing.twilio_caller import TwilioCall, twilio_call, voice_webhook
 from tests.conftest import needs_redis
+from tests.helpers import bounded
 
 PUBLIC = "https://relay.example.com"
 BOT = "gateframes-bot"
@@ -138,6 +140,11 @@ class Errands:
         return await self.http.post(
             (d or self.d).http_url + "/twilio/status", data=dict(form), headers=headers
         )
+
+    async def status_count(self, outcome: str, d: Daemon | None = None) -> float:
+        """``relay_call_status_total{outcome}`` as ``d`` counts it."""
+        text = (await self.http.get((d or self.d).http_url + "/metrics")).text
+        return sample_value(text, "relay_call_status_total", outcome=outcome)
 
     @asynccontextmanager
     async def answered(
@@ -248,6 +255,7 @@ async def converse(c: TwilioCall, conn: FakeConnection, said: str) -> None:
 # --- the task call, end to end ----------------------------------------------------------------
 
 
+@bounded(60)
 async def test_a_task_call_is_pursued_and_summarised_once_in_its_conversation() -> None:
     async with errands() as e:
         convo = e.fake.add_conversation(participants=[ALICE])
@@ -282,6 +290,7 @@ async def test_a_task_call_is_pursued_and_summarised_once_in_its_conversation() 
         assert posted(other) == []
 
 
+@bounded(60)
 async def test_a_voicemail_is_reported_as_such() -> None:
     async with errands() as e:
         convo = e.fake.add_conversation(participants=[ALICE])
@@ -295,6 +304,7 @@ async def test_a_voicemail_is_reported_as_such() -> None:
         assert e.fake.chat_requests == []
 
 
+@bounded(60)
 async def test_chat_down_still_reports_that_the_call_ended() -> None:
     async with errands(openai={"api_base": f"http://127.0.0.1:{free_port()}/v1"}) as e:
         convo = e.fake.add_conversation(participants=[ALICE])
@@ -305,6 +315,7 @@ async def test_chat_down_still_reports_that_the_call_ended() -> None:
         assert "call summary failed" in e.d.log_text()
 
 
+@bounded(60)
 async def test_busy_and_no_answer_are_reported_once_each_without_a_stream() -> None:
     async with errands() as e:
         convo = e.fake.add_conversation(participants=[ALICE])
@@ -328,6 +339,7 @@ async def test_busy_and_no_answer_are_reported_once_each_without_a_stream() -> N
         ]
 
 
+@bounded(60)
 async def test_a_call_without_a_task_is_placed_as_before_and_its_status_does_nothing() -> None:
     async with errands() as e:
         convo = e.fake.add_conversation(participants=[ALICE])
@@ -353,6 +365,7 @@ def _calls_section_parsed() -> bool:
 # [calls] is parsed by the change for the calls' other settings; until it is here,
 # summaries = false cannot be configured.
 @pytest.mark.skipif(not _calls_section_parsed(), reason="[calls] is not parsed yet")
+@bounded(60)
 async def test_summaries_off_places_the_task_call_and_posts_nothing_after() -> None:
     async with errands(calls={"summaries": False}) as e:
         convo = e.fake.add_conversation(participants=[ALICE])
@@ -366,6 +379,7 @@ async def test_summaries_off_places_the_task_call_and_posts_nothing_after() -> N
         assert len(posted(convo)) == 1 and e.fake.chat_requests == []
 
 
+@bounded(60)
 async def test_the_drain_waits_for_a_report_in_flight() -> None:
     async with errands() as e:
         convo = e.fake.add_conversation(participants=[ALICE])
@@ -378,6 +392,7 @@ async def test_the_drain_waits_for_a_report_in_flight() -> None:
 
 
 @needs_redis
+@bounded(60)
 async def test_a_second_process_sharing_redis_finds_the_task_and_reports_once() -> None:
     pytest.importorskip("coredis", reason="coredis (the `redis` extra) is not installed")
     from relay.testing.redis_server import running_redis
@@ -411,6 +426,7 @@ async def test_a_second_process_sharing_redis_finds_the_task_and_reports_once() 
 # --- attacks ------------------------------------------------------------------------------
 
 
+@bounded(60)
 async def test_unsigned_or_forged_status_callbacks_are_refused() -> None:
     async with errands() as e:
         convo = e.fake.add_conversation(participants=[ALICE])
@@ -431,14 +447,30 @@ async def test_unsigned_or_forged_status_callbacks_are_refused() -> None:
         bad = {**form, "CallSid": "CA../../Calls/" + victim.sid}
         assert (await e.status(bad)).status_code == 400
         assert (await e.status({**form, "CallSid": ""})).status_code == 400
+        # Wrong types and sizes: JSON is no signed form; a huge body is refused whole.
+        url = e.d.http_url + "/twilio/status"
+        headers = {"X-Twilio-Signature": sign(form, "/twilio/status")}
+        r = await e.http.post(url, json=form, headers=headers)
+        assert r.status_code == 403
+        r = await e.http.post(url, data={**form, "Pad": "x" * 300_000}, headers=headers)
+        assert (r.status_code, r.headers.get("connection")) == (413, "close")
+        # Signed, but a status that is not a final one (or spelled otherwise): nothing.
+        for odd in ("busy\n", "BUSY", "in-progress", "ringing", ""):
+            response = await e.status({**form, "CallStatus": odd})
+            assert (response.status_code, response.text.strip()) == (200, "ok")
         await trio.sleep(0.5)
         assert len(posted(convo)) == 1
+        assert await e.status_count("forbidden") == 6
+        assert await e.status_count("malformed") == 2  # the 413 is the server's own
+        assert await e.status_count("ignored") == 5
+        assert await e.status_count("accepted") == 0
         assert sign(form, "/twilio/status") not in e.d.log_text()
         # The genuine one still goes through.
         assert (await e.status(form)).status_code == 200
         assert (await posts(convo, 2))[1:] == ["4155550110: busy"]
 
 
+@bounded(60)
 async def test_a_flood_of_replayed_status_callbacks_posts_one_message() -> None:
     async with errands() as e:
         convo = e.fake.add_conversation(participants=[ALICE])
@@ -454,11 +486,15 @@ async def test_a_flood_of_replayed_status_callbacks_posts_one_message() -> None:
                 for _ in range(300):
                     nursery.start_soon(replay)
         assert statuses == [200] * 300
+        # Replays stop at the route, before they cost a background job.
+        assert await e.status_count("accepted") == 1
+        assert await e.status_count("duplicate") == 299
         assert (await posts(convo, 2))[1:] == ["4155550112: the call was canceled"]
         messages = [r for r in e.fake.requests if r.method == "POST" and "/Messages" in r.path]
         assert len(messages) == 2  # the confirmation and the one report
 
 
+@bounded(60)
 async def test_a_huge_task_with_control_characters_is_cut_and_stays_on_one_line() -> None:
     forged = "\n2026-12-03 09:00:00,000 ERROR relay: forged line\r\x1b[2J\u2028"
     task = "ask " + forged + "x" * 5000

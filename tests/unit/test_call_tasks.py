@@ -22,6 +22,7 @@ from relay.config import CallsSettings, OpenAISettings, Secrets, Settings, Twili
 from relay.conversations.twilio_rest import TwilioRest
 from relay.store.memory import MemoryStore
 from relay.testing.fake_twilio import FakeConversation, FakeTwilio, fake_twilio
+from tests.helpers import bounded
 
 SID = "AC" + "b2" * 16
 TOKEN = "twilio-auth-token-do-not-log"
@@ -97,6 +98,7 @@ def test_task_json_round_trip_and_garbage() -> None:
     assert found is not None and len(found.task) == MAX_TASK_CHARS and "\n" not in found.task
 
 
+@bounded(20)
 async def test_task_book_remembers_an_hour_and_claims_once() -> None:
     now = [1000.0]
     book = TaskBook(MemoryStore(lambda: now[0]))
@@ -227,6 +229,7 @@ async def settle(r: Reports, convo: FakeConversation, count: int) -> list[str]:
     return posted(convo)
 
 
+@bounded(20)
 async def test_summary_of_a_task_call_posted_once(r: Reports) -> None:
     r.fake.chat_reply = "They confirmed Tuesday at 3. Bring the key. Pay on the day. Extra."
     convo = r.fake.add_conversation(participants=[ALICE])
@@ -248,6 +251,7 @@ async def test_summary_of_a_task_call_posted_once(r: Reports) -> None:
     assert len(posted(convo)) == 1
 
 
+@bounded(20)
 async def test_voicemail_needs_no_summary(r: Reports) -> None:
     convo = r.fake.add_conversation(participants=[ALICE])
     sid = await r.task_call(2, convo)
@@ -257,6 +261,7 @@ async def test_voicemail_needs_no_summary(r: Reports) -> None:
 
 
 @pytest.mark.parametrize("failure", ["status", "down", "slow", "empty"])
+@bounded(20)
 async def test_summary_failure_posts_the_outcome_never_silence(r: Reports, failure: str) -> None:
     convo = r.fake.add_conversation(participants=[ALICE])
     sid = await r.task_call(3, convo)
@@ -275,6 +280,7 @@ async def test_summary_failure_posts_the_outcome_never_silence(r: Reports, failu
     assert await settle(r, convo, 1) == ["415-555-0100: call ended (they hung up)"]
 
 
+@bounded(20)
 async def test_nothing_said_needs_no_summary(r: Reports) -> None:
     convo = r.fake.add_conversation(participants=[ALICE])
     sid = await r.task_call(4, convo)
@@ -285,6 +291,7 @@ async def test_nothing_said_needs_no_summary(r: Reports) -> None:
     assert r.fake.chat_requests == []
 
 
+@bounded(20)
 async def test_a_call_without_a_task_reports_nothing(r: Reports) -> None:
     convo = r.fake.add_conversation(participants=[ALICE])
     assert await r.reports.task_for_stream(call_sid(5)) is None
@@ -305,6 +312,7 @@ async def test_a_call_without_a_task_reports_nothing(r: Reports) -> None:
         ("completed", "answered, but the call never reached the assistant"),
     ],
 )
+@bounded(20)
 async def test_status_without_a_stream_in_words_once(r: Reports, status: str, words: str) -> None:
     convo = r.fake.add_conversation(participants=[ALICE])
     sid = await r.task_call(6, convo)
@@ -317,6 +325,7 @@ async def test_status_without_a_stream_in_words_once(r: Reports, status: str, wo
     assert len(posted(convo)) == 1
 
 
+@bounded(20)
 async def test_statuses_that_are_not_final_do_nothing(r: Reports) -> None:
     convo = r.fake.add_conversation(participants=[ALICE])
     sid = await r.task_call(7, convo)
@@ -327,6 +336,7 @@ async def test_statuses_that_are_not_final_do_nothing(r: Reports) -> None:
     assert await r.book.claim_report(sid)  # nobody claimed it
 
 
+@bounded(20)
 async def test_summaries_off_posts_nothing(r: Reports) -> None:
     r.reports.settings = replace(r.settings, calls=CallsSettings(summaries=False))
     convo = r.fake.add_conversation(participants=[ALICE])
@@ -337,6 +347,7 @@ async def test_summaries_off_posts_nothing(r: Reports) -> None:
     assert posted(convo) == [] and r.jobs == 0
 
 
+@bounded(20)
 async def test_a_transient_twilio_failure_is_tried_again(r: Reports) -> None:
     convo = r.fake.add_conversation(participants=[ALICE])
     sid = await r.task_call(9, convo)
