@@ -149,6 +149,8 @@ class TaskReports:
         """A call's stream ended: report it in the background if it ran a task."""
         if not self.settings.calls.summaries or not report.call_sid:
             return
+        if report.task is None and (report.direction or "inbound") == "inbound":
+            return  # only calls we placed carry a task: no lookup for the others
 
         async def job() -> None:
             await self.report_call(report)
