@@ -69,7 +69,7 @@ OUTBOUND = frozenset({"outbound", "outbound-api", "outbound-dial"})
 # Key presses closer together than this are one message (docs/contract.md §11).
 DTMF_GAP_MS = 1500.0
 DTMF_DIGITS = frozenset("0123456789*#ABCD")
-MAX_DIGITS = 64  # a longer burst is sent as it stands and a new one begins
+MAX_DIGITS = 64  # keys kept of one burst
 # Function calls one call answers; beyond it each gets an error output (a model in a
 # loop must not grow the call's memory, nor hammer an operator's tool).
 MAX_TOOL_CALLS = 128
@@ -289,6 +289,7 @@ class TwilioCore:
         self._after_deadline = 0.0
         self._transferring = False
         self.hangup_requested = False  # the driver completes the call through REST
+        self.draining = False
         self.transfer_target: str | None = None
         self.tools_used: list[tuple[str, bool]] = []
         self._turn_of: dict[str, _Turn] = {}  # open function calls by call_id
@@ -418,6 +419,7 @@ class TwilioCore:
 
     def drain_started(self, drain_seconds: float) -> None:
         """The daemon drains: say goodbye if the drain leaves time for it."""
+        self.draining = True
         if drain_seconds >= 3:
             self._begin_goodbye()
 
@@ -491,7 +493,10 @@ class TwilioCore:
             callee=self.callee,
             started_at=started_unix,
             ended_at=ended_unix,
-            outcome=EVENT_OUTCOMES.get(ending.outcome, ending.outcome),
+            # A goodbye the drain asked for ended the call because of the drain.
+            outcome="draining"
+            if self.draining and ending.outcome == "goodbye"
+            else EVENT_OUTCOMES.get(ending.outcome, ending.outcome),
             transfer_target=self.transfer_target,
             tools=list(self.tools_used),
             transcript=self.transcript.turns() if self.transcript is not None else [],
@@ -677,10 +682,10 @@ class TwilioCore:
             return
         if not isinstance(digit, str) or digit not in DTMF_DIGITS:
             return  # not a key of a phone: nothing a hostile stream can smuggle in
-        self._digits.append(digit)
-        if len(self._digits) >= MAX_DIGITS:
-            self._send_digits()
-            return
+        if len(self._digits) < MAX_DIGITS:
+            # Beyond it a burst keeps only its first keys: a stream flooding key
+            # presses without a pause gets no message (and no response) at all.
+            self._digits.append(digit)
         self._dtmf_due = now_ms + DTMF_GAP_MS
         self._arm(self._dtmf_due)
 

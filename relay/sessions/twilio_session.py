@@ -213,12 +213,19 @@ class TwilioSession:
         elif isinstance(ask, LookupTask):
             task = None
             with trio.move_on_after(TASK_LOOKUP_SECONDS):
-                task = await desk.find_task(ask.call_sid)
+                try:
+                    task = await desk.find_task(ask.call_sid)
+                except Exception:  # a broken store must not break the call: no task
+                    log.exception("task lookup failed", extra={"session": self.id})
             core.task_found(task)
         elif isinstance(ask, RunTool):
-            ok, output = await desk.run_http_tool(
-                ask.tool, ask.call_id, ask.arguments, core.call_sid, core.stream_sid
-            )
+            try:
+                ok, output = await desk.run_http_tool(
+                    ask.tool, ask.call_id, ask.arguments, core.call_sid, core.stream_sid
+                )
+            except Exception:  # a bug of ours: the model hears a failure, the call goes on
+                log.exception("tool %s crashed", ask.tool.name, extra={"session": self.id})
+                ok, output = False, '{"ok": false, "error": "the tool failed"}'
             core.tool_answered(ask.call_id, ok, output)
         elif isinstance(ask, Transfer):
             twiml = f"<Response><Dial>{ask.number}</Dial></Response>"

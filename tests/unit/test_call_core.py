@@ -443,7 +443,7 @@ def test_dtmf_off_ignores_keys() -> None:
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from("0123456789*#"), st.floats(0, 3000)), max_size=40))
+@given(st.lists(st.tuples(st.sampled_from("0123456789*#"), st.floats(0, 3000)), max_size=90))
 def test_dtmf_bursts_split_by_gaps(presses: list[tuple[str, float]]) -> None:
     c, d = make()
     now = 0.0
@@ -452,9 +452,10 @@ def test_dtmf_bursts_split_by_gaps(presses: list[tuple[str, float]]) -> None:
     for digit, gap in presses:
         now += gap
         wake_all(c, d, now)
-        if last is None or now - last >= 1500 or len(expected[-1]) >= 64:
+        if last is None or now - last >= 1500:
             expected.append([])
-        expected[-1].append(digit)
+        if len(expected[-1]) < 64:
+            expected[-1].append(digit)
         last = now
         dtmf(c, digit, now)
     wake_all(c, d, now + 1500)
@@ -610,3 +611,31 @@ def test_voicemail_task_call_never_sends_held_audio() -> None:
     c.task_found("ask about Tuesday")
     assert not d.up("input_audio_buffer.append")
     assert "ask about Tuesday" in d.up("session.update")[0]["session"]["instructions"]
+
+
+def test_dtmf_flood_sends_nothing_until_it_pauses() -> None:
+    c, d = make()
+    for i in range(5000):
+        dtmf(c, "9", i * 10.0)
+        wake_all(c, d, i * 10.0)
+    assert not d.up("conversation.item.create")
+    assert len(d.asks) <= 1  # one timer, however many keys
+    wake_all(c, d, 5000 * 10.0 + 1500)
+    [message] = d.up("conversation.item.create")
+    assert message["item"]["content"][0]["text"] == "The caller pressed " + " ".join("9" * 64) + "."
+
+
+def test_report_outcomes_for_drain_goodbye_and_time_limit() -> None:
+    for draining, outcome in ((True, "draining"), (False, "time_limit")):
+        c, _ = make()
+        if draining:
+            c.drain_started(10)
+        else:
+            c.goodbye_due()
+        created(c, "bye")
+        done(c, "bye")
+        assert c.ending is not None and c.ending.outcome == "goodbye"
+        report = c.report(0, 1)
+        assert report is not None and report.outcome == outcome
+        assert report.caller == "+14155550100" and report.callee == "+14155550199"
+        assert report.direction == "inbound" and report.answered_by is None
