@@ -18,6 +18,8 @@ from twilio.base.exceptions import TwilioException
 from relay.calls.events import deliver_call_event
 from relay.calls.http_tools import call_http_tool, error_output
 from relay.calls.report import CallReport
+from relay.calls.summaries import TaskReports
+from relay.calls.tasks import TaskBook
 from relay.config import HttpToolSettings
 from relay.conversations.twilio_rest import TwilioRest, update_call
 from relay.daemon.state import DaemonState
@@ -39,6 +41,9 @@ class CallServices:
             timeout=REST_TIMEOUT,
         )
         self.http = httpx.AsyncClient(follow_redirects=False)
+        self.task_reports = TaskReports(
+            s, TaskBook(rt.store), self.rest.client, self.http, rt.spawn_job
+        )
         rt.closers.append(self.aclose)
 
     async def aclose(self) -> None:
@@ -47,7 +52,7 @@ class CallServices:
 
     async def find_task(self, call_sid: str) -> str | None:
         """The ``@call`` task placed for this call, if any (docs/contract.md §12)."""
-        return None
+        return await self.task_reports.task_for_stream(call_sid)
 
     async def run_http_tool(
         self,
@@ -95,6 +100,7 @@ class CallServices:
     def call_ended(self, report: CallReport) -> None:
         """A call is over: deliver its event and its ``@call`` summary in the background."""
         self._send_event(report)
+        self.task_reports.after_call(report)
 
     def _send_event(self, report: CallReport) -> None:
         calls, key = self.rt.settings.calls, self.rt.settings.secrets.events_signing_key
