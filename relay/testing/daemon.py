@@ -31,7 +31,8 @@ TEST_TWILIO_TOKEN = "twilio-auth-token-for-tests-0123"
 
 
 def toml_dumps(data: Mapping[str, Mapping[str, Any]]) -> str:
-    """Enough TOML for relay configs: tables of strings, numbers, bools and string lists."""
+    """Enough TOML for relay configs: tables of strings, numbers, bools, lists and
+    inline tables (``http_tools = [{...}]`` is an array of tables)."""
 
     def value(v: Any) -> str:
         if isinstance(v, bool):
@@ -40,6 +41,8 @@ def toml_dumps(data: Mapping[str, Mapping[str, Any]]) -> str:
             return repr(v)
         if isinstance(v, list | tuple):
             return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, Mapping):
+            return "{" + ", ".join(f"{value(k)} = {value(x)}" for k, x in v.items()) + "}"
         s = str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
         return f'"{s}"'
 
