@@ -39,9 +39,6 @@ class Counts(Protocol):
     down: int
 
 
-TokensAdded = Callable[[tuple[int, int, int, int]], None]
-
-
 class ClientOut:
     """Where the core's sends go; each driver has one (plain attributes holding
     the driver's callables: a send is one call)."""
@@ -108,17 +105,16 @@ TIME_LIMIT = Ending("time_limit", 1000, "session time limit", 1000, "session tim
 class ClientCore:
     """The state of one browser session and its reactions."""
 
-    __slots__ = ("ending", "limit", "out", "tally", "tokens_added", "usage")
+    __slots__ = ("ending", "limit", "on_usage", "out", "tally", "usage")
 
-    def __init__(
-        self, limit: int, out: ClientOut, tally: Counts, tokens_added: TokensAdded | None = None
-    ) -> None:
+    def __init__(self, limit: int, out: ClientOut, tally: Counts) -> None:
         self.limit = limit  # max_message_bytes, in UTF-8 bytes
         self.out = out  # the driver swaps it: each driver's sends go its own way
         self.tally = tally
         self.ending: Ending | None = None
         self.usage = Usage()  # summed over the session, for its end log line
-        self.tokens_added = tokens_added  # each response.done's share, for the metric
+        # Each response.done's tokens, for the metric (set by the session).
+        self.on_usage: Callable[[tuple[int, int, int, int] | None], None] | None = None
 
     def client(self, message: str | bytes) -> None:
         """A message from the client: upstream unchanged, unless it is over the limit.
@@ -145,8 +141,8 @@ class ClientCore:
 
     def _count(self, message: str) -> None:
         added = self.usage.add(response_usage(message))
-        if added is not None and self.tokens_added is not None:
-            self.tokens_added(added)
+        if added is not None and self.on_usage is not None:
+            self.on_usage(added)
 
     def client_gone(self, gone: Disconnected) -> None:
         self._end(client_gone(gone))

@@ -59,13 +59,9 @@ class ClientSession:
             lambda message: outbox.append((False, message)),
         )
         self._fast_out = self._pump_out  # the fast path's, once there is one
+        self.core = ClientCore(self.limit, self._pump_out, self.tally)
         metrics = rt.metrics
-        self.core = ClientCore(
-            self.limit,
-            self._pump_out,
-            self.tally,
-            lambda added: count_tokens(metrics, "client", added),
-        )
+        self.core.on_usage = lambda added: count_tokens(metrics, "client", added)
         self._up: WebSocket | None = None
         self._scope: trio.CancelScope | None = None
 
