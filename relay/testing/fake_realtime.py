@@ -19,6 +19,7 @@ import argparse
 import base64
 import binascii
 import itertools
+import re
 import socket
 import struct
 import urllib.parse
@@ -896,6 +897,18 @@ def _session_problem(d: Dialect, s: Event) -> tuple[str, str, str] | None:
         vad = audio.get("input", {}).get("turn_detection")
     if vad is not None and (not isinstance(vad, dict) or vad.get("type") not in _VADS):
         return _invalid("session.turn_detection")
+    if d.beta_header:
+        where, transcription = (
+            "session.input_audio_transcription",
+            s.get("input_audio_transcription"),
+        )
+    else:
+        audio_in = s.get("audio", {}).get("input", {})
+        where, transcription = "session.audio.input.transcription", audio_in.get("transcription")
+    if transcription is not None and (problem := _transcription_problem(where, transcription)):
+        return problem
+    if (problem := _tools_problem(s)) is not None:
+        return problem
     voice = _voice(s)
     if voice is not None and voice not in VOICES:
         return _invalid("session.voice")
@@ -940,6 +953,53 @@ def _item_problem(item: Any, calls: Mapping[str, str]) -> tuple[str, str] | None
                 return f"item.content[{n}]", f"Invalid content part for role {item['role']!r}."
     elif not isinstance(kind, str):
         return "item.type", "Missing required parameter: 'item.type'."
+    return None
+
+
+_TOOL_NAME = re.compile(r"\A[a-zA-Z0-9_-]{1,64}\Z")
+_FUNCTION_KEYS = frozenset({"type", "name", "description", "parameters"})
+_TRANSCRIPTION_KEYS = frozenset({"model", "language", "prompt"})
+
+
+def _transcription_problem(where: str, value: Any) -> tuple[str, str, str] | None:
+    if not isinstance(value, dict):
+        return _invalid(where)
+    if unknown := value.keys() - _TRANSCRIPTION_KEYS:
+        param = f"{where}.{min(unknown)}"
+        return "unknown_parameter", param, f"Unknown parameter: '{param}'."
+    if not isinstance(value.get("model"), str):
+        return _invalid(f"{where}.model")
+    return None
+
+
+def _tools_problem(s: Event) -> tuple[str, str, str] | None:
+    """Function tools and tool_choice, as both dialects take them."""
+    tools = s.get("tools", [])
+    if not isinstance(tools, list):
+        return _invalid("session.tools")
+    for n, tool in enumerate(tools):
+        where = f"session.tools[{n}]"
+        if not isinstance(tool, dict) or tool.get("type") != "function":
+            return _invalid(f"{where}.type")
+        if unknown := tool.keys() - _FUNCTION_KEYS:
+            param = f"{where}.{min(unknown)}"
+            return "unknown_parameter", param, f"Unknown parameter: '{param}'."
+        if not isinstance(tool.get("name"), str) or not _TOOL_NAME.match(tool["name"]):
+            return _invalid(f"{where}.name")
+        if not isinstance(tool.get("description", ""), str):
+            return _invalid(f"{where}.description")
+        if not isinstance(tool.get("parameters", {}), dict):
+            return _invalid(f"{where}.parameters")
+    names = [t["name"] for t in tools]
+    if len(set(names)) != len(names):
+        return "invalid_value", "session.tools", "Tool names must be unique."
+    choice = s.get("tool_choice", "auto")
+    if choice not in ("auto", "none", "required") and not (
+        isinstance(choice, dict)
+        and choice.get("type") == "function"
+        and choice.get("name") in names
+    ):
+        return _invalid("session.tool_choice")
     return None
 
 

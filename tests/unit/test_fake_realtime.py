@@ -544,3 +544,60 @@ async def test_output_with_a_non_string_output_is_refused() -> None:
         await send(ws, {"type": "conversation.item.create", "item": item})
         assert (await recv(ws))["error"]["param"] == "item.output"
         assert conn.answered == {}
+
+
+LOOKUP = {
+    "type": "function",
+    "name": "lookup_order",
+    "description": "Look up an order",
+    "parameters": {"type": "object", "properties": {"order": {"type": "string"}}},
+}
+
+
+def with_tools(dialect: str, **session: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {} if dialect == "beta" else {"type": "realtime"}
+    return {"type": "session.update", "session": {**base, **session}}
+
+
+@pytest.mark.parametrize("dialect", ["ga", "beta"])
+async def test_tools_and_transcription_are_accepted(dialect: str) -> None:
+    transcription = {"model": "gpt-4o-mini-transcribe"}
+    if dialect == "beta":
+        extra: dict[str, Any] = {"input_audio_transcription": transcription}
+    else:
+        extra = {"audio": {"input": {"transcription": transcription}}}
+    async with (
+        fake_realtime(dialect) as fake,
+        trio_websocket.open_websocket_url(url_of(fake.port)) as ws,
+    ):
+        await recv(ws)
+        await send(ws, with_tools(dialect, tools=[LOOKUP], tool_choice="auto", **extra))
+        assert (await recv(ws))["type"] == "session.updated"
+        assert fake.connections[0].errors == []
+
+
+@pytest.mark.parametrize(
+    ("session", "param"),
+    [
+        ({"tools": {"a": 1}}, "session.tools"),
+        ({"tools": [{**LOOKUP, "type": "code"}]}, "session.tools[0].type"),
+        ({"tools": [{**LOOKUP, "name": "has space"}]}, "session.tools[0].name"),
+        ({"tools": [{**LOOKUP, "name": "x" * 65}]}, "session.tools[0].name"),
+        ({"tools": [{**LOOKUP, "strict": True}]}, "session.tools[0].strict"),
+        ({"tools": [{**LOOKUP, "parameters": "{}"}]}, "session.tools[0].parameters"),
+        ({"tools": [LOOKUP, LOOKUP]}, "session.tools"),
+        ({"tools": [LOOKUP], "tool_choice": "sometimes"}, "session.tool_choice"),
+        (
+            {"audio": {"input": {"transcription": {"model": 5}}}},
+            "session.audio.input.transcription.model",
+        ),
+        ({"audio": {"input": {"transcription": "whisper"}}}, "session.audio.input.transcription"),
+    ],
+)
+async def test_bad_tools_are_refused(session: dict[str, Any], param: str) -> None:
+    async with fake_realtime() as fake, trio_websocket.open_websocket_url(url_of(fake.port)) as ws:
+        await recv(ws)
+        await send(ws, with_tools("ga", **session))
+        error = await recv(ws)
+        assert error["type"] == "error" and error["error"]["param"] == param
+        assert len(fake.connections[0].errors) == 1
