@@ -83,6 +83,7 @@ class RecordedRequest:
     form: list[tuple[str, str]]
     json: Any
     status: int = 0
+    received_at: float = 0.0  # trio.current_time() on arrival (the test's clock, in process)
 
     @classmethod
     def from_asgi(cls, scope: Mapping[str, Any], body: bytes) -> RecordedRequest:
@@ -270,6 +271,7 @@ class FakeCallUpdate:
     url: str | None
     answered: int
     form: tuple[tuple[str, str], ...]
+    received_at: float  # trio.current_time() on arrival
 
     @property
     def ok(self) -> bool:
@@ -360,7 +362,8 @@ class FakeTwilio:
             if sid is not None:
                 form = tuple(r.form)
                 updates.append(FakeCallUpdate(sid, r.field("Status"), r.field("Twiml"),
-                                              r.field("Url"), r.status, form))  # fmt: skip
+                                              r.field("Url"), r.status, form,
+                                              r.received_at))  # fmt: skip
         return updates
 
     def fail_call_updates(self, status: int = 500, *, times: int | None = 1) -> FakeFault:
@@ -459,6 +462,7 @@ class FakeTwilio:
             if not event.get("more_body", False):
                 break
         request = RecordedRequest.from_asgi(scope, body)
+        request.received_at = trio.current_time()
         self.requests.append(request)
         fault = self._fault_for(request)
         if fault is not None:
