@@ -19,14 +19,11 @@ from relay.calls.report import CallReport
 from relay.config import HttpToolSettings
 from relay.conversations.twilio_rest import TwilioRest, update_call
 from relay.daemon.state import DaemonState
+from relay.sessions.call_tools import CallUpdateFailed
 
 log = logging.getLogger("relay.calls")
 
 REST_TIMEOUT = 10.0
-
-
-class CallUpdateFailed(Exception):
-    """Twilio REST refused or could not be reached; the message is speakable (no secrets)."""
 
 
 class CallServices:

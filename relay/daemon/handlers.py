@@ -16,6 +16,7 @@ from relay.admission.twilio_auth import TwilioGate, public_http_url
 from relay.conversations.webhook import convo_handler
 from relay.daemon.state import DaemonState
 from relay.edge.twiml import voice_handler
+from relay.sessions.call_tools import CallDesk
 from relay.sessions.client_session import ClientSession
 from relay.sessions.twilio_session import TwilioSession
 from relay.ws.peer import PeerSocket
@@ -29,8 +30,10 @@ async def client_runner(
     await ClientSession(rt, ws, ip, model, voice).run()
 
 
-async def twilio_runner(rt: DaemonState, ws: PeerSocket, ip: str, call: str | None) -> None:
-    await TwilioSession(rt, ws, ip, call).run()
+async def twilio_runner(
+    rt: DaemonState, ws: PeerSocket, ip: str, call: str | None, *, desk: CallDesk | None = None
+) -> None:
+    await TwilioSession(rt, ws, ip, call, desk).run()
 
 
 def twilio_routes(

@@ -29,6 +29,7 @@ from hypercorn.config import Config as HypercornConfig
 from prometheus_client import Gauge
 
 from relay.config import Settings
+from relay.daemon.call_services import CallServices
 from relay.daemon.handlers import client_runner, twilio_routes, twilio_runner
 from relay.daemon.state import DaemonState
 from relay.edge import hypercorn_fix
@@ -81,7 +82,8 @@ async def main(settings: Settings, *, notifier: Notifier | None = None) -> None:
     Gauge(
         "relay_trio_tasks", "Live Trio tasks in the process", registry=rt.metrics.registry
     ).set_function(task_dump.count)
-    gate_app = FrontDoor(rt, client_runner, twilio_runner)
+    desk = CallServices(rt)
+    gate_app = FrontDoor(rt, client_runner, partial(twilio_runner, desk=desk))
     # WebSocket upgrades are served on the socket itself; Hypercorn gets the rest.
     router = Router(
         gate_app.serve,

@@ -76,41 +76,56 @@ def voice_update(d: Dialect, voice: str) -> dict[str, object]:
 
 
 def phone_session_update(
-    d: Dialect, *, voice: str, instructions: str, turn_detection: bool
+    d: Dialect,
+    *,
+    voice: str,
+    instructions: str,
+    turn_detection: bool,
+    tools: list[dict[str, object]] | None = None,
+    transcription_model: str | None = None,
 ) -> dict[str, object]:
-    """The one ``session.update`` of a phone call (docs/contract.md §6).
+    """The one ``session.update`` of a phone call (docs/contract.md §6, §11).
 
     G.711 μ-law in and out, spoken answers with transcripts, server VAD or,
     when ``turn_detection`` is false, turn detection explicitly off (JSON null:
-    omitting the key would leave the server's default VAD on).
+    omitting the key would leave the server's default VAD on). ``tools``
+    (function tools, the same shape in both dialects) come with
+    ``tool_choice: "auto"``; ``transcription_model`` turns on transcription of
+    the caller.
     """
     vad: dict[str, object] | None = {"type": "server_vad"} if turn_detection else None
+    transcription = {"model": transcription_model} if transcription_model else None
+    session: dict[str, object]
     if d.beta_header:
-        return {
-            "type": "session.update",
-            "session": {
-                "modalities": ["text", "audio"],
-                "instructions": instructions,
-                "voice": voice,
-                "input_audio_format": "g711_ulaw",
-                "output_audio_format": "g711_ulaw",
-                "turn_detection": vad,
-            },
+        session = {
+            "modalities": ["text", "audio"],
+            "instructions": instructions,
+            "voice": voice,
+            "input_audio_format": "g711_ulaw",
+            "output_audio_format": "g711_ulaw",
+            "turn_detection": vad,
         }
-    # GA: output_modalities may hold only one of text/audio; audio answers still
-    # come with output_audio_transcript events, so ["audio"] is "audio with text".
-    return {
-        "type": "session.update",
-        "session": {
+        if transcription is not None:
+            session["input_audio_transcription"] = transcription
+    else:
+        # GA: output_modalities may hold only one of text/audio; audio answers still
+        # come with output_audio_transcript events, so ["audio"] is "audio with text".
+        audio_in: dict[str, object] = {"format": {"type": "audio/pcmu"}, "turn_detection": vad}
+        if transcription is not None:
+            audio_in["transcription"] = transcription
+        session = {
             "type": "realtime",
             "output_modalities": ["audio"],
             "instructions": instructions,
             "audio": {
-                "input": {"format": {"type": "audio/pcmu"}, "turn_detection": vad},
+                "input": audio_in,
                 "output": {"format": {"type": "audio/pcmu"}, "voice": voice},
             },
-        },
-    }
+        }
+    if tools:
+        session["tools"] = tools
+        session["tool_choice"] = "auto"
+    return {"type": "session.update", "session": session}
 
 
 def response_create(d: Dialect, instructions: str | None = None) -> dict[str, object]:
@@ -119,6 +134,26 @@ def response_create(d: Dialect, instructions: str | None = None) -> dict[str, ob
     if instructions is None:
         return {"type": "response.create"}
     return {"type": "response.create", "response": {"instructions": instructions}}
+
+
+def function_output(call_id: str, output: str) -> dict[str, object]:
+    """The answer to one function call: ``output`` is JSON text (both dialects)."""
+    return {
+        "type": "conversation.item.create",
+        "item": {"type": "function_call_output", "call_id": call_id, "output": output},
+    }
+
+
+def user_text(text: str) -> dict[str, object]:
+    """A typed message on the caller's side (key presses, docs/contract.md §11)."""
+    return {
+        "type": "conversation.item.create",
+        "item": {
+            "type": "message",
+            "role": "user",
+            "content": [{"type": "input_text", "text": text}],
+        },
+    }
 
 
 def truncate(item_id: str, audio_end_ms: int) -> dict[str, object]:

@@ -24,12 +24,22 @@ call is left.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 
 import trio
 
 from relay.daemon.state import DaemonState
-from relay.ops.metrics import Tally
+from relay.ops.metrics import Tally, count_tokens
+from relay.sessions.call_tools import (
+    Ask,
+    CallDesk,
+    CallUpdateFailed,
+    LookupTask,
+    RunTool,
+    Transfer,
+    Wake,
+)
 from relay.sessions.closing import Ending, close_upstream
 from relay.sessions.twilio_core import TwilioCore, TwilioOut, b64_len, is_audio
 from relay.sessions.upstream import UpstreamError, open_upstream
@@ -44,14 +54,27 @@ log = logging.getLogger("relay.twilio")
 # Bigger than any message OpenAI or Twilio sends on a call; guards memory only.
 MAX_UPSTREAM_MESSAGE = 4 * 1024 * 1024
 
+# A task lookup that takes longer (a slow Redis) starts the call without its task.
+TASK_LOOKUP_SECONDS = 2.0
+# Completing a call through Twilio REST after end_call: bounded, in the background.
+HANGUP_SECONDS = 15.0
+
 # Where a send the pumps carry out goes (the first item of an outbox entry).
 _TO_TWILIO = True
 _TO_UPSTREAM = False
 
 
 class TwilioSession:
-    def __init__(self, rt: DaemonState, ws: PeerSocket, ip: str, call: str | None = None) -> None:
+    def __init__(
+        self,
+        rt: DaemonState,
+        ws: PeerSocket,
+        ip: str,
+        call: str | None = None,
+        desk: CallDesk | None = None,
+    ) -> None:
         self.rt = rt
+        self.desk = desk
         self.ws = ws
         self.ip = ip
         self.id = rt.new_session_id("twilio")
@@ -72,9 +95,17 @@ class TwilioSession:
             token_call=call,
             on_bargein=rt.metrics.bargeins_total.inc,
         )
+        metrics = rt.metrics
+        if desk is not None:
+            self.core.ask = self._ask
+        self.core.on_tool = lambda tool, ok: metrics.tool_calls_total.labels(
+            tool=tool, outcome="ok" if ok else "error"
+        ).inc()
+        self.core.on_usage = lambda added: count_tokens(metrics, "twilio", added)
         self._fast_out = self._pump_out  # the fast path's, once there is one
         self._up: WebSocket | None = None
         self._scope: trio.CancelScope | None = None
+        self._nursery: trio.Nursery | None = None
 
     @property
     def ending(self) -> Ending | None:
@@ -84,6 +115,7 @@ class TwilioSession:
     async def run(self) -> None:
         s = self.rt.settings
         started = trio.current_time()
+        started_unix = time.time()
         await self.ws.accept()
         with self.rt.session("twilio", self.tally):
             async with trio.open_nursery() as conn:  # owns the upstream reader task
@@ -122,6 +154,7 @@ class TwilioSession:
                 await self._finish()
                 conn.cancel_scope.cancel()
         self._log_end(trio.current_time() - started)
+        self._after_call(started_unix)
 
     async def _call(self, started: float) -> None:
         up, ws = self._up, self.ws
@@ -143,6 +176,7 @@ class TwilioSession:
         limits = self.rt.settings.limits
         async with trio.open_nursery() as nursery:
             self._scope = nursery.cancel_scope
+            self._nursery = nursery
             nursery.cancel_scope.deadline = started + limits.session_seconds
             nursery.start_soon(self._twilio_pump)
             nursery.start_soon(self._upstream_pump)
@@ -150,6 +184,7 @@ class TwilioSession:
                 self._goodbye_timer, started + limits.session_seconds - limits.goodbye_seconds
             )
             nursery.start_soon(self._drain_watch)
+        self._nursery = None
         self.core.time_limit()  # only the deadline ends a call without the core saying why
 
     async def _finish(self) -> None:
@@ -160,6 +195,70 @@ class TwilioSession:
                 await self.ws.close(ending.client_code, ending.client_reason)
             await close_upstream(self._up, ending.upstream_code or 1000, ending.upstream_reason)
         self.rt.metrics.sessions_total.labels(kind="twilio", outcome=ending.outcome).inc()
+
+    # -- what the core asks of the world (docs/contract.md §11) ----------------
+    def _ask(self, ask: Ask) -> None:
+        """Carry out ``ask`` as a task of the call: cancelled with it, never waited for
+        by the message path (audio keeps flowing while a tool runs)."""
+        if self._scope is None or self._nursery is None:
+            return
+        self._nursery.start_soon(self._carry_out, ask)
+
+    async def _carry_out(self, ask: Ask) -> None:
+        core, desk = self.core, self.desk
+        assert desk is not None
+        if isinstance(ask, Wake):
+            await trio.sleep_until(ask.at_ms / 1000)
+            core.wake(ask.at_ms, trio.current_time() * 1000)
+        elif isinstance(ask, LookupTask):
+            task = None
+            with trio.move_on_after(TASK_LOOKUP_SECONDS):
+                try:
+                    task = await desk.find_task(ask.call_sid)
+                except Exception:  # a broken store must not break the call: no task
+                    log.exception("task lookup failed", extra={"session": self.id})
+            core.task_found(task)
+        elif isinstance(ask, RunTool):
+            try:
+                ok, output = await desk.run_http_tool(
+                    ask.tool, ask.call_id, ask.arguments, core.call_sid, core.stream_sid
+                )
+            except Exception:  # a bug of ours: the model hears a failure, the call goes on
+                log.exception("tool %s crashed", ask.tool.name, extra={"session": self.id})
+                ok, output = False, '{"ok": false, "error": "the tool failed"}'
+            core.tool_answered(ask.call_id, ok, output)
+        elif isinstance(ask, Transfer):
+            twiml = f"<Response><Dial>{ask.number}</Dial></Response>"
+            error: str | None = None
+            if core.call_sid is None:
+                error = "the call has no CallSid"
+            else:
+                try:
+                    await desk.update_call(core.call_sid, twiml=twiml)
+                except CallUpdateFailed as exc:
+                    error = str(exc)
+            core.transfer_answered(error is None, error, trio.current_time() * 1000)
+        await self._perform()
+
+    def _after_call(self, started_unix: float) -> None:
+        """The call is over: its REST hang-up (after end_call), its event and summary."""
+        core, desk = self.core, self.desk
+        if desk is None:
+            return
+        call_sid = core.call_sid
+        if core.hangup_requested and call_sid is not None:
+
+            async def hang_up() -> None:
+                with trio.move_on_after(HANGUP_SECONDS):
+                    try:
+                        await desk.update_call(call_sid, status="completed")
+                    except CallUpdateFailed as exc:
+                        log.warning("call hang-up failed: %s", exc, extra={"session": self.id})
+
+            self.rt.spawn_job("call_hangup", hang_up)
+        report = core.report(started_unix, time.time())
+        if report is not None:
+            desk.call_ended(report)
 
     # -- the fast path: never waits -------------------------------------------
     def _fast_from_twilio(self, messages: deque[str | bytes]) -> None:
@@ -285,5 +384,7 @@ class TwilioSession:
                 "messages_up": self.tally.up,
                 "messages_down": self.tally.down,
                 "bargeins": core.bargeins,
+                "tool_calls": len(core.tools_used),
+                **core.usage.log_fields(),
             },
         )

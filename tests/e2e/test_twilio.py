@@ -114,6 +114,9 @@ async def test_beta_dialect_outbound_voice_and_dtmf_noise() -> None:
         conn = fake.connections[0]
         assert conn.errors == []
         session = updates(conn)[0]["session"]
+        # The default [calls] offers end_call and transcribes the caller (§11).
+        tools = session.pop("tools")
+        assert [t["name"] for t in tools] == ["end_call"]
         assert session == {
             "modalities": ["text", "audio"],
             "instructions": DEFAULT_PROMPTS["outbound"],
@@ -121,6 +124,8 @@ async def test_beta_dialect_outbound_voice_and_dtmf_noise() -> None:
             "input_audio_format": "g711_ulaw",
             "output_audio_format": "g711_ulaw",
             "turn_detection": {"type": "server_vad"},
+            "input_audio_transcription": {"model": "gpt-4o-mini-transcribe"},
+            "tool_choice": "auto",
         }
         assert bytes(conn.input_audio) == bytes(c.sent_audio)
 
