@@ -30,20 +30,9 @@ TEST_TWILIO_SID = "AC" + "0" * 31 + "1"
 TEST_TWILIO_TOKEN = "twilio-auth-token-for-tests-0123"
 
 
-_BARE_KEY = re.compile(r"\A[A-Za-z0-9_-]+\Z")
-
-
 def toml_dumps(data: Mapping[str, Mapping[str, Any]]) -> str:
-    """Enough TOML for relay configs: tables of strings, numbers, bools, lists, and
-    mappings as inline tables (``transfer_targets``, a tool's JSON-schema
-    ``parameters``; a list of mappings is an array of tables, ``http_tools``)."""
-
-    def key(k: str) -> str:
-        return k if _BARE_KEY.match(k) else string(k)
-
-    def string(v: str) -> str:
-        s = v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-        return f'"{s}"'
+    """Enough TOML for relay configs: tables of strings, numbers, bools, lists and
+    inline tables (``http_tools = [{...}]`` is an array of tables)."""
 
     def value(v: Any) -> str:
         if isinstance(v, bool):
@@ -53,13 +42,14 @@ def toml_dumps(data: Mapping[str, Mapping[str, Any]]) -> str:
         if isinstance(v, list | tuple):
             return "[" + ", ".join(value(x) for x in v) + "]"
         if isinstance(v, Mapping):
-            return "{" + ", ".join(f"{key(k)} = {value(x)}" for k, x in v.items()) + "}"
-        return string(str(v))
+            return "{" + ", ".join(f"{value(k)} = {value(x)}" for k, x in v.items()) + "}"
+        s = str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        return f'"{s}"'
 
     out = []
     for section, values in data.items():
         out.append(f"[{section}]")
-        out.extend(f"{key(k)} = {value(v)}" for k, v in values.items())
+        out.extend(f"{k} = {value(v)}" for k, v in values.items())
         out.append("")
     return "\n".join(out)
 
