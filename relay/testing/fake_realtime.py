@@ -7,6 +7,15 @@ a peer sends, and enforces the rules of the real service that a relay could
 break, answering each breach with the real ``error`` event (also kept in
 ``FakeConnection.errors``, so a test can assert there were none).
 
+Phone calls that act (docs/contract.md §11): a response may call function tools
+(:class:`ToolCall`, through :meth:`FakeConnection.respond` or a queued
+:class:`ResponsePlan`), with its ``response.done`` before or only after the peer's
+answers; every ``response.done`` carries ``response.usage`` (:data:`DEFAULT_USAGE`);
+spoken responses carry their transcript, and the caller's turns are emitted on
+demand (:meth:`FakeConnection.emit_caller_transcript`). The answers and typed
+messages the peer creates are checked as the real service checks them and kept
+(``answered``, ``function_outputs``, ``user_texts``, ``response_creates``).
+
 Guarantees: every task it starts lives in the context manager's nursery and is
 cancelled when the ``async with`` exits; every accepted socket is closed by
 then. Audio is G.711 μ-law: 8 bytes per millisecond, unless a mode such as
