@@ -13,6 +13,8 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
+import json
+import math
 import os
 import re
 import tomllib
@@ -255,15 +257,26 @@ class Settings:
             sec.events_signing_key,
             url_password(sec.redis_url),
             url_password(self.store.redis_url),
+            # A tool or event receiver may take basic auth in its URL.
+            url_password(self.calls.events_url),
+            *(url_password(tool.url) for tool in self.calls.http_tools),
         )
         return [v for v in values if v]
 
     def require_serving_secrets(self) -> None:
-        """``serve`` cannot run without the API key and the token key."""
+        """``serve`` cannot run without the API key and the token key, nor send
+        call events or call HTTP tools unsigned (docs/contract.md §2)."""
         if self.secrets.openai_api_key is None:
             raise ConfigError(_missing("OPENAI_API_KEY"))
         if self.secrets.encryption_key is None:
             raise ConfigError(_missing("ENCRYPTION_KEY"))
+        calls = self.calls
+        if self.secrets.events_signing_key is None and (calls.events_url or calls.http_tools):
+            needs = "calls.events_url" if calls.events_url else "calls.http_tools"
+            raise ConfigError(
+                f"{_missing('EVENTS_SIGNING_KEY')}; {needs} is configured and what relay "
+                "sends there is signed with it (any long random string, e.g. `relay keygen`)"
+            )
 
 
 SECTIONS: dict[str, type[Any]] = {
@@ -274,7 +287,17 @@ SECTIONS: dict[str, type[Any]] = {
     "prompts": PromptSettings,
     "limits": LimitSettings,
     "store": StoreSettings,
+    "calls": CallsSettings,
 }
+
+# docs/contract.md §11: the tools relay answers itself; an HTTP tool may not take their names.
+BUILTIN_TOOLS = ("end_call", "transfer_call")
+# Tool and transfer target names: what the Realtime API accepts as a function name.
+_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+# E.164: a plus, then 8 to 15 digits, the first not 0 (ASCII digits only).
+_E164 = re.compile(r"\+[1-9][0-9]{7,14}")
+# An HTTP tool holds the call's turn while it runs; longer than this is no conversation.
+MAX_TOOL_TIMEOUT = 60.0
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "server.log_format": ("text", "json"),
@@ -334,6 +357,77 @@ def _section(name: str, cls: type[Any], raw: Any) -> Any:
     return cls(**kwargs)
 
 
+def _calls_section(raw: Any) -> CallsSettings:
+    """``[calls]``: its plain keys as any section's, plus the two tables."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"[calls]: expected a table, got {raw!r}")
+    tables = ("transfer_targets", "http_tools")
+    plain = {k: v for k, v in raw.items() if k not in tables}
+    calls: CallsSettings = _section("calls", CallsSettings, plain)
+    targets: dict[str, str] = {}
+    raw_targets = raw.get("transfer_targets", {})
+    if not isinstance(raw_targets, dict):
+        raise ConfigError(
+            f"calls.transfer_targets: expected a table of name = number, got {raw_targets!r}"
+        )
+    for name, number in raw_targets.items():
+        if not isinstance(number, str):
+            raise ConfigError(
+                f"calls.transfer_targets.{name}: expected a string (an E.164 number), "
+                f"got {number!r}"
+            )
+        targets[name] = number
+    raw_tools = raw.get("http_tools", [])
+    if not isinstance(raw_tools, list):
+        raise ConfigError(
+            "calls.http_tools: expected an array of tables ([[calls.http_tools]]), "
+            f"got {raw_tools!r}"
+        )
+    tools = tuple(_http_tool(f"calls.http_tools[{i}]", t) for i, t in enumerate(raw_tools))
+    return CallsSettings(
+        **{f.name: getattr(calls, f.name) for f in fields(calls) if f.name not in tables},
+        transfer_targets=targets,
+        http_tools=tools,
+    )
+
+
+def _http_tool(key: str, raw: Any) -> HttpToolSettings:
+    """One ``[[calls.http_tools]]`` entry; ``key`` is ``calls.http_tools[<index>]``."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{key}: expected a table, got {raw!r}")
+    scalars: dict[str, Any] = {"name": "", "url": "", "description": "", "timeout_seconds": 5.0}
+    kwargs: dict[str, Any] = {}
+    for k, value in raw.items():
+        if k == "parameters":
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}.parameters: expected a table (a JSON schema)")
+            _check_json(f"{key}.parameters", value)
+            kwargs[k] = value
+        elif k in scalars:
+            kwargs[k] = _coerce(f"{key}.{k}", value, scalars[k])
+        else:
+            raise ConfigError(f"{key}.{k}: unknown key")
+    for required in ("name", "url"):
+        if required not in kwargs:
+            raise ConfigError(f"{key}.{required}: required")
+    return HttpToolSettings(**kwargs)
+
+
+def _check_json(key: str, value: Any) -> None:
+    """``value`` goes to OpenAI as JSON: TOML dates and times, inf and nan cannot."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_json(f"{key}.{k}", v)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_json(f"{key}[{i}]", v)
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: {value!r} has no JSON form")
+    elif not isinstance(value, str | int | bool):
+        raise ConfigError(f"{key}: a TOML {type(value).__name__} has no JSON form")
+
+
 def _check_bind(addr: str) -> None:
     host, sep, port = addr.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
@@ -356,6 +450,79 @@ def _check_url(key: str, url: str, schemes: tuple[str, ...], *, allow_empty: boo
     scheme, sep, rest = url.partition("://")
     if not sep or scheme not in schemes or not rest or rest.startswith("/"):
         raise ConfigError(f"{key}: {url!r} is not a {'/'.join(schemes)} URL")
+
+
+def _check_http_url(key: str, url: str) -> None:
+    """An http(s) URL relay will POST to: a host, a port that parses, nothing blank."""
+    # The message shows the URL with its password masked: it may go to a shared log.
+    refused = ConfigError(f"{key}: {mask_password(url)!r} is not an http/https URL")
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # raises ValueError for a port that is not a number in range
+    except ValueError:
+        raise refused from None
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or any(c.isspace() or not c.isprintable() for c in url)
+    ):
+        raise refused
+
+
+def _validate_calls(c: CallsSettings) -> None:
+    for i, builtin in enumerate(c.tools):
+        if builtin not in BUILTIN_TOOLS:
+            choices = ", ".join(f'"{b}"' for b in BUILTIN_TOOLS)
+            raise ConfigError(
+                f"calls.tools: {builtin!r} is not a built-in tool (one of {choices}; "
+                "operator tools go in [[calls.http_tools]])"
+            )
+        if builtin in c.tools[:i]:
+            raise ConfigError(f"calls.tools: {builtin!r} is listed twice")
+    for name, number in c.transfer_targets.items():
+        if not _NAME.fullmatch(name):
+            raise ConfigError(
+                f"calls.transfer_targets: the name {name!r} must be 1 to 64 of a-z A-Z 0-9 _ -"
+            )
+        if not _E164.fullmatch(number):
+            raise ConfigError(
+                f"calls.transfer_targets.{name}: {number!r} is not an E.164 number "
+                '(+ then 8 to 15 digits, the first not 0, e.g. "+14155550100")'
+            )
+    if not c.transcription_model.strip():
+        raise ConfigError("calls.transcription_model: must not be empty")
+    if c.events_url:
+        _check_http_url("calls.events_url", c.events_url)
+    seen: set[str] = set()
+    for i, tool in enumerate(c.http_tools):
+        key = f"calls.http_tools[{i}]"
+        if not _NAME.fullmatch(tool.name):
+            raise ConfigError(f"{key}.name: {tool.name!r} must be 1 to 64 of a-z A-Z 0-9 _ -")
+        if tool.name in BUILTIN_TOOLS:
+            raise ConfigError(f"{key}.name: {tool.name!r} is a built-in tool's name")
+        if tool.name in seen:
+            raise ConfigError(f"{key}.name: {tool.name!r} is already another tool's name")
+        seen.add(tool.name)
+        _check_http_url(f"{key}.url", tool.url)
+        if not 0 < tool.timeout_seconds <= MAX_TOOL_TIMEOUT:
+            raise ConfigError(
+                f"{key}.timeout_seconds: must be greater than 0 and at most "
+                f"{MAX_TOOL_TIMEOUT:g}, got {tool.timeout_seconds!r}"
+            )
+        schema = tool.parameters
+        if schema.get("type") != "object":
+            raise ConfigError(
+                f'{key}.parameters: must be a JSON schema with type = "object", '
+                f"got type = {schema.get('type')!r}"
+            )
+        properties = schema.get("properties", {})
+        if not isinstance(properties, dict) or not all(
+            isinstance(p, dict) for p in properties.values()
+        ):
+            raise ConfigError(f"{key}.parameters.properties: must be a table of tables")
+        required = schema.get("required", [])
+        if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
+            raise ConfigError(f"{key}.parameters.required: must be a list of strings")
 
 
 def _validate(s: Settings) -> None:
@@ -411,6 +578,7 @@ def _validate(s: Settings) -> None:
         )
     if s.limits.goodbye_seconds < 0 or s.limits.goodbye_seconds >= s.limits.session_seconds:
         raise ConfigError("limits.goodbye_seconds: must be at least 0 and below session_seconds")
+    _validate_calls(s.calls)
 
 
 def decode_encryption_key(text: str) -> bytes:
@@ -472,7 +640,10 @@ def parse_settings(data: Mapping[str, Any], secrets: Secrets | None = None) -> S
     for name, raw in data.items():
         if name not in SECTIONS:
             raise ConfigError(f"[{name}]: unknown section")
-        kwargs[name] = _section(name, SECTIONS[name], raw)
+        if name == "calls":
+            kwargs[name] = _calls_section(raw)
+        else:
+            kwargs[name] = _section(name, SECTIONS[name], raw)
     settings = Settings(**kwargs, secrets=secrets or Secrets())
     _validate(settings)
     return settings
@@ -513,12 +684,27 @@ def describe(settings: Settings) -> str:
                 note = "  # from REDIS_URL, which wins over the config file" if secret else ""
                 lines.append(f"redis_url = {_toml_value(mask_password(secret or value))}{note}")
                 continue
+            if name == "calls" and f.name == "http_tools":
+                continue  # after the section's plain keys, as TOML wants them
+            if name == "calls" and f.name == "events_url":
+                value = mask_password(value)
             lines.append(f"{f.name} = {_toml_value(value)}")
         lines.append("")
+        if name == "calls":
+            for tool in settings.calls.http_tools:
+                lines.append("[[calls.http_tools]]")
+                for f in fields(tool):
+                    value = getattr(tool, f.name)
+                    value = mask_password(value) if f.name == "url" else value
+                    lines.append(f"{f.name} = {_toml_value(value)}")
+                lines.append("")
     lines.append("# secrets (environment or $CREDENTIALS_DIRECTORY)")
     for secret, present in settings.secrets.status().items():
         lines.append(f"{secret} {'set' if present else 'unset'}")
     return "\n".join(lines)
+
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def _toml_value(value: object) -> str:
@@ -526,10 +712,19 @@ def _toml_value(value: object) -> str:
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
-    if isinstance(value, tuple):
-        return "[" + ", ".join(_toml_value(v) for v in cast(tuple[object, ...], value)) + "]"
-    text = str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-    return f'"{text}"'
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_toml_value(v) for v in cast(list[object], value)) + "]"
+    if isinstance(value, Mapping):
+        items = cast(Mapping[str, object], value).items()
+        if not items:
+            return "{}"
+        pairs = (
+            f"{k if _BARE_KEY.fullmatch(k) else _toml_value(k)} = {_toml_value(v)}"
+            for k, v in items
+        )
+        return "{ " + ", ".join(pairs) + " }"
+    # A JSON string is a TOML basic string, but for DEL, which TOML wants escaped.
+    return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 _QUERY_PASSWORD = re.compile(r"(^|&)(password=)[^&]*")

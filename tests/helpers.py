@@ -4,13 +4,14 @@ Kept here so that no test file imports another."""
 
 from __future__ import annotations
 
+import functools
 import re
 import signal
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
-from typing import Any
+from typing import Any, ParamSpec
 
 import httpx
 import trio
@@ -28,6 +29,7 @@ from relay.ws.connection import WebSocket
 from relay.ws.handshake import upgrade_response
 from relay.ws.transport import Transport
 
+P = ParamSpec("P")
 ORIGIN = [(b"Origin", b"http://localhost:5173")]
 
 
@@ -211,3 +213,20 @@ async def closing(*conns: WebSocket) -> AsyncIterator[None]:
     finally:
         for c in conns:
             c.transport.close()
+
+
+def bounded(
+    seconds: float,
+) -> Callable[[Callable[P, Awaitable[None]]], Callable[P, Awaitable[None]]]:
+    """Run a whole async test under ``trio.fail_after(seconds)`` (fixtures still
+    resolve: the wrapper keeps the test's signature)."""
+
+    def wrap(test: Callable[P, Awaitable[None]]) -> Callable[P, Awaitable[None]]:
+        @functools.wraps(test)
+        async def run(*args: P.args, **kwargs: P.kwargs) -> None:
+            with trio.fail_after(seconds):
+                await test(*args, **kwargs)
+
+        return run
+
+    return wrap

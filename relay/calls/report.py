@@ -46,7 +46,7 @@ class CallReport:
     ended_at: float
     outcome: str
     transfer_target: str | None = None
-    tools: list[tuple[str, bool]] = field(default_factory=list)  # (name, ok) in call order
+    tools: list[tuple[str, bool]] = field(default_factory=list)  # (name, ok) as answered
     transcript: list[tuple[str, str]] = field(default_factory=list)  # (role, text)
     usage: Usage = field(default_factory=Usage)
     # The @call errand this call ran, if any (docs/contract.md §12).

@@ -1,4 +1,4 @@
-"""One chat completion for an SMS reply.
+"""One chat completion: for an SMS reply, or any other short text (an ``@call`` summary).
 
 Guarantees: one POST to ``{api_base}/chat/completions``, finished or abandoned
 within ``timeout`` seconds; the reply text comes back stripped and non-empty,
@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import trio
 
-__all__ = ["AssistantError", "build_messages", "sms_reply"]
+__all__ = ["AssistantError", "build_messages", "chat_completion", "sms_reply"]
 
 
 class AssistantError(Exception):
@@ -48,7 +48,27 @@ async def sms_reply(
     timeout: float,  # an overall deadline for the whole exchange
 ) -> str:
     """Ask ``model`` for the next message of the conversation and return its text."""
-    payload = {"model": model, "messages": build_messages(system_prompt, history, bot_identity)}
+    return await chat_completion(
+        http,
+        api_base=api_base,
+        api_key=api_key,
+        model=model,
+        messages=build_messages(system_prompt, history, bot_identity),
+        timeout=timeout,
+    )
+
+
+async def chat_completion(
+    http: httpx.AsyncClient,
+    *,
+    api_base: str,
+    api_key: str,
+    model: str,
+    messages: list[dict[str, str]],
+    timeout: float,  # an overall deadline for the whole exchange
+) -> str:
+    """Ask ``model`` to answer ``messages`` and return the answer's text."""
+    payload = {"model": model, "messages": messages}
     url = api_base.rstrip("/") + "/chat/completions"
     response: httpx.Response | None = None
     # trio's deadline covers the whole exchange; httpx's timeout alone bounds

@@ -11,12 +11,16 @@ Pure: no I/O, no trio. Guarantees:
   number is returned verbatim in ``unreadable``. Only separators (commas,
   semicolons, new lines, the word ``and``, ``&``) are discarded.
 - ``numbers`` and ``unreadable`` keep first-seen order, without duplicates.
+- ``@call`` only: the numbers are the leading list; from the first word that
+  is neither a number, a piece of one nor a separator, the rest of the body is
+  the call's task (docs/contract.md §12), verbatim. A body whose leading list
+  holds no readable number has no task: it is read as before, word by word.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 __all__ = ["Command", "mentions_ai", "normalize_number", "parse_command", "split_targets"]
@@ -30,15 +34,26 @@ _PUNCT = "-.()\u2010\u2011\u2012\u2013\u2014\u2015\u2212"
 _NUMBERISH = re.compile(rf"\A\+?[0-9{re.escape(_PUNCT)}]*\Z")
 _SPACING = re.compile(rf"[\s{re.escape(_PUNCT)}]+")
 _DIGITS = re.compile(r"[0-9]")
+# The pieces of an @call's leading number list: separators (a colon too, as in
+# "@call 415-555-0100: ask …") and white-space separated words.
+_LIST_PIECE = re.compile(r"[,;:\n\r&]|\band\b|[^\s,;:&]+", re.IGNORECASE)
+_LIST_SEPARATOR = re.compile(r"\A(?:[,;:\n\r&]|and)\Z", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
 class Command:
-    """A parsed ``@call``/``@group``: E.164 numbers plus whatever could not be read."""
+    """A parsed ``@call``/``@group``: E.164 numbers plus whatever could not be read,
+    and for ``@call`` the task after the numbers ("" for none).
+
+    ``written`` holds each of ``numbers`` as the author typed it (white space
+    collapsed), for replies that quote them back; it is left out of comparisons.
+    """
 
     kind: Literal["call", "group"]
     numbers: tuple[str, ...] = ()
     unreadable: tuple[str, ...] = ()
+    task: str = ""
+    written: tuple[str, ...] = field(default=(), compare=False)
 
 
 def parse_command(body: str) -> Command | None:
@@ -51,15 +66,63 @@ def parse_command(body: str) -> Command | None:
     if match is None:
         return None
     kind: Literal["call", "group"] = "call" if match.group(1).lower() == "call" else "group"
+    args, task = match.group(2), ""
+    if kind == "call":
+        listed, task = _split_task(args)
+        if task and not _read_numbers(listed)[0]:
+            listed, task = args, ""  # no number before it: not a task, read it all
+        args = listed
+    numbers, unreadable, written = _read_numbers(args)
+    return Command(kind, numbers, unreadable, task, written)
+
+
+def _read_numbers(args: str) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """(numbers, unreadable pieces, numbers as written) of a list of numbers."""
     numbers: list[str] = []
     unreadable: list[str] = []
-    for chunk in _SEPARATORS.split(match.group(2)):
+    written: list[str] = []
+    for chunk in _SEPARATORS.split(args):
         for number, text in _scan_chunk(chunk):
             if number is not None:
-                _append_unique(numbers, number)
+                if number not in numbers:
+                    numbers.append(number)
+                    written.append(" ".join(text.split()))
             else:
                 _append_unique(unreadable, text)
-    return Command(kind, tuple(numbers), tuple(unreadable))
+    return tuple(numbers), tuple(unreadable), tuple(written)
+
+
+def _split_task(args: str) -> tuple[str, str]:
+    """(the leading list of numbers, the task after it, stripped; "" when none).
+
+    The list is the leading words that look like (pieces of) numbers, and
+    separators, up to the last one that completes a readable number; the task
+    starts at the next word that is not a separator. So digits that complete
+    no number just before the task are the task's ("4155550100 7 people at 8"),
+    while a message with no task reads as before.
+    """
+    digit_words: list[re.Match[str]] = []
+    for piece in _LIST_PIECE.finditer(args):
+        word = piece.group()
+        if _LIST_SEPARATOR.match(word):
+            continue
+        if _NUMBERISH.match(word):
+            if _DIGITS.search(word):
+                digit_words.append(piece)
+            continue
+        for index in range(len(digit_words) - 1, -1, -1):
+            end = digit_words[index].end()
+            if _ends_with_number(args[:end]):
+                start = digit_words[index + 1].start() if index + 1 < len(digit_words) else None
+                return args[:end], args[piece.start() if start is None else start :].strip()
+        return args, ""
+    return args, ""
+
+
+def _ends_with_number(text: str) -> bool:
+    """True when the last piece of ``text`` (a list of numbers) is a readable number."""
+    pieces = _scan_chunk(_SEPARATORS.split(text)[-1])
+    return bool(pieces) and pieces[-1][0] is not None
 
 
 def split_targets(numbers: tuple[str, ...], limit: int) -> tuple[tuple[str, ...], tuple[str, ...]]:

@@ -265,15 +265,31 @@ async def post_message(client: Client, conversation_sid: str, author: str, body:
     await messages.create_async(author=author, body=body)
 
 
-async def place_call(client: Client, to: str, from_: str, url: str) -> str:
+async def place_call(
+    client: Client, to: str, from_: str, url: str, status_callback: str | None = None
+) -> str:
     """Start an outbound call and return its SID.
 
     Answering-machine detection waits for the greeting to end
     (``DetectMessageEnd``) and runs synchronously, so ``AnsweredBy`` reaches
-    the voice webhook and a voicemail can be left after the beep.
+    the voice webhook and a voicemail can be left after the beep. With
+    ``status_callback``, Twilio POSTs the call's end there (``completed``
+    covers every final status: busy, no-answer, failed, canceled too).
     """
+    extra: dict[str, Any] = {}
+    if status_callback:
+        extra = {
+            "status_callback": status_callback,
+            "status_callback_event": ["completed"],
+            "status_callback_method": "POST",
+        }
     call = await client.calls.create_async(
-        to=to, from_=from_, url=url, machine_detection="DetectMessageEnd", async_amd="false"
+        to=to,
+        from_=from_,
+        url=url,
+        machine_detection="DetectMessageEnd",
+        async_amd="false",
+        **extra,
     )
     sid: str = call.sid
     return sid

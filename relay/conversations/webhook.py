@@ -17,7 +17,8 @@ from quart import Response, request
 from twilio.base.exceptions import TwilioException
 from werkzeug.exceptions import HTTPException
 
-from relay.admission.twilio_auth import TwilioGate, form_refusal
+from relay.admission.twilio_auth import TwilioGate, form_refusal, public_http_url
+from relay.calls.tasks import MAX_AUTHOR_CHARS, MAX_TASK_CHARS, CallTask, TaskBook, clean_text
 from relay.conversations.assistant import AssistantError, sms_reply
 from relay.conversations.commands import (
     Command,
@@ -54,6 +55,10 @@ KNOWN_BOT_CACHE = 10_000
 # A message's position in its conversation: digits only, so that no other field
 # can be run into it under the same signature (see relay.admission.twilio_auth.SID_PREFIXES).
 INDEX = re.compile(r"\A[0-9]{1,12}\Z")
+# Where Twilio reports a placed call's end (docs/contract.md §12).
+STATUS_PATH = "/twilio/status"
+# How much of a task the confirmation quotes back (the call gets all of it).
+TASK_PREVIEW_CHARS = 300
 
 
 class ConvoJobs:
@@ -72,6 +77,7 @@ class ConvoJobs:
         self.chat_timeout = CHAT_DEADLINE_FACTOR * connect
         self.http = httpx.AsyncClient(timeout=httpx.Timeout(self.chat_timeout, connect=connect))
         self.has_bot: set[str] = set()
+        self.tasks = TaskBook(rt.store)
         rt.closers.append(self.aclose)
 
     async def aclose(self) -> None:
@@ -95,7 +101,7 @@ class ConvoJobs:
             command = parse_command(body)
             reply: str | None
             if command is not None:
-                reply = await self._command(command, author)
+                reply = await self._command(command, convo, author)
             else:
                 reply = await self._ai_reply(convo, body)
             if reply:
@@ -130,7 +136,7 @@ class ConvoJobs:
         self.rt.metrics.jobs_failed_total.labels(stage=stage).inc()
         self.rt.metrics.convo_events_total.labels(outcome="failed").inc()
 
-    async def _command(self, command: Command, author: str) -> str:
+    async def _command(self, command: Command, convo: str, author: str) -> str:
         s = self.rt.settings
         unreadable = ", ".join(command.unreadable)
         if not command.numbers:
@@ -142,22 +148,35 @@ class ConvoJobs:
         # One message may name only so many (toll fraud): the first ones, in order.
         numbers, refused = split_targets(command.numbers, s.twilio.max_call_targets)
         parts = []
+        after: list[str] = []
         if command.kind == "call":
+            task, cut = clean_text(command.task, MAX_TASK_CHARS)
             called: list[str] = []
             failed: list[str] = []
-            for number in numbers:
+            status_url = public_http_url(s, STATUS_PATH)
+            for number, written in zip(numbers, command.written, strict=False):
                 try:
-                    await place_call(
-                        self.rest.client, number, s.twilio.caller_id, s.twilio.voice_url
+                    call_sid = await place_call(
+                        self.rest.client, number, s.twilio.caller_id, s.twilio.voice_url, status_url
                     )
                     called.append(number)
                 except TwilioException as exc:
                     log.warning("call failed: %s", getattr(exc, "code", ""), extra={"to": number})
                     failed.append(number)
+                    continue
+                if task:
+                    who = clean_text(author, MAX_AUTHOR_CHARS)[0]
+                    await self.tasks.remember(call_sid, CallTask(task, convo, who, written, number))
+                    log.info(
+                        "call placed with a task",
+                        extra={"call_sid": call_sid, "to": number, "task_chars": len(task)},
+                    )
             if called:
                 parts.append(f"Calling {', '.join(called)}.")
             if failed:
                 parts.append(f"Could not call {', '.join(failed)}.")
+            if called and task:
+                after.append(_task_note(task, cut, s.calls.summaries, len(called)))
             verb = "call"
         else:
             author_number = normalize_number(author)
@@ -180,7 +199,7 @@ class ConvoJobs:
             )
         if unreadable:
             parts.append(f"I could not read: {unreadable}.")
-        return " ".join(parts)
+        return " ".join([*parts, *after])
 
     async def _ai_reply(self, convo: str, body: str) -> str | None:
         s = self.rt.settings
@@ -198,6 +217,20 @@ class ConvoJobs:
             bot_identity=s.twilio.bot_identity,
             timeout=self.chat_timeout,
         )
+
+
+def _task_note(task: str, cut: bool, summaries: bool, calls: int) -> str:
+    """What the confirmation says of an ``@call`` task (docs/contract.md §12)."""
+    preview = task
+    if len(preview) > TASK_PREVIEW_CHARS:
+        preview = preview[: TASK_PREVIEW_CHARS - 1].rstrip() + "\u2026"
+    note = f'The call will pursue the task: "{preview}".'
+    if cut:
+        note += f" (The task was cut to its first {MAX_TASK_CHARS} characters.)"
+    if summaries:
+        what = "what I learn" if calls == 1 else "what I learn on each call"
+        note += f" I'll post {what} here."
+    return note
 
 
 def convo_handler(

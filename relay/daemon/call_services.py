@@ -15,7 +15,11 @@ from typing import Any
 import httpx
 from twilio.base.exceptions import TwilioException
 
+from relay.calls.events import deliver_call_event
+from relay.calls.http_tools import call_http_tool, error_output
 from relay.calls.report import CallReport
+from relay.calls.summaries import TaskReports
+from relay.calls.tasks import TaskBook
 from relay.config import HttpToolSettings
 from relay.conversations.twilio_rest import TwilioRest, update_call
 from relay.daemon.state import DaemonState
@@ -37,6 +41,9 @@ class CallServices:
             timeout=REST_TIMEOUT,
         )
         self.http = httpx.AsyncClient(follow_redirects=False)
+        self.task_reports = TaskReports(
+            s, TaskBook(rt.store), self.rest.client, self.http, rt.spawn_job
+        )
         rt.closers.append(self.aclose)
 
     async def aclose(self) -> None:
@@ -45,7 +52,7 @@ class CallServices:
 
     async def find_task(self, call_sid: str) -> str | None:
         """The ``@call`` task placed for this call, if any (docs/contract.md §12)."""
-        return None
+        return await self.task_reports.task_for_stream(call_sid)
 
     async def run_http_tool(
         self,
@@ -57,7 +64,18 @@ class CallServices:
     ) -> tuple[bool, str]:
         """Call an operator tool; (ok, the output as JSON text). Never raises
         for the tool's failures: they become an output the model can speak about."""
-        return False, '{"ok": false, "error": "not available"}'
+        key = self.rt.settings.secrets.events_signing_key
+        if key is None:  # serve refuses to start so (docs/contract.md §2); never unsigned
+            return False, error_output("tool is not available")
+        return await call_http_tool(
+            self.http,
+            tool,
+            key,
+            call_id=call_id,
+            arguments=arguments,
+            call_sid=call_sid,
+            stream_sid=stream_sid,
+        )
 
     async def update_call(
         self, call_sid: str, *, status: str | None = None, twiml: str | None = None
@@ -81,4 +99,20 @@ class CallServices:
 
     def call_ended(self, report: CallReport) -> None:
         """A call is over: deliver its event and its ``@call`` summary in the background."""
-        del report
+        self._send_event(report)
+        self.task_reports.after_call(report)
+
+    def _send_event(self, report: CallReport) -> None:
+        calls, key = self.rt.settings.calls, self.rt.settings.secrets.events_signing_key
+        if not calls.events_url or key is None:
+            return
+        url, metrics = calls.events_url, self.rt.metrics
+
+        async def job() -> None:
+            await deliver_call_event(self.http, url, key, report, metrics)
+
+        if not self.rt.spawn_job("call_event", job):
+            metrics.call_events_total.labels(outcome="failed").inc()
+            log.warning(
+                "call.ended event for %s not sent: the background jobs are full", report.call_sid
+            )

@@ -14,7 +14,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="relay",
         description="Relay browsers, Twilio phone calls and SMS chats to OpenAI Realtime.",
         epilog="Secrets come from the environment or $CREDENTIALS_DIRECTORY: "
-        "OPENAI_API_KEY, ENCRYPTION_KEY, TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, REDIS_URL.",
+        "OPENAI_API_KEY, ENCRYPTION_KEY, TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, REDIS_URL, "
+        "EVENTS_SIGNING_KEY.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = sub.add_parser("serve", help="run the daemon in the foreground until SIGTERM/SIGINT")

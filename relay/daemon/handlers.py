@@ -1,5 +1,5 @@
 """The handlers the edge calls: a runner per WebSocket session kind for the front
-door, and the Twilio HTTP routes (TwiML, Conversations webhook) for the app.
+door, and the Twilio HTTP routes (TwiML, Conversations webhook, call status) for the app.
 
 Kept in the daemon, which binds the layers together, so that ``edge.app`` holds
 no protocol logic and ``sessions``/``conversations`` import neither the edge's
@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from quart import Response, g, request
 
 from relay.admission.twilio_auth import TwilioGate, public_http_url
+from relay.conversations.call_status import status_handler
 from relay.conversations.webhook import convo_handler
 from relay.daemon.state import DaemonState
 from relay.edge.twiml import voice_handler
@@ -71,5 +72,6 @@ def twilio_routes(
     routes = {
         "/twilio/convo": convo_handler(rt, gate, signed, form_pairs),
         "/twilio/voice": voice_handler(rt, gate, signed, form_pairs),
+        "/twilio/status": status_handler(rt, gate, signed, form_pairs),
     }
     return routes, signed

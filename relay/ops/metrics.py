@@ -134,6 +134,13 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        # docs/contract.md §12: Twilio's status callbacks, by what became of each.
+        self.call_status_total = Counter(
+            "relay_call_status_total",
+            "Twilio call status callbacks (POST /twilio/status)",
+            ["outcome"],
+            registry=r,
+        )
         self.store_degraded = Gauge(
             "relay_store_degraded", "1 while the shared store is unreachable", registry=r
         )

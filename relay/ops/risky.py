@@ -16,6 +16,9 @@ from relay.config import Settings, mask_password
 
 log = logging.getLogger("relay.config")
 
+# A signing key shorter than this can be searched for from one signed request.
+MIN_SIGNING_KEY = 16
+
 
 def is_loopback_host(host: str) -> bool:
     """True for a loopback address (IPv4, IPv6, IPv4-mapped) or the name localhost.
@@ -71,6 +74,26 @@ def risky_settings(settings: Settings) -> list[str]:
                 f"{key} = {mask_password(url)!r} is not encrypted and not on this host: "
                 f"{secret} would travel in clear"
             )
+    calls = settings.calls
+    # Signed, so not forgeable; but what is signed is not secret from the wire.
+    receivers = [("calls.events_url", calls.events_url, "each call's transcript")]
+    receivers += [
+        (f"calls.http_tools[{i}].url", tool.url, f"the arguments of {tool.name} and its answer")
+        for i, tool in enumerate(calls.http_tools)
+    ]
+    for key, url, what in receivers:
+        if url and _clear_text_remote(url):
+            found.append(
+                f"{key} = {mask_password(url)!r} is not encrypted and not on this host: "
+                f"{what} would travel in clear"
+            )
+    signing_key = settings.secrets.events_signing_key
+    used = bool(calls.events_url or calls.http_tools)
+    if signing_key is not None and len(signing_key) < MIN_SIGNING_KEY and used:
+        found.append(
+            f"EVENTS_SIGNING_KEY is shorter than {MIN_SIGNING_KEY} characters: a receiver's "
+            "signatures could be guessed (make a long one with `relay keygen`)"
+        )
     if (
         urlsplit(server.public_url).scheme == "https"
         and loopback_binds

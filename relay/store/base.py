@@ -1,5 +1,5 @@
-"""The shared-state interface: rate buckets, dedupe and concurrency leases, one
-shape for every backend."""
+"""The shared-state interface: rate buckets, dedupe, concurrency leases and small
+records, one shape for every backend."""
 
 from __future__ import annotations
 
@@ -35,8 +35,9 @@ class Lease:
 
 
 class Store(Protocol):
-    """Rate buckets, dedupe and leases. A call never fails and never blocks for long: a
-    shared backend that cannot answer quickly is replaced by per-process state."""
+    """Rate buckets, dedupe, leases and small records. A call never fails and never
+    blocks for long: a shared backend that cannot answer quickly is replaced by
+    per-process state."""
 
     #: ``"memory"`` or ``"redis"``: what ``store.backend`` selected.
     backend: str
@@ -50,6 +51,19 @@ class Store(Protocol):
 
     async def first_seen(self, key: str, ttl_seconds: float) -> bool:
         """True the first time ``key`` is seen within ``ttl_seconds``; False for repeats."""
+        ...
+
+    async def put(self, key: str, value: str, ttl_seconds: float) -> None:
+        """Keep ``value`` under ``key`` for ``ttl_seconds``.
+
+        Meant for write-once records (e.g. an ``@call`` task by its CallSid):
+        a shared backend also keeps a per-process copy, so a record written here
+        is still found here if the backend goes away later.
+        """
+        ...
+
+    async def get(self, key: str) -> str | None:
+        """The value last :meth:`put` under ``key`` and not yet expired, else None."""
         ...
 
     async def acquire(self, key: str, limit: int) -> Lease | None:

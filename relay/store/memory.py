@@ -1,4 +1,5 @@
-"""Per-process token buckets, dedupe and leases, pruned so idle keys do not accumulate."""
+"""Per-process token buckets, dedupe, leases and records, pruned so idle and expired
+keys do not accumulate."""
 
 from __future__ import annotations
 
@@ -48,6 +49,8 @@ class MemoryStore:
         self._clock = clock
         self._buckets: dict[str, Bucket] = {}
         self._seen: dict[str, float] = {}
+        # key -> (expiry, value) of the records put here.
+        self._values: dict[str, tuple[float, str]] = {}
         # key -> holders of its live leases; a key goes when its last lease does.
         self._leases: dict[str, set[str]] = {}
         self._holders = itertools.count(1)
@@ -63,7 +66,7 @@ class MemoryStore:
         now = self._clock()
         bucket = self._buckets.get(key)
         if bucket is None:
-            if len(self._buckets) + len(self._seen) >= self._prune_above:
+            if len(self) >= self._prune_above:
                 self.prune()
             bucket = self._buckets[key] = Bucket(capacity, window_seconds, now)
         return bucket.take(now)
@@ -73,10 +76,27 @@ class MemoryStore:
         expires = self._seen.get(key)
         if expires is not None and expires > now:
             return False
-        if expires is None and len(self._buckets) + len(self._seen) >= self._prune_above:
+        if expires is None and len(self) >= self._prune_above:
             self.prune()
         self._seen[key] = now + ttl_seconds
         return True
+
+    async def put(self, key: str, value: str, ttl_seconds: float) -> None:
+        self.put_now(key, value, ttl_seconds)
+
+    def put_now(self, key: str, value: str, ttl_seconds: float) -> None:
+        if key not in self._values and len(self) >= self._prune_above:
+            self.prune()
+        self._values[key] = (self._clock() + ttl_seconds, value)
+
+    async def get(self, key: str) -> str | None:
+        return self.get_now(key)
+
+    def get_now(self, key: str) -> str | None:
+        found = self._values.get(key)
+        if found is None or found[0] <= self._clock():
+            return None
+        return found[1]
 
     async def acquire(self, key: str, limit: int) -> Lease | None:
         return self.acquire_now(key, limit)
@@ -119,8 +139,11 @@ class MemoryStore:
         expired = [k for k, t in self._seen.items() if t <= now]
         for k in expired:
             del self._seen[k]
-        self._prune_above = max(MIN_PRUNE_SIZE, 2 * (len(self._buckets) + len(self._seen)))
-        return len(idle) + len(expired)
+        stale = [k for k, (t, _) in self._values.items() if t <= now]
+        for k in stale:
+            del self._values[k]
+        self._prune_above = max(MIN_PRUNE_SIZE, 2 * len(self))
+        return len(idle) + len(expired) + len(stale)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Prune every :data:`PRUNE_INTERVAL` seconds, so keys that went idle during a
@@ -131,7 +154,7 @@ class MemoryStore:
             self.prune()
 
     def __len__(self) -> int:
-        return len(self._buckets) + len(self._seen)
+        return len(self._buckets) + len(self._seen) + len(self._values)
 
     @property
     def degraded(self) -> bool:

@@ -7,6 +7,9 @@ one limit and one dedupe window together (docs/contract.md §8):
   read-modify-write race between processes, and Redis's own clock (``TIME``)
   is the clock, so hosts whose clocks disagree still share one bucket;
 - dedupe is ``SET key 1 NX PX ttl``: exactly one caller sees it first;
+- a record (:meth:`RedisStore.put`) is ``SET key value PX ttl``, and a copy
+  is kept in this process's memory, so what was written here is found here
+  through a later outage too;
 - a lease (a concurrent slot, e.g. a session of one client token) is a member
   of a sorted set scored by its expiry, taken by one Lua script (drop expired
   members, count, add) and refreshed by :meth:`RedisStore.run` while held, so
@@ -219,6 +222,32 @@ class RedisStore:
             except Exception as exc:  # whatever went wrong, the request must not fail
                 self._failed(exc)
         return await self._fallback.first_seen(key, ttl_seconds)
+
+    async def put(self, key: str, value: str, ttl_seconds: float) -> None:
+        # The local copy first: whatever Redis does, this process will find it.
+        await self._fallback.put(key, value, ttl_seconds)
+        if self._up:
+            try:
+                with trio.fail_after(self._call_timeout):
+                    await self._client.set(
+                        self._prefix + key,
+                        value.encode(),
+                        px=max(1, math.ceil(ttl_seconds * 1000)),
+                    )
+            except Exception as exc:  # whatever went wrong, the request must not fail
+                self._failed(exc)
+
+    async def get(self, key: str) -> str | None:
+        if self._up:
+            try:
+                with trio.fail_after(self._call_timeout):
+                    raw: Any = await self._client.get(self._prefix + key)
+                if isinstance(raw, bytes):
+                    return raw.decode("utf-8", "replace")
+            except Exception as exc:  # whatever went wrong, the request must not fail
+                self._failed(exc)
+        # Not in Redis (written here during an outage), or Redis is away.
+        return await self._fallback.get(key)
 
     async def acquire(self, key: str, limit: int) -> Lease | None:
         if self._up:

@@ -96,3 +96,33 @@ async def test_leases_cap_concurrency_and_come_back() -> None:
     await store.release(third)
     assert store.leases("token:abc") == 0
     assert "token:abc" not in store._leases  # the last lease takes its key along
+
+
+async def test_records_expire_and_are_pruned() -> None:
+    clock = Clock()
+    store = MemoryStore(clock)
+    assert await store.get("task:CA1") is None
+    await store.put("task:CA1", '{"task": "x"}', 60)
+    await store.put("task:CA2", "second", 5)
+    assert await store.get("task:CA1") == '{"task": "x"}'
+    assert await store.get("task:CA2") == "second"
+    await store.put("task:CA2", "rewritten", 5)  # the last put wins
+    assert await store.get("task:CA2") == "rewritten"
+    assert len(store) == 2
+    clock.t += 5
+    assert await store.get("task:CA2") is None  # expired, though not yet pruned
+    assert store.prune() == 1
+    assert len(store) == 1 and await store.get("task:CA1") == '{"task": "x"}'
+    clock.t += 55
+    assert store.prune() == 1 and len(store) == 0
+
+
+async def test_a_flood_of_records_is_pruned_as_it_grows() -> None:
+    clock = Clock()
+    store = MemoryStore(clock)
+    for i in range(20_000):
+        await store.put(f"r{i}", "v", 1)
+        clock.t += 0.001
+    # Each record lives one second, i.e. 1000 puts: with the doubling prune the
+    # table never holds much more than twice the live ones (or MIN_PRUNE_SIZE).
+    assert len(store) <= 4096 + 1

@@ -201,7 +201,74 @@ def test_duplicates_removed_order_kept() -> None:
 def test_unreadable_is_reported_as_typed(
     args: str, numbers: tuple[str, ...], unreadable: tuple[str, ...]
 ) -> None:
+    # @group has no task: every word is a number or reported as unreadable.
+    assert parse_command("@group " + args) == Command("group", numbers, unreadable)
+
+
+@pytest.mark.parametrize(
+    ("args", "numbers", "unreadable"),
+    [
+        ("mom", (), ("mom",)),
+        ("my mom", (), ("my mom",)),
+        ("555-0000 4155550001", ("+14155550001",), ("555-0000",)),
+        ("4155550001 555-0000", ("+14155550001",), ("555-0000",)),
+        ("0207 946 0958", (), ("0207 946", "0958")),
+        # No number before the words: no task, read as before.
+        ("please call 4155550001 now", ("+14155550001",), ("please call", "now")),
+        ("555-12 ask him", (), ("555-12", "ask him")),
+    ],
+)
+def test_call_without_a_task_reads_as_before(
+    args: str, numbers: tuple[str, ...], unreadable: tuple[str, ...]
+) -> None:
     assert parse_command("@call " + args) == Command("call", numbers, unreadable)
+
+
+@pytest.mark.parametrize(
+    ("args", "numbers", "unreadable", "task"),
+    [
+        (
+            "415-555-0100 ask whether Tuesday at 3 works for the cleaning",
+            ("+14155550100",),
+            (),
+            "ask whether Tuesday at 3 works for the cleaning",
+        ),
+        ("415-555-0100: ask about Tuesday", ("+14155550100",), (), "ask about Tuesday"),
+        ("415-555-0100 - ask about Tuesday", ("+14155550100",), (), "ask about Tuesday"),
+        ("4155550001 and ask, and say hi", ("+14155550001",), (), "ask, and say hi"),
+        (
+            "4155550001, 4155550002 & confirm 2 seats\nfor 7pm",
+            ("+14155550001", "+14155550002"),
+            (),
+            "confirm 2 seats\nfor 7pm",
+        ),
+        # Numbers inside the task are the task's, never called.
+        (
+            "4155550001 ask them to call 4155550009 back",
+            ("+14155550001",),
+            (),
+            "ask them to call 4155550009 back",
+        ),
+        # Digits that complete no number, just before the task, are the task's.
+        ("4155550001 555-12 ask", ("+14155550001",), (), "555-12 ask"),
+        ("4155550100 7 people at 8", ("+14155550100",), (), "7 people at 8"),
+        ("+1 415 555 0100, 12 seats", ("+14155550100",), (), "12 seats"),
+        ("4155550001, bob, 4155550002", ("+14155550001",), (), "bob, 4155550002"),
+        ("4155550001 x12", ("+14155550001",), (), "x12"),
+    ],
+)
+def test_call_task_is_the_text_after_the_numbers(
+    args: str, numbers: tuple[str, ...], unreadable: tuple[str, ...], task: str
+) -> None:
+    assert parse_command("@call " + args) == Command("call", numbers, unreadable, task)
+
+
+def test_numbers_come_back_as_written_too() -> None:
+    command = parse_command("@call +1 415 555 0100\tand (415) 555-0101, 4155550100 hello")
+    assert command is not None
+    assert command.numbers == ("+14155550100", "+14155550101")
+    assert command.written == ("+1 415 555 0100", "(415) 555-0101")
+    assert command.task == "hello"
 
 
 def test_group_kind_parses_numbers_the_same_way() -> None:
@@ -284,6 +351,10 @@ def test_never_raises_and_never_loses_text(args: str) -> None:
         assert number.startswith("+") and number[1:].isdigit() and 8 <= len(number) - 1 <= 15
     for piece in command.unreadable:
         assert piece and piece in args
+    assert command.task in args and command.task == command.task.strip()
+    assert len(command.written) == len(command.numbers)
+    for written in command.written:
+        assert written and "".join(written.split()) in "".join(args.split())
     assert len(set(command.numbers)) == len(command.numbers)
     assert len(set(command.unreadable)) == len(command.unreadable)
 

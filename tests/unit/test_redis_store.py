@@ -351,3 +351,51 @@ async def test_leases_fall_back_to_memory_while_redis_is_down(redis: RedisServer
         assert await store.acquire("token:n3", 1) is None
         await store.release(lease)
         assert await store.acquire("token:n3", 1) is not None
+
+
+async def test_records_are_shared_expire_and_survive_an_outage_where_written(
+    redis: RedisServer,
+) -> None:
+    async with (
+        running_store(redis.url, **FAST, **PATIENT) as a,
+        running_store(redis.url, **FAST, **PATIENT) as b,
+    ):
+        assert await b.get("task:CA1") is None
+        await a.put("task:CA1", "caf\u00e9 \u2014 task", 600.0)
+        await a.put("task:short", "brief", 0.2)
+        # The other "process" finds it through Redis, exactly as written.
+        assert await b.get("task:CA1") == "caf\u00e9 \u2014 task"
+        assert await b.get("task:short") == "brief"
+        assert 590_000 < pttl(await redis.command("PTTL", "relay:task:CA1")) <= 600_000
+        await trio.sleep(0.25)
+        assert await b.get("task:short") is None
+        assert await a.get("task:short") is None  # the local copy expires too
+        await redis.kill()
+        # Redis gone: the writer still finds its record, the other cannot, and
+        # neither waits long or fails.
+        with trio.fail_after(1):
+            assert await a.get("task:CA1") == "caf\u00e9 \u2014 task"
+            assert await b.get("task:CA1") is None
+        await wait_until(lambda: a.degraded and b.degraded)
+        await b.put("task:CA2", "written during the outage", 600.0)
+        assert await b.get("task:CA2") == "written during the outage"
+        await redis.start()  # a fresh, empty Redis
+        await wait_until(lambda: not a.degraded and not b.degraded)
+        # Redis never heard of it; the process that wrote it still has it.
+        assert await b.get("task:CA2") == "written during the outage"
+        assert await a.get("task:CA2") is None
+
+
+async def test_a_frozen_redis_costs_a_record_the_call_timeout_at_most(redis: RedisServer) -> None:
+    async with running_store(redis.url, **FAST) as store:
+        await store.put("task:CA3", "v", 60.0)
+        assert redis.proc is not None
+        os.kill(redis.proc.pid, signal.SIGSTOP)
+        try:
+            start = trio.current_time()
+            assert await store.get("task:CA3") == "v"  # the local copy, after 200 ms
+            await store.put("task:CA4", "w", 60.0)
+            assert trio.current_time() - start < 0.6
+        finally:
+            os.kill(redis.proc.pid, signal.SIGCONT)
+        await wait_until(lambda: not store.degraded)

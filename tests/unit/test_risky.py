@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from relay.config import load_settings, parse_settings
+from relay.config import load_secrets, load_settings, parse_settings
 from relay.ops.risky import is_loopback_host, risky_settings
 from relay.testing.daemon import daemon_env, toml_dumps
 
@@ -94,6 +94,39 @@ def test_clear_text_bases_to_remote_hosts() -> None:
     }
     assert risks(**local) == []
     assert risks(openai={"realtime_url": "wss://10.1.2.3/rt"}) == []
+
+
+def test_clear_text_call_receivers_to_remote_hosts() -> None:
+    tool = {"name": "lookup", "url": "http://u:tool-pw@tools.internal/lookup"}
+    key = load_secrets({"EVENTS_SIGNING_KEY": "k" * 32})
+    lines = risky_settings(
+        parse_settings(
+            {"calls": {"events_url": "http://hooks.example/e", "http_tools": [tool]}}, key
+        )
+    )
+    assert [line.split(" ", 1)[0] for line in lines] == [
+        "calls.events_url",
+        "calls.http_tools[0].url",
+    ]
+    assert "each call's transcript would travel in clear" in lines[0]
+    assert "tool-pw" not in lines[1] and "u:***@tools.internal" in lines[1]
+    local = {
+        "events_url": "http://127.0.0.1:9/e",
+        "http_tools": [{**tool, "url": "https://tools.internal/lookup"}],
+    }
+    assert risky_settings(parse_settings({"calls": local}, key)) == []
+
+
+def test_short_signing_key_in_use() -> None:
+    hook = {"calls": {"events_url": "https://hooks.example/e"}}
+    short = load_secrets({"EVENTS_SIGNING_KEY": "k" * 15})
+    [line] = risky_settings(parse_settings(hook, short))
+    assert line.startswith("EVENTS_SIGNING_KEY is shorter than 16 characters")
+    assert "k" * 15 not in line
+    assert risky_settings(parse_settings({}, short)) == []  # set but unused
+    assert (
+        risky_settings(parse_settings(hook, load_secrets({"EVENTS_SIGNING_KEY": "k" * 16}))) == []
+    )
 
 
 def test_https_public_url_behind_a_local_proxy_without_trusted_proxies() -> None:

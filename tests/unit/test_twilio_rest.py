@@ -131,6 +131,23 @@ async def test_place_call_with_machine_detection(fake: FakeTwilio, rest: TwilioR
     assert call.machine_detection == "DetectMessageEnd"
     assert call.async_amd == "false"
     assert fake.requests[-1].path == f"/2010-04-01/Accounts/{SID}/Calls.json"
+    # No status callback unless asked for.
+    assert not any(k.startswith("StatusCallback") for k, _ in call.form)
+
+
+async def test_place_call_with_a_status_callback(fake: FakeTwilio, rest: TwilioRest) -> None:
+    await place_call(
+        rest.client,
+        "+14155550123",
+        PROJECTED,
+        "https://relay.test/voice",
+        status_callback="https://relay.test/twilio/status",
+    )
+    (call,) = fake.calls
+    fields = dict(call.form)
+    assert fields["StatusCallback"] == "https://relay.test/twilio/status"
+    assert fields["StatusCallbackMethod"] == "POST"
+    assert [v for k, v in call.form if k == "StatusCallbackEvent"] == ["completed"]
 
 
 async def test_place_call_invalid_number_raises(fake: FakeTwilio, rest: TwilioRest) -> None:
