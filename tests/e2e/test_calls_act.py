@@ -263,7 +263,7 @@ async def test_an_http_tool_is_answered_with_the_backend_body(done: str, call_ev
 
 @both_drivers
 async def test_tool_failures_become_ok_false() -> None:
-    answered = ("t_status", "t_text", "t_big", "t_slow", "t_drip", "t_array")
+    answered = ("t_status", "t_text", "t_big", "t_slow", "t_drip", "t_array", "t_nan", "t_bytes")
     names = (*answered, "t_down")
     with trio.fail_after(40):
         async with world(tools=answered, dead_tools=("t_down",)) as w, call(w.d) as c:
@@ -274,6 +274,8 @@ async def test_tool_failures_become_ok_false() -> None:
             b.script("t_slow", ToolAnswer(delay=5))  # the tool's timeout is 2 s
             b.script("t_drip", ToolAnswer(body={"pad": "x" * 100}, trickle=0.1))  # 10+ s
             b.script("t_array", ToolAnswer(status=201, body=b"[1,"))  # 2xx, JSON cut short
+            b.script("t_nan", ToolAnswer(body=b'{"x": NaN}'))  # Python's json, not JSON
+            b.script("t_bytes", ToolAnswer(body=b'{"x": "\xff\xfe"}'))  # not UTF-8
             conn = await greeted(w, c)
             calls = [ToolCall(name, {"order": "1"}, f"call_{name}") for name in names]
             conn.respond(chunks=0, calls=calls)
@@ -320,6 +322,21 @@ async def test_unknown_tools_and_bad_arguments_are_refused_without_a_request() -
         assert conn.errors == []
         log = w.d.log_text()
         assert "\nINFO forged log line" not in log and "\nforged log line" not in log
+
+
+async def test_a_deeply_nested_answer_gets_one_answer_and_the_call_goes_on() -> None:
+    deep = b"[" * 8000 + b"]" * 8000  # JSON, under 16 KiB, deeper than any parser's stack
+    with trio.fail_after(30):
+        async with world() as w, call(w.d) as c:
+            w.backend.script("lookup_order", ToolAnswer(body=deep))
+            conn = await greeted(w, c)
+            conn.respond(chunks=0, calls=[ToolCall("lookup_order", {"order": "1"}, "c_deep")])
+            await settle(conn, 2)
+            (output,) = conn.answered["c_deep"]
+            assert output.encode() == deep or failed(json.loads(output))
+            assert not c.closed.is_set()
+            await c.stop()
+        assert conn.errors == []
 
 
 @both_drivers
