@@ -58,6 +58,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--loaders", type=int, default=0, help="load processes (default: auto)")
     p.add_argument("--open-rate", type=float, default=100.0, help="calls opened per second")
     p.add_argument("--keep-going", action="store_true", help="do not stop at saturation")
+    p.add_argument(
+        "--plain-calls",
+        action="store_true",
+        help="twilio mode: run our relay without its [calls] tools and transcripts "
+        "(by default they are configured, as in production, and never called)",
+    )
     ext = p.add_argument_group("external relay")
     ext.add_argument("--url", help="ws://host:port/twilio/media of a relay already running")
     ext.add_argument("--fake-port", type=int, default=0, help="port of the fake upstream")
@@ -130,13 +136,42 @@ def _wait_listening(popen: subprocess.Popen[bytes], log: Path, timeout: float = 
     raise RuntimeError(f"relay did not start in {timeout}s:\n{log.read_text()[-2000:]}")
 
 
-def start_relay(name: str, fake_port: int, mode: str, cpu: int | None) -> Served:
+# What a production phone line configures (docs/contract.md §11): the built-ins, a
+# transfer target, one HTTP tool and transcripts. The bench's model never calls a
+# tool and its endless answer never ends, so this measures what having them
+# costs each call, not what calling them does. No events_url: calls end between
+# steps, and their events' retries would land in the next window.
+ACTING_CALLS: dict[str, Any] = {
+    "tools": ["end_call", "transfer_call"],
+    "transfer_targets": {"front_desk": "+14155550100"},
+    "dtmf": True,
+    "transcripts": True,
+    "http_tools": [
+        {
+            "name": "lookup_order",
+            "description": "Look up an order by its number",
+            "parameters": {
+                "type": "object",
+                "properties": {"order": {"type": "string"}},
+                "required": ["order"],
+            },
+            "url": "http://127.0.0.1:9/lookup_order",  # never called
+            "timeout_seconds": 5,
+        }
+    ],
+}
+
+
+def start_relay(
+    name: str, fake_port: int, mode: str, cpu: int | None, *, acting: bool = True
+) -> Served:
     from relay.testing.daemon import daemon_config, daemon_env, toml_dumps
 
     workdir = Path(tempfile.mkdtemp(prefix=f"relay-bench-{name}-"))
     log = workdir / "relay.log"
     upstream = f"ws://127.0.0.1:{fake_port}/v1/realtime"
-    env = daemon_env()
+    # An HTTP tool needs the signing key (serve exits 2 without it).
+    env = daemon_env(EVENTS_SIGNING_KEY=os.urandom(32).hex())
     if name == "baseline":
         cmd = [sys.executable, "-m", "relay.bench.baseline", "--upstream", upstream]
     else:
@@ -154,6 +189,8 @@ def start_relay(name: str, fake_port: int, mode: str, cpu: int | None) -> Served
                 "auth": {"allowed_origins": [ORIGIN], "sessions_per_token": 0},
             }
         )
+        if mode == "twilio" and acting:
+            config["calls"] = dict(ACTING_CALLS)
         (workdir / "config.toml").write_text(toml_dumps(config))
         (workdir / "env.json").write_text(json.dumps({"ENCRYPTION_KEY": env["ENCRYPTION_KEY"]}))
         cmd = [sys.executable, "-m", "relay", "serve", "--config", str(workdir / "config.toml")]
@@ -295,7 +332,7 @@ class Bench:
         if name == "relay" and a.url:
             parts = urllib.parse.urlsplit(a.url)
             return Served("external", parts.hostname or "127.0.0.1", parts.port or 80, a.relay_pid)
-        return start_relay(name, self.fake_port, a.mode, self.relay_cpu)
+        return start_relay(name, self.fake_port, a.mode, self.relay_cpu, acting=not a.plain_calls)
 
     def run_target(self, name: str, ladder: list[int]) -> dict[str, Any]:
         served = self.serve(name)
@@ -584,6 +621,8 @@ def main(argv: list[str] | None = None) -> int:
         "started_unix": started,
         "cpus": sorted(os.sched_getaffinity(0)),
         "relay_cpu": bench.relay_cpu,
+        # The [calls] section our relay ran with (None: none, as before issue 18).
+        "calls_config": ACTING_CALLS if args.mode == "twilio" and not args.plain_calls else None,
         "results": results,
     }
     if args.mode == "twilio":

@@ -7,6 +7,15 @@ a peer sends, and enforces the rules of the real service that a relay could
 break, answering each breach with the real ``error`` event (also kept in
 ``FakeConnection.errors``, so a test can assert there were none).
 
+Phone calls that act (docs/contract.md §11): a response may call function tools
+(:class:`ToolCall`, through :meth:`FakeConnection.respond` or a queued
+:class:`ResponsePlan`), with its ``response.done`` before or only after the peer's
+answers; every ``response.done`` carries ``response.usage`` (:data:`DEFAULT_USAGE`);
+spoken responses carry their transcript, and the caller's turns are emitted on
+demand (:meth:`FakeConnection.emit_caller_transcript`). The answers and typed
+messages the peer creates are checked as the real service checks them and kept
+(``answered``, ``function_outputs``, ``user_texts``, ``response_creates``).
+
 Guarantees: every task it starts lives in the context manager's nursery and is
 cancelled when the ``async with`` exits; every accepted socket is closed by
 then. Audio is G.711 μ-law: 8 bytes per millisecond, unless a mode such as
@@ -19,6 +28,7 @@ import argparse
 import base64
 import binascii
 import itertools
+import re
 import socket
 import struct
 import urllib.parse
@@ -26,7 +36,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import orjson
 import trio
@@ -109,11 +119,91 @@ def chunk_audio(seq: int, size: int) -> bytes:
     return (head + bytes([seq % 251]) * max(0, size - 4))[:size]
 
 
+# What every ``response.done`` reports as ``response.usage`` unless a test says
+# otherwise (``FakeRealtime.usage``, ``respond(usage=...)``): distinct numbers in
+# each slot, so a relay that swaps input and output or text and audio is caught.
+DEFAULT_USAGE: Mapping[str, int] = {
+    "input_text": 11,
+    "input_audio": 22,
+    "input_cached": 5,
+    "output_text": 3,
+    "output_audio": 40,
+}
+
+
+def usage_object(
+    *,
+    input_text: int = 0,
+    input_audio: int = 0,
+    input_cached: int = 0,
+    output_text: int = 0,
+    output_audio: int = 0,
+) -> Event:
+    """A ``response.usage`` as the real service writes it (docs: totals plus details)."""
+    inputs, outputs = input_text + input_audio, output_text + output_audio
+    return {
+        "total_tokens": inputs + outputs,
+        "input_tokens": inputs,
+        "output_tokens": outputs,
+        "input_token_details": {
+            "text_tokens": input_text,
+            "audio_tokens": input_audio,
+            "cached_tokens": input_cached,
+            "cached_tokens_details": {"text_tokens": input_cached, "audio_tokens": 0},
+        },
+        "output_token_details": {"text_tokens": output_text, "audio_tokens": output_audio},
+    }
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """One function call the fake's model makes. ``arguments`` is sent as given
+    when it is a string (so a test can send broken JSON or a JSON array), else
+    as its JSON text. ``call_id`` defaults to a fresh ``call_…`` id."""
+
+    name: str
+    arguments: str | Mapping[str, Any] = "{}"
+    call_id: str | None = None
+
+    def arguments_text(self) -> str:
+        if isinstance(self.arguments, str):
+            return self.arguments
+        return orjson.dumps(dict(self.arguments)).decode()
+
+
+# When a response that calls tools sends its ``response.done``: at once after the
+# calls ("before" the relay can have answered), or only once the relay has sent a
+# ``function_call_output`` for every call of it ("after").
+DoneWhen = Literal["before", "after"]
+# Which events carry each call: both (as the real service sends), or only one of
+# them, to show the relay answers from either.
+CallEvents = Literal["both", "arguments_done", "item_done"]
+
+
+@dataclass(frozen=True)
+class ResponsePlan:
+    """What the next ``response.create`` gets instead of a plain spoken answer
+    (queue them in :attr:`FakeRealtime.plans`); the fields are :meth:`FakeConnection.respond`'s."""
+
+    chunks: int | None = None
+    text: str = "Hello."
+    calls: tuple[ToolCall, ...] = ()
+    done: DoneWhen = "before"
+    call_events: CallEvents = "both"
+    usage: Mapping[str, int] | None = None
+
+
 @dataclass
 class _Response:
     response_id: str
     item_id: str
     stop: trio.Event = field(default_factory=trio.Event)
+    calls: tuple[ToolCall, ...] = ()
+    call_ids: tuple[str, ...] = ()
+    done: DoneWhen = "before"
+    call_events: CallEvents = "both"
+    usage: Mapping[str, int] | None = None
+    done_sent: trio.Event = field(default_factory=trio.Event)
 
 
 class FakeConnection:
@@ -140,6 +230,9 @@ class FakeConnection:
         self.input_audio = bytearray()  # decoded audio of every valid append, concatenated
         self.item_audio: dict[str, int] = {}  # assistant item id -> audio bytes sent
         self.truncations: list[tuple[str, int]] = []  # accepted (item_id, audio_end_ms)
+        self.responses: list[_Response] = []  # every response started, in order
+        self.tool_calls: dict[str, str] = {}  # call_id -> tool name, of every call made
+        self.answered: dict[str, list[str]] = {}  # call_id -> each output the peer sent for it
         self.close_code: int | None = None  # of a close the peer started; None: no frame
         self.close_reason: str | None = None
         self.server_close: tuple[int, str] | None = None  # a close the fake started
@@ -165,6 +258,72 @@ class FakeConnection:
     def responding(self) -> bool:
         """Is a response in progress (its ``response.done`` not yet sent)?"""
         return self._active is not None
+
+    def events_of(self, event_type: str) -> list[Event]:
+        """Every client event of ``event_type`` received so far, in order."""
+        return [e for e in self.events if e.get("type") == event_type]
+
+    @property
+    def response_creates(self) -> list[Event]:
+        return self.events_of("response.create")
+
+    @property
+    def function_outputs(self) -> list[Event]:
+        """The ``item`` of every ``function_call_output`` the peer created, in order."""
+        items = (e.get("item") for e in self.events_of("conversation.item.create"))
+        return [i for i in items if isinstance(i, dict) and i.get("type") == "function_call_output"]
+
+    def output_for(self, call_id: str) -> Any:
+        """The parsed ``output`` of the one answer to ``call_id``; AssertionError
+        unless exactly one arrived."""
+        outputs = self.answered.get(call_id, [])
+        assert len(outputs) == 1, f"{len(outputs)} outputs for {call_id}"
+        return orjson.loads(outputs[0])
+
+    @property
+    def user_texts(self) -> list[str]:
+        """The ``input_text`` of every user ``message`` the peer created, in order."""
+        texts: list[str] = []
+        for e in self.events_of("conversation.item.create"):
+            item = e.get("item") or {}
+            content = item.get("content") if item.get("role") == "user" else None
+            if item.get("type") == "message" and isinstance(content, list):
+                texts += [c["text"] for c in content if isinstance(c, dict)
+                          and isinstance(c.get("text"), str)]  # fmt: skip
+        return texts
+
+    def usage_sent(self) -> dict[str, int]:
+        """The usage of every ``response.done`` sent, summed: ``input_tokens``,
+        ``output_tokens``, ``input_audio_tokens``, ``output_audio_tokens`` and the
+        text counts (the ``call.ended`` event's fields, plus text)."""
+        total = dict.fromkeys(("input_tokens", "output_tokens", "input_audio_tokens",
+                               "output_audio_tokens", "input_text_tokens",
+                               "output_text_tokens"), 0)  # fmt: skip
+        for e in self.sent:
+            usage = e.get("response", {}).get("usage") if e["type"] == "response.done" else None
+            if usage is None:
+                continue
+            total["input_tokens"] += usage["input_tokens"]
+            total["output_tokens"] += usage["output_tokens"]
+            for side in ("input", "output"):
+                details = usage[f"{side}_token_details"]
+                total[f"{side}_audio_tokens"] += details["audio_tokens"]
+                total[f"{side}_text_tokens"] += details["text_tokens"]
+        return total
+
+    async def wait_response_done(self, index: int = -1) -> None:
+        """Wait until response number ``index`` (default: the latest) sent its ``response.done``."""
+        await self.responses[index].done_sent.wait()
+
+    async def emit_caller_transcript(self, text: str, item_id: str | None = None) -> str:
+        """The caller's turn as the input transcription reports it (the same in
+        both dialects); returns the item id."""
+        item_id = item_id or _new_id("item")
+        await self._emit("conversation.item.input_audio_transcription.delta", item_id=item_id,
+                         content_index=0, delta=text)  # fmt: skip
+        await self._emit("conversation.item.input_audio_transcription.completed",
+                         item_id=item_id, content_index=0, transcript=text)  # fmt: skip
+        return item_id
 
     def item_ms(self, item_id: str) -> int:
         """Milliseconds of audio the fake has sent for ``item_id``."""
@@ -261,20 +420,39 @@ class FakeConnection:
         chunk_bytes: int | None = None,
         chunk_interval: float | None = None,
         text: str = "Hello.",
+        calls: tuple[ToolCall, ...] | list[ToolCall] = (),
+        done: DoneWhen = "before",
+        call_events: CallEvents = "both",
+        usage: Mapping[str, int] | None = None,
     ) -> str:
-        """Start a spoken response now (as ``response.create`` would); returns its item id.
+        """Start a response now (as ``response.create`` would); returns the item id
+        of its spoken part (with no audio, of its first call).
 
         ``chunk_bytes`` and ``chunk_interval`` override the fake's knobs for this
-        response only; ``text`` is its transcript. Raises ``RuntimeError`` if one
-        is already in progress."""
+        response only; ``text`` is its transcript. With ``calls``, the model then
+        calls those function tools (after ``chunks`` audio deltas; ``chunks=0``:
+        no spoken part at all), and sends ``response.done`` as ``done`` says.
+        ``usage`` (keys of :data:`DEFAULT_USAGE`) overrides the fake's for this
+        response's ``response.done``. Raises ``RuntimeError`` if one is already in progress."""
         if self._active is not None:
             raise RuntimeError("a response is already in progress")
         assert self._nursery is not None, "the handshake was not accepted"
-        self._active = _Response(_new_id("resp"), _new_id("item"))
-        self.item_audio[self._active.item_id] = 0
         n = self.fake.response_chunks if chunks is None else chunks
-        self._nursery.start_soon(self._speak, self._active, n, chunk_bytes, chunk_interval, text)
-        return self._active.item_id
+        call_ids = tuple(c.call_id or _new_id("call") for c in calls)
+        resp = _Response(_new_id("resp"), _new_id("item"), calls=tuple(calls), call_ids=call_ids,
+                         done=done, call_events=call_events, usage=usage)  # fmt: skip
+        self._active = resp
+        self.responses.append(resp)
+        self.tool_calls.update(zip(call_ids, (c.name for c in calls), strict=True))
+        if n > 0 or not calls:
+            self.item_audio[resp.item_id] = 0
+        self._nursery.start_soon(self._speak, resp, n, chunk_bytes, chunk_interval, text)
+        return resp.item_id
+
+    def plan(self, plan: ResponsePlan) -> str:
+        """:meth:`respond` with a :class:`ResponsePlan`'s fields."""
+        return self.respond(chunks=plan.chunks, text=plan.text, calls=plan.calls, done=plan.done,
+                            call_events=plan.call_events, usage=plan.usage)  # fmt: skip
 
     async def _speak(
         self,
@@ -289,11 +467,15 @@ class FakeConnection:
                    output_index=0, content_index=0)  # fmt: skip
         item = dict(id=resp.item_id, object="realtime.item", type="message", role="assistant",
                     status="in_progress", content=[])  # fmt: skip
+        spoken = chunks > 0 or not resp.calls
+        output: list[Event] = []
         status = "cancelled"
         try:
-            await self._emit("response.created", response=_response(resp, "in_progress"))
-            await self._emit("response.output_item.added", response_id=resp.response_id,
-                             output_index=0, item=item)  # fmt: skip
+            await self._emit("response.created", response=_response(resp, "in_progress", []))
+            if spoken:
+                output.append({"id": resp.item_id, "type": "message", "role": "assistant"})
+                await self._emit("response.output_item.added", response_id=resp.response_id,
+                                 output_index=0, item=item)  # fmt: skip
             for index in range(chunks):
                 if resp.stop.is_set():
                     break
@@ -311,18 +493,54 @@ class FakeConnection:
                 interval = fake.chunk_interval if chunk_interval is None else chunk_interval
                 with trio.move_on_after(interval):
                     await resp.stop.wait()
-            if not resp.stop.is_set():
+            if spoken and not resp.stop.is_set():
                 await self._emit(d.transcript_delta, **ids, delta=text)
                 await self._emit(d.audio_done, **ids)
                 await self._emit(d.transcript_done, **ids, transcript=text)
+            if not resp.stop.is_set():
+                for n, (call, call_id) in enumerate(zip(resp.calls, resp.call_ids, strict=True)):
+                    output.append(await self._call_tool(resp, call, call_id, len(output), n == 0))
+                if resp.calls and resp.done == "after":
+                    await self._wait_answered(resp.call_ids)
                 status = "completed"
             self._active = None
-            await self._emit(d.response_done, response=_response(resp, status))
+            await self._emit(d.response_done, response=_response(resp, status, output,
+                                                                 self._usage(resp)))  # fmt: skip
+            resp.done_sent.set()
         except trio_websocket.ConnectionClosed:
             pass  # the receive loop sees the close and ends the connection
         finally:
             if self._active is resp:
                 self._active = None
+
+    async def _call_tool(
+        self, resp: _Response, call: ToolCall, call_id: str, index: int, first: bool
+    ) -> Event:
+        """Emit one function call as the real service does; returns its finished item."""
+        # With no spoken part, the first call's item takes the response's item id.
+        item_id = resp.item_id if first and resp.item_id not in self.item_audio else _new_id("item")
+        arguments = call.arguments_text()
+        item = dict(id=item_id, object="realtime.item", type="function_call", status="in_progress",
+                    name=call.name, call_id=call_id, arguments="")  # fmt: skip
+        where = dict(response_id=resp.response_id, output_index=index)
+        await self._emit("response.output_item.added", **where, item=item)
+        await self._emit("response.function_call_arguments.delta", **where, item_id=item_id,
+                         call_id=call_id, delta=arguments)  # fmt: skip
+        if resp.call_events in ("both", "arguments_done"):
+            await self._emit("response.function_call_arguments.done", **where, item_id=item_id,
+                             call_id=call_id, name=call.name, arguments=arguments)  # fmt: skip
+        finished = {**item, "status": "completed", "arguments": arguments}
+        if resp.call_events in ("both", "item_done"):
+            await self._emit("response.output_item.done", **where, item=finished)
+        return finished
+
+    async def _wait_answered(self, call_ids: tuple[str, ...]) -> None:
+        while not all(call_id in self.answered for call_id in call_ids):
+            await self._activity.wait()
+
+    def _usage(self, resp: _Response) -> Event | None:
+        counts = resp.usage if resp.usage is not None else self.fake.usage
+        return None if counts is None else usage_object(**counts)
 
     async def _error(
         self, code: str, message: str, *, param: str | None = None, cause: Event | None = None
@@ -420,6 +638,8 @@ class FakeConnection:
                        f"{self._active.response_id}. Wait until the response is finished "
                        "before creating a new one.")  # fmt: skip
             await self._error("conversation_already_has_active_response", message, cause=event)
+        elif self.fake.plans:
+            self.plan(self.fake.plans.pop(0))
         elif self.fake.auto_respond:
             self.respond()
 
@@ -445,7 +665,13 @@ class FakeConnection:
                          audio_end_ms=end_ms)  # fmt: skip
 
     async def _on_item_create(self, event: Event) -> None:
-        item = {"id": _new_id("item"), **(event.get("item") or {})}
+        problem = _item_problem(event.get("item"), self.tool_calls)
+        if problem is not None:
+            await self._error("invalid_value", problem[1], param=problem[0], cause=event)
+            return
+        item = {"id": _new_id("item"), **event["item"]}
+        if item["type"] == "function_call_output":
+            self.answered.setdefault(item["call_id"], []).append(item["output"])
         added = (
             "conversation.item.created" if self.dialect.beta_header else "conversation.item.added"
         )
@@ -489,6 +715,11 @@ class FakeRealtime:
         self.chunk_bytes = 160  # 20 ms of μ-law
         self.chunk_interval = 0.02  # seconds between audio deltas; 0: as fast as possible
         self.auto_respond = True  # answer response.create with a spoken response
+        # What the next response.create gets, first to last, before auto_respond's
+        # plain answer; shared by all connections.
+        self.plans: list[ResponsePlan] = []
+        # Counts (keys of DEFAULT_USAGE) of every response.done's usage; None: none.
+        self.usage: Mapping[str, int] | None = dict(DEFAULT_USAGE)
         self.echo = False  # send back every message unchanged; no protocol, no session.created
         # Audio modes (relay.testing.fake_voice): the unit of assistant audio, what
         # delta number ``index`` of a response holds, and a hook that sees every
@@ -675,9 +906,109 @@ def _session_problem(d: Dialect, s: Event) -> tuple[str, str, str] | None:
         vad = audio.get("input", {}).get("turn_detection")
     if vad is not None and (not isinstance(vad, dict) or vad.get("type") not in _VADS):
         return _invalid("session.turn_detection")
+    if d.beta_header:
+        where, transcription = (
+            "session.input_audio_transcription",
+            s.get("input_audio_transcription"),
+        )
+    else:
+        audio_in = s.get("audio", {}).get("input", {})
+        where, transcription = "session.audio.input.transcription", audio_in.get("transcription")
+    if transcription is not None and (problem := _transcription_problem(where, transcription)):
+        return problem
+    if (problem := _tools_problem(s)) is not None:
+        return problem
     voice = _voice(s)
     if voice is not None and voice not in VOICES:
         return _invalid("session.voice")
+    return None
+
+
+# Content part types (and the field holding their data) each role may send.
+_PARTS: dict[str, dict[str, str]] = {
+    "user": {"input_text": "text", "input_audio": "audio", "input_image": "image_url"},
+    "system": {"input_text": "text"},
+    "assistant": {
+        "output_text": "text",
+        "text": "text",
+        "output_audio": "transcript",
+        "audio": "transcript",
+    },
+}
+
+
+def _item_problem(item: Any, calls: Mapping[str, str]) -> tuple[str, str] | None:
+    """(param, message) of what the real service refuses in a created item: a
+    tool's answer for a call it never made, a message with parts its role
+    cannot hold. Other item types pass unchecked."""
+    if not isinstance(item, dict):
+        return "item", "Expected an object."
+    kind = item.get("type")
+    if kind == "function_call_output":
+        call_id, output = item.get("call_id"), item.get("output")
+        if not isinstance(call_id, str) or call_id not in calls:
+            return "item.call_id", f"No function call found with call_id {call_id!r}."
+        if not isinstance(output, str):
+            return "item.output", "Invalid type for 'item.output': expected a string."
+    elif kind == "message":
+        parts, content = _PARTS.get(str(item.get("role"))), item.get("content")
+        if parts is None:
+            return "item.role", "Invalid value for 'item.role'."
+        if not isinstance(content, list) or not content:
+            return "item.content", "Invalid 'item.content': expected a non-empty array."
+        for n, part in enumerate(content):
+            key = parts.get(str(part.get("type"))) if isinstance(part, dict) else None
+            if key is None or not isinstance(part.get(key), str):
+                return f"item.content[{n}]", f"Invalid content part for role {item['role']!r}."
+    elif not isinstance(kind, str):
+        return "item.type", "Missing required parameter: 'item.type'."
+    return None
+
+
+_TOOL_NAME = re.compile(r"\A[a-zA-Z0-9_-]{1,64}\Z")
+_FUNCTION_KEYS = frozenset({"type", "name", "description", "parameters"})
+_TRANSCRIPTION_KEYS = frozenset({"model", "language", "prompt"})
+
+
+def _transcription_problem(where: str, value: Any) -> tuple[str, str, str] | None:
+    if not isinstance(value, dict):
+        return _invalid(where)
+    if unknown := value.keys() - _TRANSCRIPTION_KEYS:
+        param = f"{where}.{min(unknown)}"
+        return "unknown_parameter", param, f"Unknown parameter: '{param}'."
+    if not isinstance(value.get("model"), str):
+        return _invalid(f"{where}.model")
+    return None
+
+
+def _tools_problem(s: Event) -> tuple[str, str, str] | None:
+    """Function tools and tool_choice, as both dialects take them."""
+    tools = s.get("tools", [])
+    if not isinstance(tools, list):
+        return _invalid("session.tools")
+    for n, tool in enumerate(tools):
+        where = f"session.tools[{n}]"
+        if not isinstance(tool, dict) or tool.get("type") != "function":
+            return _invalid(f"{where}.type")
+        if unknown := tool.keys() - _FUNCTION_KEYS:
+            param = f"{where}.{min(unknown)}"
+            return "unknown_parameter", param, f"Unknown parameter: '{param}'."
+        if not isinstance(tool.get("name"), str) or not _TOOL_NAME.match(tool["name"]):
+            return _invalid(f"{where}.name")
+        if not isinstance(tool.get("description", ""), str):
+            return _invalid(f"{where}.description")
+        if not isinstance(tool.get("parameters", {}), dict):
+            return _invalid(f"{where}.parameters")
+    names = [t["name"] for t in tools]
+    if len(set(names)) != len(names):
+        return "invalid_value", "session.tools", "Tool names must be unique."
+    choice = s.get("tool_choice", "auto")
+    if choice not in ("auto", "none", "required") and not (
+        isinstance(choice, dict)
+        and choice.get("type") == "function"
+        and choice.get("name") in names
+    ):
+        return _invalid("session.tool_choice")
     return None
 
 
@@ -699,9 +1030,14 @@ def _merge(into: Event, update: Event) -> None:
             into[key] = value
 
 
-def _response(resp: _Response, status: str) -> Event:
-    output = [{"id": resp.item_id, "type": "message", "role": "assistant"}]
-    return dict(id=resp.response_id, object="realtime.response", status=status, output=output)
+def _response(
+    resp: _Response, status: str, output: list[Event], usage: Event | None = None
+) -> Event:
+    body: Event = dict(id=resp.response_id, object="realtime.response", status=status,
+                       output=output)  # fmt: skip
+    if usage is not None:
+        body["usage"] = usage
+    return body
 
 
 @asynccontextmanager

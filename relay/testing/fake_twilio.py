@@ -34,6 +34,7 @@ from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
+from xml.etree import ElementTree
 
 import trio
 from hypercorn.config import Config
@@ -41,6 +42,7 @@ from hypercorn.trio import serve
 
 __all__ = [
     "FakeCall",
+    "FakeCallUpdate",
     "FakeConversation",
     "FakeFault",
     "FakeMessage",
@@ -52,6 +54,8 @@ __all__ = [
 
 Reply = tuple[int, Any]
 _E164 = re.compile(r"\A\+[1-9][0-9]{7,14}\Z")
+_CALL_SID = re.compile(r"\ACA[0-9a-f]{32}\Z")
+_CALL_UPDATE_STATUSES = frozenset({"completed", "canceled"})
 _CONVO_HOST = "https://conversations.twilio.com"
 _EPOCH_ISO = "2024-01-01T00:00:00Z"
 _EPOCH_RFC2822 = "Mon, 01 Jan 2024 00:00:00 +0000"
@@ -79,6 +83,7 @@ class RecordedRequest:
     form: list[tuple[str, str]]
     json: Any
     status: int = 0
+    received_at: float = 0.0  # trio.current_time() on arrival (the test's clock, in process)
 
     @classmethod
     def from_asgi(cls, scope: Mapping[str, Any], body: bytes) -> RecordedRequest:
@@ -254,6 +259,25 @@ class FakeCall:
         }
 
 
+@dataclass(frozen=True)
+class FakeCallUpdate:
+    """One ``POST /2010-04-01/Accounts/{AC}/Calls/{CA}.json`` (hang up, redirect) as
+    received: the form's ``Status``, ``Twiml`` and ``Url``, and the HTTP status it
+    was answered with (0: not answered yet; a fault's status when one hit it)."""
+
+    call_sid: str
+    status: str | None
+    twiml: str | None
+    url: str | None
+    answered: int
+    form: tuple[tuple[str, str], ...]
+    received_at: float  # trio.current_time() on arrival
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.answered < 300
+
+
 @dataclass
 class FakeFault:
     """How the fake misbehaves for requests whose path contains ``match``.
@@ -289,6 +313,9 @@ class FakeTwilio:
         self.requests: list[RecordedRequest] = []
         self.conversations: dict[str, FakeConversation] = {}
         self.calls: list[FakeCall] = []
+        # Calls hung up through a call update: a later update of one is refused
+        # as Twilio refuses it (the call is no longer in progress).
+        self.ended_calls: set[str] = set()
         # Knobs. Twilio routes: the next `fail_next` requests whose path contains
         # `fail_match` (any, if None) answer `fail_status`; each answer waits `delay`.
         self.fail_status = 500
@@ -325,6 +352,26 @@ class FakeTwilio:
     def openai_base(self) -> str:
         """The ``openai.api_base`` that points at this fake."""
         return self.base_url + "/v1"
+
+    @property
+    def call_updates(self) -> list[FakeCallUpdate]:
+        """Every call update received, in order, whatever it was answered."""
+        updates = []
+        for r in self.requests:
+            sid = _call_update_sid(r.path) if r.method == "POST" else None
+            if sid is not None:
+                form = tuple(r.form)
+                updates.append(FakeCallUpdate(sid, r.field("Status"), r.field("Twiml"),
+                                              r.field("Url"), r.status, form,
+                                              r.received_at))  # fmt: skip
+        return updates
+
+    def fail_call_updates(self, status: int = 500, *, times: int | None = 1) -> FakeFault:
+        """Answer the next ``times`` call updates (None: all) with ``status`` and
+        Twilio's error body; returns the fault (remove it from :attr:`faults` to stop)."""
+        fault = FakeFault(match="/Calls/CA", status=status, times=times)
+        self.faults.insert(0, fault)
+        return fault
 
     @property
     def chat_requests(self) -> list[RecordedRequest]:
@@ -415,6 +462,7 @@ class FakeTwilio:
             if not event.get("more_body", False):
                 break
         request = RecordedRequest.from_asgi(scope, body)
+        request.received_at = trio.current_time()
         self.requests.append(request)
         fault = self._fault_for(request)
         if fault is not None:
@@ -498,6 +546,11 @@ class FakeTwilio:
             if parts[2] != self.account_sid:
                 return _not_found(path)
             return self._create_call(req) if method == "POST" else _not_allowed()
+        if len(parts) == 5 and parts[:2] == ["2010-04-01", "Accounts"] and parts[3] == "Calls":
+            sid = _call_update_sid(path)
+            if parts[2] != self.account_sid or sid is None:
+                return _not_found(path)
+            return self._update_call(req, sid) if method == "POST" else _not_allowed()
         return _not_found(path)
 
     def _authorized(self, req: RecordedRequest) -> bool:
@@ -585,6 +638,28 @@ class FakeTwilio:
         self.calls.append(call)
         return 201, call.to_json(self.account_sid)
 
+    def _update_call(self, req: RecordedRequest, sid: str) -> Reply:
+        """Any well-formed CallSid is a live call (the tests' calls are simulated
+        streams the fake never placed), until an update hangs it up."""
+        status, twiml, url = req.field("Status"), req.field("Twiml"), req.field("Url")
+        if sid in self.ended_calls:
+            message = "Call is not in-progress. Cannot redirect."
+            return 400, twilio_error(21220, f"Unable to update record: {message}", 400)
+        if status is None and twiml is None and url is None:
+            return 400, twilio_error(20001, "A Status, Twiml or Url is required.", 400)
+        if status is not None and status not in _CALL_UPDATE_STATUSES:
+            return 400, twilio_error(20001, f"Invalid Status: {status}", 400)
+        if twiml is not None and not _is_twiml(twiml):
+            return 400, twilio_error(12100, "Document parse failure", 400)
+        call = next((c for c in self.calls if c.sid == sid), None)
+        body = (call or FakeCall(sid, "", "", None, None, None, [])).to_json(self.account_sid)
+        if status is not None:
+            self.ended_calls.add(sid)
+            body["status"] = status
+        else:
+            body["status"] = "in-progress"
+        return 200, body
+
     # -- OpenAI ---------------------------------------------------------------------------
 
     async def _chat(self, req: RecordedRequest) -> Reply:
@@ -621,6 +696,7 @@ class FakeTwilio:
             return 200, {
                 "requests": [asdict(r) for r in self.requests if not r.path.startswith("/_fake/")],
                 "calls": [asdict(c) for c in self.calls],
+                "call_updates": [asdict(u) for u in self.call_updates],
                 "conversations": {sid: asdict(c) for sid, c in self.conversations.items()},
             }
         body = req.json if isinstance(req.json, dict) else {}
@@ -674,6 +750,23 @@ def _page(
             "next_page_url": url(number + 1) if has_next else None,
         },
     }
+
+
+def _call_update_sid(path: str) -> str | None:
+    """The CallSid of a ``/2010-04-01/Accounts/{AC}/Calls/{CA}.json`` path, if it is one."""
+    parts = path.strip("/").split("/")
+    if len(parts) != 5 or parts[:2] != ["2010-04-01", "Accounts"] or parts[3] != "Calls":
+        return None
+    sid = parts[4].removesuffix(".json")
+    return sid if parts[4].endswith(".json") and _CALL_SID.match(sid) else None
+
+
+def _is_twiml(text: str) -> bool:
+    """Twilio parses the TwiML of an update at once: well-formed XML, a <Response> root."""
+    try:
+        return ElementTree.fromstring(text).tag == "Response"
+    except ElementTree.ParseError:
+        return False
 
 
 def _not_found(path: str) -> Reply:

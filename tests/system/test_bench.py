@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 
 from relay.bench.fake import read_stamp, stamp_frame
-from relay.bench.run import cpu_ratio_at_common_step
+from relay.bench.run import ACTING_CALLS, cpu_ratio_at_common_step, start_relay
 from relay.bench.wire import OP_BINARY, OP_CLOSE, OP_PING, Closed, Reader, frame
 
 
@@ -104,3 +106,23 @@ def test_bench_client_mode(tmp_path: Path) -> None:
     assert isinstance(results, dict)
     step = results["relay"]["steps"][0]
     assert step["up_msgs_per_s"] > 0 and step["down_msgs_per_s"] > 0
+
+
+@pytest.mark.parametrize("acting", [True, False])
+def test_the_relay_under_test_runs_with_tools_and_transcripts(acting: bool) -> None:
+    """By default the twilio bench's relay has [calls] configured as in production
+    (issue 18's cost is measured with it); ``--plain-calls`` leaves it out. Either
+    way ``serve`` accepts the config (it exits 2 on a bad one)."""
+    with socket.socket() as s:  # the fake upstream's port: no call is placed here
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    served = start_relay("relay", port, "twilio", None, acting=acting)
+    try:
+        assert served.workdir is not None
+        config = tomllib.loads((served.workdir / "config.toml").read_text())
+        assert config.get("calls") == (ACTING_CALLS if acting else None)
+        assert served.popen is not None and served.popen.poll() is None
+    finally:
+        served.stop()
+        served.remove_workdir()
+    assert served.popen.returncode == 0

@@ -14,7 +14,13 @@ import trio
 import trio_websocket
 
 from relay.sessions.dialect import BETA, GA, append_audio, phone_session_update, truncate
-from relay.testing.fake_realtime import FakeConnection, chunk_audio, fake_realtime
+from relay.testing.fake_realtime import (
+    FakeConnection,
+    ResponsePlan,
+    ToolCall,
+    chunk_audio,
+    fake_realtime,
+)
 
 Ws = trio_websocket.WebSocketConnection
 
@@ -337,3 +343,261 @@ def test_runs_as_a_process() -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=5)
+
+
+# -- scripting what docs/contract.md §11 needs: tool calls, usage, transcripts ----------
+
+
+def output_item(call_id: str, output: dict[str, Any]) -> dict[str, Any]:
+    text = orjson.dumps(output).decode()
+    item = {"type": "function_call_output", "call_id": call_id, "output": text}
+    return {"type": "conversation.item.create", "item": item}
+
+
+@pytest.mark.parametrize("dialect", ["ga", "beta"])
+async def test_a_response_that_speaks_then_calls_two_tools(dialect: str) -> None:
+    d = GA if dialect == "ga" else BETA
+    async with (
+        fake_realtime(dialect) as fake,
+        trio_websocket.open_websocket_url(url_of(fake.port)) as ws,
+    ):
+        fake.chunk_interval = 0
+        await recv(ws)
+        conn = await fake.wait_connection()
+        calls = [ToolCall("lookup", {"order": "42"}), ToolCall("end_call", "{}", call_id="c_2")]
+        conn.respond(chunks=2, text="One moment.", calls=calls)
+        events = await recv_until(ws, "response.done")
+        types = [e["type"] for e in events]
+        assert types == [
+            "response.created",
+            "response.output_item.added",
+            d.audio_delta,
+            d.audio_delta,
+            d.transcript_delta,
+            d.audio_done,
+            d.transcript_done,
+            *[
+                "response.output_item.added",
+                "response.function_call_arguments.delta",
+                "response.function_call_arguments.done",
+                "response.output_item.done",
+            ]
+            * 2,
+            "response.done",
+        ]
+        args_done = [e for e in events if e["type"] == "response.function_call_arguments.done"]
+        first_id = conn.responses[0].call_ids[0]
+        assert first_id.startswith("call_")
+        assert [
+            (e["call_id"], e["name"], e["arguments"], e["output_index"]) for e in args_done
+        ] == [
+            (first_id, "lookup", '{"order":"42"}', 1),
+            ("c_2", "end_call", "{}", 2),
+        ]
+        resp_id = events[0]["response"]["id"]
+        assert {e["response_id"] for e in args_done} == {resp_id}
+        item_done = [e for e in events if e["type"] == "response.output_item.done"]
+        assert [e["item"]["id"] for e in item_done] == [e["item_id"] for e in args_done]
+        assert item_done[0]["item"] == {
+            **item_done[0]["item"],
+            "type": "function_call",
+            "status": "completed",
+            "call_id": first_id,
+            "arguments": '{"order":"42"}',
+        }
+        done = events[-1]["response"]
+        assert done["status"] == "completed"
+        assert [o["type"] for o in done["output"]] == ["message", "function_call", "function_call"]
+        assert done["usage"]["input_tokens"] == 33 and done["usage"]["output_tokens"] == 43
+        assert done["usage"]["output_token_details"] == {"text_tokens": 3, "audio_tokens": 40}
+        # The answers: recorded per call, and a second answer is recorded too.
+        await send(ws, output_item(first_id, {"ok": True}))
+        await send(ws, output_item("c_2", {"ok": True}))
+        await send(ws, output_item("c_2", {"ok": True}))
+        added = "conversation.item.created" if dialect == "beta" else "conversation.item.added"
+        for _ in range(3):
+            assert (await recv(ws))["type"] == added
+        assert conn.output_for(first_id) == {"ok": True}
+        with pytest.raises(AssertionError):
+            conn.output_for("c_2")
+        assert len(conn.function_outputs) == 3 and conn.errors == []
+
+
+async def test_done_after_waits_for_every_answer() -> None:
+    async with fake_realtime() as fake, trio_websocket.open_websocket_url(url_of(fake.port)) as ws:
+        await recv(ws)
+        conn = await fake.wait_connection()
+        conn.respond(chunks=0, calls=[ToolCall("a", call_id="c_a"), ToolCall("b", call_id="c_b")],
+                     done="after")  # fmt: skip
+        events = await recv_until(ws, "response.output_item.done")
+        events += await recv_until(ws, "response.output_item.done")
+        assert "response.output_item.added" in [e["type"] for e in events]
+        assert events[1]["item"]["id"] == conn.responses[0].item_id  # no spoken part
+        await send(ws, output_item("c_a", {"ok": True}))
+        assert (await recv(ws))["type"] == "conversation.item.added"
+        with trio.move_on_after(0.2):
+            await recv(ws)
+            raise AssertionError("response.done before every call was answered")
+        assert conn.responding
+        await send(ws, {"type": "response.create"})  # too early: the real error
+        assert (await recv(ws))["error"]["code"] == "conversation_already_has_active_response"
+        await send(ws, output_item("c_b", {"ok": False}))
+        events = await recv_until(ws, "response.done")
+        assert [e["type"] for e in events] == ["conversation.item.added", "response.done"]
+        assert [o["type"] for o in events[-1]["response"]["output"]] == ["function_call"] * 2
+        with trio.fail_after(1):
+            await conn.wait_response_done()
+        assert len(conn.errors) == 1
+
+
+@pytest.mark.parametrize("which", ["arguments_done", "item_done"])
+async def test_a_call_on_one_event_only(which: str) -> None:
+    async with fake_realtime() as fake, trio_websocket.open_websocket_url(url_of(fake.port)) as ws:
+        await recv(ws)
+        conn = await fake.wait_connection()
+        conn.respond(chunks=0, calls=[ToolCall("a")], call_events=which)  # type: ignore[arg-type]
+        types = [e["type"] for e in await recv_until(ws, "response.done")]
+        assert ("response.function_call_arguments.done" in types) == (which == "arguments_done")
+        assert ("response.output_item.done" in types) == (which == "item_done")
+
+
+async def test_plans_answer_the_next_response_creates_in_order() -> None:
+    async with fake_realtime() as fake, trio_websocket.open_websocket_url(url_of(fake.port)) as ws:
+        fake.chunk_interval = 0
+        fake.plans = [
+            ResponsePlan(chunks=0, calls=(ToolCall("x", call_id="c_x"),), usage={"input_text": 7}),
+        ]
+        await recv(ws)
+        await send(ws, {"type": "response.create"})
+        done = (await recv_until(ws, "response.done"))[-1]["response"]
+        assert [o["call_id"] for o in done["output"]] == ["c_x"]
+        assert done["usage"]["input_tokens"] == 7 and done["usage"]["output_tokens"] == 0
+        await send(ws, {"type": "response.create"})  # plans used up: a plain spoken answer
+        done = (await recv_until(ws, "response.done"))[-1]["response"]
+        assert [o["type"] for o in done["output"]] == ["message"]
+        conn = fake.connections[0]
+        assert len(conn.response_creates) == 2
+        assert conn.usage_sent()["input_tokens"] == 7 + 33
+        assert conn.usage_sent()["output_audio_tokens"] == 40
+        fake.usage = None
+        await send(ws, {"type": "response.create"})
+        assert "usage" not in (await recv_until(ws, "response.done"))[-1]["response"]
+
+
+async def test_caller_transcript_and_typed_messages() -> None:
+    async with fake_realtime() as fake, trio_websocket.open_websocket_url(url_of(fake.port)) as ws:
+        await recv(ws)
+        conn = await fake.wait_connection()
+        item_id = await conn.emit_caller_transcript("I'd like to book.")
+        events = [await recv(ws), await recv(ws)]
+        assert events[1] == {
+            **events[1],
+            "type": "conversation.item.input_audio_transcription.completed",
+            "item_id": item_id,
+            "content_index": 0,
+            "transcript": "I'd like to book.",
+        }
+        text = {"type": "input_text", "text": "The caller pressed 1 2 3."}
+        message = {"type": "message", "role": "user", "content": [text]}
+        await send(ws, {"type": "conversation.item.create", "item": message})
+        assert (await recv(ws))["type"] == "conversation.item.added"
+        assert conn.user_texts == ["The caller pressed 1 2 3."]
+
+
+@pytest.mark.parametrize(
+    ("item", "param"),
+    [
+        ({"type": "function_call_output", "call_id": "call_never", "output": "{}"}, "item.call_id"),
+        ({"type": "message", "role": "user", "content": []}, "item.content"),
+        (
+            {"type": "message", "role": "user", "content": [{"type": "output_text", "text": "x"}]},
+            "item.content[0]",
+        ),
+        (
+            {"type": "message", "role": "user", "content": [{"type": "input_text", "text": 5}]},
+            "item.content[0]",
+        ),
+        (
+            {"type": "message", "role": "robot", "content": [{"type": "input_text", "text": "x"}]},
+            "item.role",
+        ),
+        ("not an object", "item"),
+    ],
+)
+async def test_item_create_errors(item: Any, param: str) -> None:
+    async with fake_realtime() as fake, trio_websocket.open_websocket_url(url_of(fake.port)) as ws:
+        await recv(ws)
+        await send(ws, {"type": "conversation.item.create", "item": item})
+        error = await recv(ws)
+        assert error["type"] == "error" and error["error"]["param"] == param
+        conn = fake.connections[0]
+        assert conn.answered == {} and len(conn.errors) == 1
+
+
+async def test_output_with_a_non_string_output_is_refused() -> None:
+    async with fake_realtime() as fake, trio_websocket.open_websocket_url(url_of(fake.port)) as ws:
+        await recv(ws)
+        conn = await fake.wait_connection()
+        conn.respond(chunks=0, calls=[ToolCall("a", call_id="c_a")])
+        await recv_until(ws, "response.done")
+        item = {"type": "function_call_output", "call_id": "c_a", "output": {"ok": True}}
+        await send(ws, {"type": "conversation.item.create", "item": item})
+        assert (await recv(ws))["error"]["param"] == "item.output"
+        assert conn.answered == {}
+
+
+LOOKUP = {
+    "type": "function",
+    "name": "lookup_order",
+    "description": "Look up an order",
+    "parameters": {"type": "object", "properties": {"order": {"type": "string"}}},
+}
+
+
+def with_tools(dialect: str, **session: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {} if dialect == "beta" else {"type": "realtime"}
+    return {"type": "session.update", "session": {**base, **session}}
+
+
+@pytest.mark.parametrize("dialect", ["ga", "beta"])
+async def test_tools_and_transcription_are_accepted(dialect: str) -> None:
+    transcription = {"model": "gpt-4o-mini-transcribe"}
+    if dialect == "beta":
+        extra: dict[str, Any] = {"input_audio_transcription": transcription}
+    else:
+        extra = {"audio": {"input": {"transcription": transcription}}}
+    async with (
+        fake_realtime(dialect) as fake,
+        trio_websocket.open_websocket_url(url_of(fake.port)) as ws,
+    ):
+        await recv(ws)
+        await send(ws, with_tools(dialect, tools=[LOOKUP], tool_choice="auto", **extra))
+        assert (await recv(ws))["type"] == "session.updated"
+        assert fake.connections[0].errors == []
+
+
+@pytest.mark.parametrize(
+    ("session", "param"),
+    [
+        ({"tools": {"a": 1}}, "session.tools"),
+        ({"tools": [{**LOOKUP, "type": "code"}]}, "session.tools[0].type"),
+        ({"tools": [{**LOOKUP, "name": "has space"}]}, "session.tools[0].name"),
+        ({"tools": [{**LOOKUP, "name": "x" * 65}]}, "session.tools[0].name"),
+        ({"tools": [{**LOOKUP, "strict": True}]}, "session.tools[0].strict"),
+        ({"tools": [{**LOOKUP, "parameters": "{}"}]}, "session.tools[0].parameters"),
+        ({"tools": [LOOKUP, LOOKUP]}, "session.tools"),
+        ({"tools": [LOOKUP], "tool_choice": "sometimes"}, "session.tool_choice"),
+        (
+            {"audio": {"input": {"transcription": {"model": 5}}}},
+            "session.audio.input.transcription.model",
+        ),
+        ({"audio": {"input": {"transcription": "whisper"}}}, "session.audio.input.transcription"),
+    ],
+)
+async def test_bad_tools_are_refused(session: dict[str, Any], param: str) -> None:
+    async with fake_realtime() as fake, trio_websocket.open_websocket_url(url_of(fake.port)) as ws:
+        await recv(ws)
+        await send(ws, with_tools("ga", **session))
+        error = await recv(ws)
+        assert error["type"] == "error" and error["error"]["param"] == param
+        assert len(fake.connections[0].errors) == 1
