@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 
-import httpx
 from quart import Response, request
 from werkzeug.exceptions import HTTPException
 
@@ -24,6 +23,7 @@ from relay.calls.tasks import TaskBook
 from relay.conversations.twilio_rest import TwilioRest
 from relay.daemon.state import DaemonState
 from relay.edge.app import refusal_response, text
+from relay.ops.http_client import http_client
 
 log = logging.getLogger("relay.calls")
 
@@ -46,7 +46,7 @@ def status_handler(
         timeout=REST_TIMEOUT,
     )
     # No chat from here: a status callback reports a call no stream ran.
-    http = httpx.AsyncClient(follow_redirects=False)
+    http = http_client(follow_redirects=False)
 
     async def aclose() -> None:
         await rest.aclose()

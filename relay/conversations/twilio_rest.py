@@ -30,6 +30,8 @@ from twilio.http import AsyncHttpClient
 from twilio.http.response import Response
 from twilio.rest import Client
 
+from relay.ops.http_client import http_client
+
 __all__ = [
     "Participant",
     "TwilioHttpClient",
@@ -67,7 +69,7 @@ class TwilioHttpClient(AsyncHttpClient):  # type: ignore[misc]
         if base is not None and not (base.scheme and base.netloc):
             raise ValueError(f"twilio api_base must be scheme://host[:port], got {api_base!r}")
         self._base = base
-        self._http = httpx.AsyncClient(timeout=httpx.Timeout(timeout), follow_redirects=False)
+        self._http = http_client(timeout=httpx.Timeout(timeout), follow_redirects=False)
 
     def rewrite(self, uri: str) -> str:
         """The URI actually requested: ``uri`` moved onto ``api_base`` when one is set."""

@@ -38,6 +38,7 @@ from relay.conversations.twilio_rest import (
 )
 from relay.daemon.state import DaemonState
 from relay.edge.app import refusal_response, text
+from relay.ops.http_client import http_client
 
 log = logging.getLogger("relay.convo")
 
@@ -75,7 +76,7 @@ class ConvoJobs:
         )
         connect = s.openai.connect_timeout_seconds
         self.chat_timeout = CHAT_DEADLINE_FACTOR * connect
-        self.http = httpx.AsyncClient(timeout=httpx.Timeout(self.chat_timeout, connect=connect))
+        self.http = http_client(timeout=httpx.Timeout(self.chat_timeout, connect=connect))
         self.has_bot: set[str] = set()
         self.tasks = TaskBook(rt.store)
         rt.closers.append(self.aclose)

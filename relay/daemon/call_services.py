@@ -23,6 +23,7 @@ from relay.calls.tasks import TaskBook
 from relay.config import HttpToolSettings
 from relay.conversations.twilio_rest import TwilioRest, update_call
 from relay.daemon.state import DaemonState
+from relay.ops.http_client import http_client
 from relay.sessions.call_tools import CallUpdateFailed
 
 log = logging.getLogger("relay.calls")
@@ -40,7 +41,7 @@ class CallServices:
             api_base=s.twilio.api_base,
             timeout=REST_TIMEOUT,
         )
-        self.http = httpx.AsyncClient(follow_redirects=False)
+        self.http = http_client(follow_redirects=False)
         self.task_reports = TaskReports(
             s, TaskBook(rt.store), self.rest.client, self.http, rt.spawn_job
         )
