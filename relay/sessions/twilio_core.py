@@ -27,6 +27,18 @@ sequences):
 - voicemail and goodbye end the call (1000) once Twilio has confirmed the final
   response played;
 - once :attr:`TwilioCore.ending` is set, nothing more is sent.
+
+Calls that act (docs/contract.md §11; tests/unit/test_call_core.py): the
+``session.update`` offers the configured tools and transcription; every
+function call is answered by exactly one ``function_call_output``, and each
+response whose calls are all answered and whose ``response.done`` arrived gets
+one ``response.create`` (not after ``end_call`` or a transfer that happened,
+and not while another response is active: then after it); ``end_call`` and a
+transfer wait for the audio owed (``goodbye_seconds`` at most); key presses
+become one typed message per burst (``relay.sessions.keypad``); the transcript
+and token usage are kept for :meth:`TwilioCore.report`. Whatever takes time is
+an ``Ask`` the driver carries out (``relay.sessions.call_tools``): the core
+never waits, so audio keeps flowing both ways meanwhile.
 """
 
 from __future__ import annotations
@@ -39,20 +51,13 @@ from typing import Any, Protocol
 
 import orjson
 
-from relay.calls.arguments import check_arguments
 from relay.calls.report import EVENT_OUTCOMES, CallReport
 from relay.calls.transcript import Transcript
 from relay.calls.usage import Usage
 from relay.sessions import dialect as rt_dialect
+from relay.sessions.call_actions import CallActions
 from relay.sessions.call_tools import (
-    END_CALL,
-    TRANSFER_CALL,
-    Ask,
     LookupTask,
-    RunTool,
-    Tool,
-    Transfer,
-    Wake,
     offered_tools,
 )
 from relay.sessions.closing import Ending
@@ -66,13 +71,6 @@ MACHINE_ANSWERS = frozenset(
 )
 OUTBOUND = frozenset({"outbound", "outbound-api", "outbound-dial"})
 
-# Key presses closer together than this are one message (docs/contract.md §11).
-DTMF_GAP_MS = 1500.0
-DTMF_DIGITS = frozenset("0123456789*#ABCD")
-MAX_DIGITS = 64  # keys kept of one burst
-# Function calls one call answers; beyond it each gets an error output (a model in a
-# loop must not grow the call's memory, nor hammer an operator's tool).
-MAX_TOOL_CALLS = 128
 VOICEMAIL_TASK = "\n\nThe call is about this task: {task}\nSay in one sentence what it is about."
 # Caller audio held during a task lookup (bounded by its 2 s timeout: 100 frames).
 MAX_EARLY_FRAMES = 250
@@ -123,24 +121,6 @@ class CallSettings(Protocol):
     def limits(self) -> Any: ...
     @property
     def calls(self) -> Any: ...
-
-
-class _Turn:
-    """One response's function calls: answered ones leave ``open``; once it is done
-    and nothing is open, the model is asked to go on (unless ``no_followup``)."""
-
-    __slots__ = ("done", "no_followup", "open")
-
-    def __init__(self) -> None:
-        self.open: set[str] = set()
-        self.done = False
-        self.no_followup = False
-
-
-def _output(ok: bool, error: str | None = None) -> str:
-    if ok:
-        return '{"ok": true}'
-    return orjson.dumps({"ok": False, "error": error or "failed"}).decode()
 
 
 def b64_len(payload: str) -> int:
@@ -223,7 +203,7 @@ TIME_LIMIT = Ending("time_limit", 1000, "session time limit", 1000, "session tim
 DRAIN = Ending("drain", 1001, "server shutting down", 1001, "server shutting down")
 
 
-class TwilioCore:
+class TwilioCore(CallActions):
     """The state of one call and its reactions; see the module docstring."""
 
     def __init__(
@@ -269,35 +249,15 @@ class TwilioCore:
         self._done = d.response_done
         # -- calls that act (docs/contract.md §11) --
         self.calls = settings.calls
-        # The driver's way to carry out an Ask (a task of the call); None in a core
-        # that cannot (then tools that need I/O answer an error, and no timers run).
-        self.ask: Callable[[Ask], None] | None = None
-        self.on_tool: Callable[[str, bool], None] | None = None  # metrics
+        self.ask = None  # set by a driver that can carry out asks (CallActions.ask)
+        self.on_tool = None
         self.on_usage: Callable[[tuple[int, int, int, int] | None], None] | None = None
         self.direction: str | None = None
         self.answered_by: str | None = None
         self.task: str | None = None
         self._pending_start: dict[str, Any] | None = None  # a start waiting for its task
         self._early: list[str] = []  # caller audio held meanwhile
-        self._tools: dict[str, Tool] = {}
-        self._turns: dict[str, _Turn] = {}
-        self._calls_seen: set[str] = set()
-        self._want_response = False  # a response.create waiting for the active response
-        # After end_call or transfer_call: (what, call_id, response id, target name,
-        # number), carried out once the audio sent has played or at the deadline.
-        self._after_audio: tuple[str, str, str, str, str] | None = None
-        self._after_deadline = 0.0
-        self._transferring = False
-        self.hangup_requested = False  # the driver completes the call through REST
-        self.draining = False
-        self.transfer_target: str | None = None
-        self.tools_used: list[tuple[str, bool]] = []
-        self._turn_of: dict[str, _Turn] = {}  # open function calls by call_id
-        self._tool_of: dict[str, str] = {}  # HTTP tool calls in flight: call_id -> tool
-        self._transfer_call = ("", "")  # (call_id, target name) of the transfer in flight
-        self._digits: list[str] = []
-        self._dtmf_due = 0.0
-        self._wake_at: float | None = None
+        self._init_actions()
         self.transcript: Transcript | None = None
         self.usage = Usage()
         self._rare = {
@@ -437,47 +397,6 @@ class TwilioCore:
             return
         self.task = task
         self._begin(start)
-
-    def tool_answered(self, call_id: str, ok: bool, output: str) -> None:
-        """An HTTP tool answered (``output`` is JSON text, an error output when not ok)."""
-        tool = self._tool_of.pop(call_id, None)
-        if tool is None:
-            return
-        self._note_tool(tool, ok)
-        self._answer(call_id, output)
-
-    def transfer_answered(self, ok: bool, error: str | None, now_ms: float) -> None:
-        """Twilio REST answered the transfer: the call ends, or goes on with an error."""
-        del now_ms
-        if not self._transferring:
-            return
-        self._transferring = False
-        call_id, target = self._transfer_call
-        self._note_tool(TRANSFER_CALL, ok)
-        if ok:
-            self.transfer_target = target
-            self._answer(call_id, _output(True), followup=False)
-            self._end(Ending("transferred", 1000, "", 1000))
-        else:
-            self._answer(call_id, _output(False, error or "the transfer failed"))
-
-    def wake(self, at_ms: float, now_ms: float) -> None:
-        """A timer asked for with :class:`Wake` fired."""
-        if self._wake_at == at_ms:
-            self._wake_at = None
-        if self.ending is not None:
-            return
-        if self._digits and now_ms >= self._dtmf_due:
-            self._send_digits()
-        if self._after_audio is not None:
-            self._maybe_act(now_ms)
-        due = []
-        if self._digits:
-            due.append(self._dtmf_due)
-        if self._after_audio is not None:
-            due.append(self._after_deadline)
-        if due:
-            self._arm(min(due))
 
     def report(self, started_unix: float, ended_unix: float) -> CallReport | None:
         """What the call leaves behind, or None for a stream that never started a call."""
@@ -662,218 +581,9 @@ class TwilioCore:
         )
         self.out.to_upstream(orjson.dumps(create))
 
-    # -- calls that act (docs/contract.md §11) -----------------------------------
     def _hold(self, payload: object) -> None:
         """Caller audio that arrives while the start waits for its task lookup: it
         goes up after the session.update, so the audio upstream stays the caller's."""
         if is_audio(payload) and len(self._early) < MAX_EARLY_FRAMES:
             assert isinstance(payload, str)
             self._early.append(payload)
-
-    def _arm(self, at_ms: float) -> None:
-        """Ask the driver for a wake at ``at_ms`` unless an earlier one is coming."""
-        if self.ask is None or (self._wake_at is not None and self._wake_at <= at_ms):
-            return
-        self._wake_at = at_ms
-        self.ask(Wake(at_ms))
-
-    def _on_dtmf(self, digit: object, now_ms: float) -> None:
-        if not self.calls.dtmf or self.stream_sid is None or self.closing:
-            return
-        if not isinstance(digit, str) or digit not in DTMF_DIGITS:
-            return  # not a key of a phone: nothing a hostile stream can smuggle in
-        if len(self._digits) < MAX_DIGITS:
-            # Beyond it a burst keeps only its first keys: a stream flooding key
-            # presses without a pause gets no message (and no response) at all.
-            self._digits.append(digit)
-        self._dtmf_due = now_ms + DTMF_GAP_MS
-        self._arm(self._dtmf_due)
-
-    def _send_digits(self) -> None:
-        digits, self._digits = self._digits, []
-        if not digits:
-            return
-        self.flush()  # the caller's audio before the key presses goes first
-        text = f"The caller pressed {' '.join(digits)}."
-        self.out.to_upstream(orjson.dumps(rt_dialect.user_text(text)))
-        self._request_response()
-
-    def _request_response(self) -> None:
-        """``response.create`` now, or once the active response is done (a second one
-        while a response is active is refused by the service)."""
-        if self.closing:
-            return  # a voicemail or goodbye is the last response of the call
-        if self.response_active:
-            self._want_response = True
-            return
-        self._want_response = False
-        self.out.to_upstream(orjson.dumps(rt_dialect.response_create(self.dialect)))
-
-    def _on_call_args(self, event: dict[str, Any], now_ms: float) -> None:
-        self._on_function_call(
-            event.get("call_id"),
-            event.get("name"),
-            event.get("arguments"),
-            event.get("response_id"),
-            now_ms,
-        )
-
-    def _on_item_done(self, event: dict[str, Any], now_ms: float) -> None:
-        item = event.get("item")
-        if isinstance(item, dict) and item.get("type") == "function_call":
-            self._on_function_call(
-                item.get("call_id"),
-                item.get("name"),
-                item.get("arguments"),
-                event.get("response_id"),
-                now_ms,
-            )
-
-    def _on_function_call(
-        self,
-        call_id: object,
-        name: object,
-        arguments: object,
-        response_id: object,
-        now_ms: float,
-    ) -> None:
-        """One function call of the model, answered exactly once whichever of its two
-        announcements (arguments done, output item done) comes first."""
-        if not isinstance(call_id, str) or not call_id or call_id in self._calls_seen:
-            return
-        if self.stream_sid is None:
-            return
-        self._calls_seen.add(call_id)
-        turn = self._turns.setdefault(str(response_id or ""), _Turn())
-        turn.open.add(call_id)
-        self._turn_of[call_id] = turn
-        tool = self._tools.get(name) if isinstance(name, str) else None
-        if len(self._calls_seen) > MAX_TOOL_CALLS:
-            self._refuse(call_id, "unknown", "too many tool calls on this call")
-            return
-        if tool is None:
-            self._refuse(call_id, "unknown", f"unknown tool {str(name)[:64]!r}")
-            return
-        try:
-            args = orjson.loads(arguments) if isinstance(arguments, str | bytes) else None
-        except orjson.JSONDecodeError:
-            args = None
-        problem = check_arguments(tool.schema, args)
-        if problem is not None:
-            self._refuse(call_id, tool.name, problem)
-            return
-        assert isinstance(args, dict)
-        if tool.name == END_CALL:
-            self._on_end_call(call_id, turn, now_ms)
-        elif tool.name == TRANSFER_CALL:
-            self._on_transfer(call_id, turn, str(args["target"]), now_ms)
-        elif tool.http is not None:
-            if self.ask is None:
-                self._refuse(call_id, tool.name, "tools are not available on this call")
-                return
-            self._tool_of[call_id] = tool.name
-            self.ask(RunTool(call_id, tool.http, args))
-
-    def _refuse(self, call_id: str, tool: str, why: str) -> None:
-        self._note_tool(tool, False)
-        self._answer(call_id, _output(False, why))
-
-    def _note_tool(self, name: str, ok: bool) -> None:
-        if len(self.tools_used) < MAX_TOOL_CALLS:
-            self.tools_used.append((name, ok))
-        if self.on_tool is not None:
-            self.on_tool(name if name in self._tools else "unknown", ok)
-
-    def _on_end_call(self, call_id: str, turn: _Turn, now_ms: float) -> None:
-        if self._after_audio is not None or self._transferring:
-            self._refuse(call_id, END_CALL, "the call is already ending")
-            return
-        self._note_tool(END_CALL, True)
-        turn.no_followup = True
-        self._answer(call_id, _output(True))
-        self._after(("end", call_id, self._response_of(turn), "", ""), now_ms)
-
-    def _on_transfer(self, call_id: str, turn: _Turn, target: str, now_ms: float) -> None:
-        number = self.calls.transfer_targets.get(target)
-        if number is None:  # the schema's enum already says so; kept for safety
-            self._refuse(call_id, TRANSFER_CALL, f"unknown transfer target {target[:64]!r}")
-            return
-        if self._after_audio is not None or self._transferring or self.ask is None:
-            self._refuse(call_id, TRANSFER_CALL, "the call cannot be transferred now")
-            return
-        # Answered once Twilio has: the output says whether the transfer happened.
-        self._after(("transfer", call_id, self._response_of(turn), target, number), now_ms)
-
-    def _response_of(self, turn: _Turn) -> str:
-        for rid, t in self._turns.items():
-            if t is turn:
-                return rid
-        return ""
-
-    def _after(self, what: tuple[str, str, str, str, str], now_ms: float) -> None:
-        """Carry out ``what`` once the audio sent has played, ``goodbye_seconds`` at most."""
-        self._after_audio = what
-        self._after_deadline = now_ms + self.settings.limits.goodbye_seconds * 1000
-        self._arm(self._after_deadline)
-        self._maybe_act(now_ms)
-
-    def _maybe_act(self, now_ms: float) -> None:
-        what = self._after_audio
-        if what is None or self.ending is not None:
-            return
-        turn = self._turns.get(what[2])
-        played = (turn is None or turn.done) and self.playback.all_played()
-        if not played and now_ms < self._after_deadline:
-            return
-        self._after_audio = None
-        if what[0] == "end":
-            self.hangup_requested = True
-            self._end(Ending("assistant_ended", 1000, "", 1000))
-        elif self.ask is not None:
-            self._transferring = True
-            self._transfer_call = (what[1], what[3])
-            self.ask(Transfer(what[1], what[4]))
-
-    def _answer(self, call_id: str, output: str, *, followup: bool = True) -> None:
-        """Send the one output of ``call_id``; once its response is done and every
-        call of it answered, the model goes on (docs/contract.md §11)."""
-        if self.ending is not None:
-            return
-        self.flush()
-        self.out.to_upstream(orjson.dumps(rt_dialect.function_output(call_id, output)))
-        turn = self._turn_of.pop(call_id, None)
-        if turn is None:
-            return
-        turn.open.discard(call_id)
-        if not followup:
-            turn.no_followup = True
-        self._maybe_follow(turn)
-
-    def _maybe_follow(self, turn: _Turn) -> None:
-        if not turn.done or turn.open:
-            return
-        for rid, t in list(self._turns.items()):
-            if t is turn:
-                del self._turns[rid]
-        if not turn.no_followup and self.ending is None:
-            self._request_response()
-
-    def _response_done(self, response_id: str, now_ms: float) -> None:
-        turn = self._turns.get(response_id)
-        if turn is not None:
-            turn.done = True
-            self._maybe_follow(turn)
-        if self._want_response and not self.response_active and self.ending is None:
-            self._request_response()
-        if self._after_audio is not None:
-            self._maybe_act(now_ms)
-
-    def _on_assistant_text(self, event: dict[str, Any], now_ms: float) -> None:
-        text = event.get("transcript")
-        if self.transcript is not None and isinstance(text, str):
-            self.transcript.add("assistant", text)
-
-    def _on_caller_text(self, event: dict[str, Any], now_ms: float) -> None:
-        text = event.get("transcript")
-        if self.transcript is not None and isinstance(text, str):
-            self.transcript.add("caller", text)
