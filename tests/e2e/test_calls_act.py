@@ -645,7 +645,6 @@ async def test_an_event_is_retried_until_the_backend_takes_it() -> None:
             assert await scrape(w.d, "relay_call_events_total", outcome="failed") == 0
 
 
-@pytest.mark.slow
 async def test_an_event_the_backend_refuses_is_counted_failed() -> None:
     # A 4xx other than 408/429 is final (retrying cannot help). The give-up of an
     # unreachable receiver 30 s after the call is tests/unit/test_call_events.py's
