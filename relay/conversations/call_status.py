@@ -14,46 +14,23 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 
-from quart import Response, request
-from werkzeug.exceptions import HTTPException
+from quart import Response
 
-from relay.admission.twilio_auth import TwilioGate, form_refusal
 from relay.calls.summaries import STATUS_WORDS, TaskReports
-from relay.calls.tasks import TaskBook
-from relay.conversations.twilio_rest import TwilioRest
 from relay.daemon.state import DaemonState
-from relay.edge.app import refusal_response, text
-from relay.ops.http_client import http_client
+from relay.edge.app import text
+from relay.edge.signed_form import SignedForms
 
 log = logging.getLogger("relay.calls")
 
-REST_TIMEOUT = 10.0
 # The statuses a call ends with; Twilio sends only these for the "completed" event.
 FINAL = frozenset({"completed", *STATUS_WORDS})
 
 
 def status_handler(
-    rt: DaemonState,
-    gate: TwilioGate,
-    signed: Callable[[], Awaitable[bool]],
-    form_pairs: Callable[[], Awaitable[list[tuple[str, str]]]],
+    rt: DaemonState, forms: SignedForms, reports: TaskReports
 ) -> Callable[[], Awaitable[Response]]:
     s = rt.settings
-    rest = TwilioRest(
-        s.secrets.twilio_account_sid or "",
-        s.secrets.twilio_auth_token or "",
-        api_base=s.twilio.api_base,
-        timeout=REST_TIMEOUT,
-    )
-    # No chat from here: a status callback reports a call no stream ran.
-    http = http_client(follow_redirects=False)
-
-    async def aclose() -> None:
-        await rest.aclose()
-        await http.aclose()
-
-    rt.closers.append(aclose)
-    reports = TaskReports(s, TaskBook(rt.store), rest.client, http, rt.spawn_job)
     counted = rt.metrics.call_status_total
 
     def ok(outcome: str) -> Response:
@@ -61,30 +38,9 @@ def status_handler(
         return text("ok")
 
     async def handle() -> Response:
-        try:
-            # The whole body is in before any answer goes out, whatever its type.
-            await request.get_data()
-            pairs = await form_pairs()
-        except HTTPException as exc:  # too large (413), too slow (408): keep the status
-            counted.labels(outcome="malformed").inc()
-            code = exc.code if exc.code is not None and 400 <= exc.code < 500 else 400
-            return _closing(text("unreadable form", code))
-        except Exception:  # undecodable body: nothing Twilio would send
-            counted.labels(outcome="malformed").inc()
-            return _closing(text("malformed form", 400))
-        # signed() already checked (and cached) the signature for the HTTP bucket.
-        is_signed = await signed()
-        refusal = gate.refusal_for(lambda: is_signed)
-        if refusal is not None:
-            counted.labels(outcome="forbidden").inc()
-            rt.metrics.reject("twilio_signature")
-            return refusal_response(refusal)
-        form = dict(pairs)
-        refusal = form_refusal(form, s.secrets.twilio_account_sid)
-        if refusal is not None:
-            counted.labels(outcome="forbidden" if refusal.status == 403 else "malformed").inc()
-            rt.metrics.reject("twilio_form")
-            return refusal_response(refusal)
+        form = await forms.read(counted)
+        if isinstance(form, Response):
+            return form
         call_sid = form.get("CallSid", "")
         if not call_sid:
             counted.labels(outcome="malformed").inc()
@@ -106,10 +62,3 @@ def status_handler(
         return ok("accepted")
 
     return handle
-
-
-def _closing(response: Response) -> Response:
-    """Ask the client not to reuse a connection whose body may be half read
-    (see relay.conversations.webhook._closing)."""
-    response.headers["Connection"] = "close"
-    return response

@@ -13,11 +13,10 @@ from collections.abc import Awaitable, Callable
 
 import httpx
 import trio
-from quart import Response, request
+from quart import Response
 from twilio.base.exceptions import TwilioException
-from werkzeug.exceptions import HTTPException
 
-from relay.admission.twilio_auth import TwilioGate, form_refusal, public_http_url
+from relay.admission.twilio_auth import public_http_url
 from relay.calls.tasks import MAX_AUTHOR_CHARS, MAX_TASK_CHARS, CallTask, TaskBook, clean_text
 from relay.conversations.assistant import AssistantError, sms_reply
 from relay.conversations.commands import (
@@ -37,12 +36,11 @@ from relay.conversations.twilio_rest import (
     recent_messages,
 )
 from relay.daemon.state import DaemonState
-from relay.edge.app import refusal_response, text
-from relay.ops.http_client import http_client
+from relay.edge.app import text
+from relay.edge.signed_form import SignedForms
 
 log = logging.getLogger("relay.convo")
 
-REST_TIMEOUT = 10.0
 # Twilio refuses a Conversations message longer than this; a reply cut short
 # reaches the person, one refused does not.
 MAX_REPLY_CHARS = 1600
@@ -65,25 +63,13 @@ TASK_PREVIEW_CHARS = 300
 class ConvoJobs:
     """The background work of one webhook event, with the clients it shares."""
 
-    def __init__(self, rt: DaemonState) -> None:
+    def __init__(self, rt: DaemonState, rest: TwilioRest, chat: httpx.AsyncClient) -> None:
         self.rt = rt
-        s = rt.settings
-        self.rest = TwilioRest(
-            s.secrets.twilio_account_sid or "",
-            s.secrets.twilio_auth_token or "",
-            api_base=s.twilio.api_base,
-            timeout=REST_TIMEOUT,
-        )
-        connect = s.openai.connect_timeout_seconds
-        self.chat_timeout = CHAT_DEADLINE_FACTOR * connect
-        self.http = http_client(timeout=httpx.Timeout(self.chat_timeout, connect=connect))
+        self.rest = rest
+        self.http = chat
+        self.chat_timeout = CHAT_DEADLINE_FACTOR * rt.settings.openai.connect_timeout_seconds
         self.has_bot: set[str] = set()
         self.tasks = TaskBook(rt.store)
-        rt.closers.append(self.aclose)
-
-    async def aclose(self) -> None:
-        await self.rest.aclose()
-        await self.http.aclose()
 
     async def handle(self, form: dict[str, str]) -> None:
         convo = form["ConversationSid"]
@@ -235,12 +221,8 @@ def _task_note(task: str, cut: bool, summaries: bool, calls: int) -> str:
 
 
 def convo_handler(
-    rt: DaemonState,
-    gate: TwilioGate,
-    signed: Callable[[], Awaitable[bool]],
-    form_pairs: Callable[[], Awaitable[list[tuple[str, str]]]],
+    rt: DaemonState, forms: SignedForms, jobs: ConvoJobs
 ) -> Callable[[], Awaitable[Response]]:
-    jobs = ConvoJobs(rt)
     s = rt.settings
     counted = rt.metrics.convo_events_total
 
@@ -249,33 +231,9 @@ def convo_handler(
         return text("ok")
 
     async def handle() -> Response:
-        try:
-            # The whole body is in before any answer goes out (see _closing),
-            # whatever its type: Quart reads only form bodies for the form.
-            await request.get_data()
-            pairs = await form_pairs()
-        except HTTPException as exc:  # too large (413), too slow (408): keep the status
-            counted.labels(outcome="malformed").inc()
-            status = exc.code if exc.code is not None and 400 <= exc.code < 500 else 400
-            return _closing(text("unreadable form", status))
-        except Exception:  # undecodable body: nothing Twilio would send
-            counted.labels(outcome="malformed").inc()
-            return _closing(text("malformed form", 400))
-        # signed() already checked (and cached) the signature for the HTTP bucket.
-        is_signed = await signed()
-        refusal = gate.refusal_for(lambda: is_signed)
-        if refusal is not None:
-            counted.labels(outcome="forbidden").inc()
-            rt.metrics.reject("twilio_signature")
-            return refusal_response(refusal)
-        form = dict(pairs)  # Twilio sends each key once; with repeats, the last wins
-        # Every SID has its shape before anything reads one: ConversationSid goes
-        # into REST paths unescaped by the twilio library, MessageSid into dedupe.
-        refusal = form_refusal(form, s.secrets.twilio_account_sid)
-        if refusal is not None:
-            counted.labels(outcome="forbidden" if refusal.status == 403 else "malformed").inc()
-            rt.metrics.reject("twilio_form")
-            return refusal_response(refusal)
+        form = await forms.read(counted)
+        if isinstance(form, Response):
+            return form
         if form.get("EventType") != "onMessageAdded":
             return ok("ignored_event")
         if form.get("Author") == s.twilio.bot_identity:
@@ -322,16 +280,3 @@ async def _first_seen(rt: DaemonState, convo: str, message: str, index: str) -> 
     if fresh and index:
         await rt.store.first_seen(position, window)
     return fresh
-
-
-def _closing(response: Response) -> Response:
-    """Ask the client not to reuse the connection.
-
-    These answers can go out before the body has all arrived. Hypercorn then
-    closes the half-read connection from inside the response task, which
-    Quart-Trio cancels as soon as the request ends, so the close is lost and
-    the connection stays open, unread: a client that sent its next request on
-    it would wait forever. ``Connection: close`` makes it open a fresh one.
-    """
-    response.headers["Connection"] = "close"
-    return response

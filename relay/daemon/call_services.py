@@ -2,7 +2,7 @@
 its ``@call`` task, HTTP tools, Twilio REST on the live call, and what happens
 after it ends (the ``call.ended`` event, the ``@call`` summary).
 
-Built once per daemon; the clients it owns are closed through ``rt.closers``.
+Built once per daemon, on the daemon's shared clients (:mod:`relay.daemon.outbound`).
 The call's core never waits for any of this: the session driver runs each
 request as a task of the call and feeds the answer back to the core.
 """
@@ -18,38 +18,21 @@ from twilio.base.exceptions import TwilioException
 from relay.calls.events import deliver_call_event
 from relay.calls.http_tools import call_http_tool, error_output
 from relay.calls.report import CallReport
-from relay.calls.summaries import TaskReports
-from relay.calls.tasks import TaskBook
 from relay.config import HttpToolSettings
-from relay.conversations.twilio_rest import TwilioRest, update_call
+from relay.conversations.twilio_rest import update_call
+from relay.daemon.outbound import Outbound
 from relay.daemon.state import DaemonState
-from relay.ops.http_client import http_client
 from relay.sessions.call_tools import CallUpdateFailed
 
 log = logging.getLogger("relay.calls")
 
-REST_TIMEOUT = 10.0
-
 
 class CallServices:
-    def __init__(self, rt: DaemonState) -> None:
+    def __init__(self, rt: DaemonState, out: Outbound) -> None:
         self.rt = rt
-        s = rt.settings
-        self.rest = TwilioRest(
-            s.secrets.twilio_account_sid or "",
-            s.secrets.twilio_auth_token or "",
-            api_base=s.twilio.api_base,
-            timeout=REST_TIMEOUT,
-        )
-        self.http = http_client(follow_redirects=False)
-        self.task_reports = TaskReports(
-            s, TaskBook(rt.store), self.rest.client, self.http, rt.spawn_job
-        )
-        rt.closers.append(self.aclose)
-
-    async def aclose(self) -> None:
-        await self.rest.aclose()
-        await self.http.aclose()
+        self.rest = out.rest
+        self.http = out.operator  # tools and events: the operator's endpoints
+        self.task_reports = out.reports
 
     async def find_task(self, call_sid: str) -> str | None:
         """The ``@call`` task placed for this call, if any (docs/contract.md §12)."""

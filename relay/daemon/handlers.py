@@ -14,8 +14,10 @@ from quart import Response, g, request
 
 from relay.admission.twilio_auth import TwilioGate, public_http_url
 from relay.conversations.call_status import status_handler
-from relay.conversations.webhook import convo_handler
+from relay.conversations.webhook import ConvoJobs, convo_handler
+from relay.daemon.outbound import Outbound
 from relay.daemon.state import DaemonState
+from relay.edge.signed_form import SignedForms
 from relay.edge.twiml import voice_handler
 from relay.sessions.call_tools import CallDesk
 from relay.sessions.client_session import ClientSession
@@ -38,7 +40,7 @@ async def twilio_runner(
 
 
 def twilio_routes(
-    rt: DaemonState, gate: TwilioGate
+    rt: DaemonState, gate: TwilioGate, out: Outbound
 ) -> tuple[dict[str, Handler], Callable[[], Awaitable[bool]]]:
     """The signed Twilio webhooks, and the check that exempts signed requests
     from the per-IP HTTP bucket."""
@@ -69,9 +71,10 @@ def twilio_routes(
             g.twilio_signed = ok
         return bool(g.twilio_signed)
 
+    forms = SignedForms(rt, gate, signed, form_pairs)
     routes = {
-        "/twilio/convo": convo_handler(rt, gate, signed, form_pairs),
-        "/twilio/voice": voice_handler(rt, gate, signed, form_pairs),
-        "/twilio/status": status_handler(rt, gate, signed, form_pairs),
+        "/twilio/convo": convo_handler(rt, forms, ConvoJobs(rt, out.rest, out.chat)),
+        "/twilio/voice": voice_handler(rt, forms),
+        "/twilio/status": status_handler(rt, forms, out.reports),
     }
     return routes, signed

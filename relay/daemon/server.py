@@ -31,6 +31,7 @@ from prometheus_client import Gauge
 from relay.config import Settings
 from relay.daemon.call_services import CallServices
 from relay.daemon.handlers import client_runner, twilio_routes, twilio_runner
+from relay.daemon.outbound import Outbound
 from relay.daemon.state import DaemonState
 from relay.edge import hypercorn_fix
 from relay.edge.app import combine, create_http_app
@@ -82,7 +83,8 @@ async def main(settings: Settings, *, notifier: Notifier | None = None) -> None:
     Gauge(
         "relay_trio_tasks", "Live Trio tasks in the process", registry=rt.metrics.registry
     ).set_function(task_dump.count)
-    desk = CallServices(rt)
+    out = Outbound(rt)  # the daemon's outgoing clients, shared
+    desk = CallServices(rt, out)
     gate_app = FrontDoor(rt, client_runner, partial(twilio_runner, desk=desk))
     # WebSocket upgrades are served on the socket itself; Hypercorn gets the rest.
     router = Router(
@@ -100,7 +102,7 @@ async def main(settings: Settings, *, notifier: Notifier | None = None) -> None:
         "Live TCP connections, HTTP and WebSocket",
         registry=rt.metrics.registry,
     ).set_function(lambda: router.live)
-    http_app = create_http_app(rt, *twilio_routes(rt, gate_app.gate))
+    http_app = create_http_app(rt, *twilio_routes(rt, gate_app.gate, out))
     asgi = combine(rt, http_app, gate_app)
     try:
         async with trio.open_nursery() as root:

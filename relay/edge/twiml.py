@@ -9,15 +9,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from quart import Response
 from twilio.twiml.voice_response import Connect, Stream, VoiceResponse
 
-from relay.admission.twilio_auth import (
-    MEDIA_PATH,
-    TwilioGate,
-    form_refusal,
-    mint_stream_token,
-    public_ws_url,
-)
+from relay.admission.twilio_auth import MEDIA_PATH, mint_stream_token, public_ws_url
 from relay.daemon.state import DaemonState
-from relay.edge.app import refusal_response, text
+from relay.edge.app import text
+from relay.edge.signed_form import SignedForms
 
 # Characters XML 1.0 cannot carry even escaped (controls other than tab, LF, CR;
 # surrogates; U+FFFE/U+FFFF): Twilio's library copies values as they are.
@@ -46,27 +41,13 @@ def connect_twiml(
     return str(response.to_xml(xml_declaration=True))
 
 
-def voice_handler(
-    rt: DaemonState,
-    gate: TwilioGate,
-    signed: Callable[[], Awaitable[bool]],
-    form_pairs: Callable[[], Awaitable[list[tuple[str, str]]]],
-) -> Callable[[], Awaitable[Response]]:
+def voice_handler(rt: DaemonState, forms: SignedForms) -> Callable[[], Awaitable[Response]]:
     s = rt.settings
 
     async def handle() -> Response:
-        pairs = await form_pairs()
-        # signed() already checked (and cached) the signature for the HTTP bucket.
-        is_signed = await signed()
-        refusal = gate.refusal_for(lambda: is_signed)
-        if refusal is not None:
-            rt.metrics.reject("twilio_signature")
-            return refusal_response(refusal)
-        form = dict(pairs)
-        refusal = form_refusal(form, s.secrets.twilio_account_sid)
-        if refusal is not None:
-            rt.metrics.reject("twilio_form")
-            return refusal_response(refusal)
+        form = await forms.read()
+        if isinstance(form, Response):
+            return form
         call = form.get("CallSid", "")
         key = s.secrets.encryption_key
         if not call or key is None:  # the key is there whenever serve runs

@@ -34,6 +34,7 @@ from twilio.request_validator import RequestValidator
 from relay.admission.twilio_auth import TwilioGate
 from relay.config import load_secrets, parse_settings
 from relay.daemon.handlers import twilio_routes
+from relay.daemon.outbound import Outbound
 from relay.daemon.state import DaemonState
 from relay.edge.app import create_http_app
 from relay.store.memory import MemoryStore
@@ -780,7 +781,7 @@ async def test_background_work_is_bounded(caplog: pytest.LogCaptureFixture) -> N
         settings = parse_settings(config(fake.base_url), load_secrets(daemon_env()))
         rt = DaemonState(settings, MemoryStore())
         rt.max_jobs = 2
-        app = create_http_app(rt, *twilio_routes(rt, TwilioGate(settings)))
+        app = create_http_app(rt, *twilio_routes(rt, TwilioGate(settings), Outbound(rt)))
         fake.chat_delay = 60
         convos = [fake.add_conversation(participants=[ALICE]) for _ in range(3)]
         try:

@@ -39,7 +39,7 @@ from twilio.request_validator import RequestValidator
 from relay.admission.tokens import mint
 from relay.config import decode_encryption_key
 from relay.conversations.twilio_rest import TwilioRest, TwilioTransportError, ensure_participant
-from relay.conversations.webhook import REST_TIMEOUT
+from relay.daemon.outbound import REST_TIMEOUT
 from relay.testing.daemon import (
     TEST_OPENAI_KEY,
     TEST_TWILIO_SID,

@@ -18,6 +18,7 @@ from relay.calls.report import CallReport
 from relay.calls.signing import verify
 from relay.config import HttpToolSettings, Secrets, parse_settings
 from relay.daemon.call_services import CallServices
+from relay.daemon.outbound import Outbound
 from relay.daemon.state import DaemonState
 from relay.ops.metrics import Metrics
 from relay.store.memory import MemoryStore
@@ -237,7 +238,8 @@ async def test_call_services_send_the_event_as_a_background_job() -> None:
                 Secrets(events_signing_key=KEY),
             )
             rt = DaemonState(settings, MemoryStore())
-            services = CallServices(rt)
+            out = Outbound(rt)
+            services = CallServices(rt, out)
             async with trio.open_nursery() as jobs:
                 rt.attach_jobs(jobs)
                 services.call_ended(report())
@@ -254,13 +256,14 @@ async def test_call_services_send_the_event_as_a_background_job() -> None:
             assert verify(
                 server.requests[1].headers["x-relay-signature"], server.requests[1].body, KEY
             )
-            await services.aclose()
+            await out.aclose()
 
             quiet = DaemonState(parse_settings({}), MemoryStore())
-            idle = CallServices(quiet)
+            quiet_out = Outbound(quiet)
+            idle = CallServices(quiet, quiet_out)
             async with trio.open_nursery() as jobs:
                 quiet.attach_jobs(jobs)
                 idle.call_ended(report())
                 assert quiet.jobs_in_flight == 0
-            await idle.aclose()
+            await quiet_out.aclose()
             assert len(server.requests) == 2
