@@ -37,8 +37,8 @@ from urllib.parse import parse_qsl, urlencode
 from xml.etree import ElementTree
 
 import trio
-from hypercorn.config import Config
-from hypercorn.trio import serve
+
+from relay.testing.loopback import serving
 
 __all__ = [
     "FakeCall",
@@ -794,17 +794,9 @@ async def fake_twilio(
 ) -> AsyncIterator[FakeTwilio]:
     """Serve a :class:`FakeTwilio` on ``host:port`` (0 = any free port) for the block's duration."""
     fake = FakeTwilio(account_sid=account_sid, auth_token=auth_token, openai_key=openai_key)
-    config = Config()
-    config.bind = [f"{host}:{port}"]
-    config.loglevel = "WARNING"
-    config.accesslog = None
-    async with trio.open_nursery() as nursery:
-        binds: list[str] = await nursery.start(serve, fake, config)
-        fake.base_url = binds[0]
-        try:
-            yield fake
-        finally:
-            nursery.cancel_scope.cancel()
+    async with serving(fake, host=host, port=port) as base_url:
+        fake.base_url = base_url
+        yield fake
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import trio
-from hypercorn.config import Config
-from hypercorn.trio import serve
+
+from relay.testing.loopback import serving
 
 __all__ = ["EventFault", "ReceivedRequest", "Receiver", "ToolAnswer", "receiver", "verify"]
 
@@ -300,14 +300,6 @@ async def _answer(send: Send, status: int, body: bytes) -> None:
 async def receiver(key: str, *, port: int = 0) -> AsyncIterator[Receiver]:
     """Serve a :class:`Receiver` checking signatures with ``key`` on 127.0.0.1 for the block."""
     app = Receiver(key)
-    config = Config()
-    config.bind = [f"127.0.0.1:{port}"]
-    config.loglevel = "WARNING"
-    config.accesslog = None
-    async with trio.open_nursery() as nursery:
-        binds: list[str] = await nursery.start(serve, app, config)
-        app.base_url = binds[0]
-        try:
-            yield app
-        finally:
-            nursery.cancel_scope.cancel()
+    async with serving(app, port=port) as base_url:
+        app.base_url = base_url
+        yield app
