@@ -4,6 +4,7 @@ call's end, counted once, and logged without a secret or a word of the transcrip
 
 from __future__ import annotations
 
+import email.utils
 import json
 import logging
 import socket
@@ -13,7 +14,7 @@ import httpx
 import pytest
 import trio
 
-from relay.calls.events import deliver_call_event
+from relay.calls.events import deliver_call_event, retry_after
 from relay.calls.report import CallReport
 from relay.calls.signing import verify
 from relay.config import HttpToolSettings, Secrets, parse_settings
@@ -226,6 +227,94 @@ async def test_transcript_with_a_lone_surrogate_still_goes_out() -> None:
             assert await deliver(server.url, r, metrics)
     [request] = server.requests
     assert json.loads(request.body)["transcript"][0]["text"] == "half a character: \ud83d"
+
+
+def answers(*script: tuple[int, dict[str, str]]) -> Handler:
+    """A receiver answering ``(status, headers)`` in turn, then the last for ever."""
+    left = list(script)
+
+    async def handler(request: Request, stream: trio.SocketStream) -> None:
+        status, headers = left.pop(0) if len(left) > 1 else left[0]
+        await respond(stream, status, b"{}", headers)
+
+    return handler
+
+
+@pytest.mark.parametrize("status", [429, 503])
+async def test_retry_after_is_waited_for(status: int) -> None:
+    """Backoff alone would come back after ~1 s; the receiver asked for 3."""
+    metrics = Metrics()
+    with trio.fail_after(10):
+        script = answers((status, {"Retry-After": "3"}), (200, {}))
+        async with scripted_http(script) as server:
+            start = trio.current_time()
+            assert await deliver(server.url, report(), metrics)
+            elapsed = trio.current_time() - start
+    assert len(server.requests) == 2
+    assert 3 <= elapsed < 5
+    assert counted(metrics) == {"sent": 1, "failed": 0}
+
+
+def _http_date(unix: float) -> str:
+    return email.utils.formatdate(unix, usegmt=True)
+
+
+@pytest.mark.parametrize(
+    "asked", ["3600", "999999999", "far date"], ids=["seconds", "huge", "http-date"]
+)
+async def test_a_retry_after_past_the_budget_gives_up_at_once(
+    asked: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A receiver cannot hold a background job slot for its Retry-After: one past
+    the 30 s budget ends the delivery now, counted and logged once."""
+    if asked == "far date":
+        asked = _http_date(time.time() + 7200)
+    metrics = Metrics()
+    caplog.set_level(logging.INFO, logger="relay")
+    with trio.fail_after(5):
+        async with scripted_http(answers((429, {"Retry-After": asked}))) as server:
+            start = trio.current_time()
+            assert not await deliver(server.url, report(), metrics)
+            assert trio.current_time() - start < 1
+    assert len(server.requests) == 1
+    assert counted(metrics) == {"sent": 0, "failed": 1}
+    [line] = [rec.getMessage() for rec in caplog.records if "call.ended" in rec.getMessage()]
+    assert "answered HTTP 429; gave up: it asked to wait" in line
+    assert "past 30 s after the call's end" in line
+
+
+@pytest.mark.parametrize(
+    "asked",
+    ["soon", "-5", "1.5", "9" * 70, "Mon, 99 Foo 2026 00:00:00 GMT", "2026-12-03"],
+)
+async def test_an_unreadable_retry_after_is_ignored(asked: str) -> None:
+    """Junk (or a value only a lenient parser would read) falls back to the backoff."""
+    metrics = Metrics()
+    with trio.fail_after(10):
+        async with scripted_http(answers((503, {"Retry-After": asked}), (200, {}))) as server:
+            start = trio.current_time()
+            assert await deliver(server.url, report(), metrics)
+            assert trio.current_time() - start < 2  # the first backoff, 1 s ±20 %
+    assert len(server.requests) == 2
+
+
+async def test_retry_after_is_heeded_only_on_429_and_503() -> None:
+    metrics = Metrics()
+    with trio.fail_after(10):
+        async with scripted_http(answers((500, {"Retry-After": "3600"}), (200, {}))) as server:
+            assert await deliver(server.url, report(), metrics)
+    assert len(server.requests) == 2
+
+
+def test_retry_after_values() -> None:
+    now = 1_800_000_000.0
+    assert retry_after("7", now) == 7.0
+    assert retry_after(" 7 ", now) == 7.0
+    assert retry_after(_http_date(now + 20), now) == pytest.approx(20, abs=1)
+    assert retry_after(_http_date(now - 20), now) == 0.0  # past: retry now
+    assert retry_after("Thu, 03 Dec 2026 12:00:00", now) is None  # no zone
+    for junk in (None, "", "x", "-1", "1e3", "0x10", "7" * 10, "a" * 65, "\uff13"):
+        assert retry_after(junk, now) is None, junk
 
 
 async def test_call_services_send_the_event_as_a_background_job() -> None:
