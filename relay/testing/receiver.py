@@ -195,16 +195,7 @@ class Receiver:
     # -- ASGI ---------------------------------------------------------------------------
 
     async def __call__(self, scope: Any, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                event = await receive()
-                if event["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif event["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        if scope["type"] != "http":
-            return
+        # Served by relay.testing.loopback: only http scopes reach here.
         body = bytearray()
         while True:
             event = await receive()
