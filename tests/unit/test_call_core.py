@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 
 from relay.config import CallsSettings, HttpToolSettings, LimitSettings, OpenAISettings, Settings
 from relay.sessions.call_tools import Ask, LookupTask, RunTool, Transfer, Wake
-from relay.sessions.twilio_core import TwilioCore, TwilioOut
+from relay.sessions.twilio_core import TwilioCore
+from tests.core_wire import Tally, Wire
 
 SID = "MZ00000000000000000000000000000000"
 CALL = "CA00000000000000000000000000000000"
@@ -36,33 +37,11 @@ LOOKUP = HttpToolSettings(
 
 
 @dataclass
-class Tally:
-    up: int = 0
-    down: int = 0
-
-
-@dataclass
-class Driver:
+class Driver(Wire):
     """What the core sent, and the asks it made, in order."""
 
-    sent: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     asks: list[Ask] = field(default_factory=list)
     tools: list[tuple[str, bool]] = field(default_factory=list)
-
-    def out(self) -> TwilioOut:
-        def to_twilio(*texts: bytes) -> None:
-            self.sent.extend(("twilio", orjson.loads(t)) for t in texts)
-
-        def to_upstream(text: bytes) -> None:
-            self.sent.append(("up", orjson.loads(text)))
-
-        return TwilioOut(to_twilio, to_upstream)
-
-    def up(self, kind: str) -> list[dict[str, Any]]:
-        return [e for side, e in self.sent if side == "up" and e["type"] == kind]
-
-    def twilio(self, kind: str) -> list[dict[str, Any]]:
-        return [e for side, e in self.sent if side == "twilio" and e["event"] == kind]
 
     def outputs(self) -> dict[str, list[dict[str, Any]]]:
         """Function call outputs by call_id (each a list, to see duplicates)."""
