@@ -24,7 +24,7 @@ from relay.testing.daemon import (
     Daemon,
 )
 from relay.testing.metrics import sample_value
-from relay.testing.twilio_caller import TwilioCall, twilio_call
+from relay.testing.twilio_caller import StreamOrder, TwilioCall, twilio_call
 from relay.ws.connection import WebSocket
 from relay.ws.handshake import upgrade_response
 from relay.ws.transport import Transport
@@ -143,6 +143,16 @@ async def call(d: Daemon, **params: Any) -> AsyncIterator[TwilioCall]:
         **kw,
     ) as c:
         yield c
+
+
+def ordered_call(d: Daemon, order: StreamOrder, **kw: Any) -> Any:
+    """The stream Twilio opens on what ``/twilio/voice`` ordered: its URL (and
+    token), signed, for its call, with its parameters; ``kw`` overrides."""
+    kw.setdefault("call_sid", order.call_sid)
+    kw.setdefault("custom_parameters", order.parameters)
+    return twilio_call(
+        d.ws_url + order.path, public_url=order.url, auth_token=TEST_TWILIO_TOKEN, **kw
+    )
 
 
 async def until(predicate: Any, timeout: float = 10) -> None:

@@ -34,6 +34,7 @@ from relay.testing.daemon import (
 from relay.testing.fake_realtime import FakeRealtime, fake_realtime
 from relay.testing.fake_twilio import fake_twilio
 from relay.testing.twilio_caller import StreamOrder, twilio_call, voice_webhook
+from tests.helpers import ordered_call
 
 PUBLIC = "https://relay.example.com"
 STREAM_BASE = "wss://relay.example.com/twilio/media"
@@ -101,14 +102,7 @@ async def test_the_twiml_stream_url_carries_a_token_that_connects_its_call(
                 "from": "+14155550100",
                 "to": "+14082605145",
             }
-            async with twilio_call(
-                d.ws_url + order.path,
-                public_url=order.url,
-                auth_token=TEST_TWILIO_TOKEN,
-                call_sid=order.call_sid,
-                custom_parameters=order.parameters,
-                send_audio=False,
-            ) as c:
+            async with ordered_call(d, order, send_audio=False) as c:
                 await c.start()
                 conn = await fake.wait_connection()
                 await conn.wait_for("response.create")
@@ -189,14 +183,7 @@ async def test_the_11th_forged_upgrade_in_a_minute_gets_429(fake: FakeRealtime) 
             assert 'relay_rejected_total{reason="twilio_signature"} 10.0' in metrics
             assert 'relay_rejected_total{reason="ws_rate"} 2.0' in metrics
             order = await answer(d)
-            async with twilio_call(
-                d.ws_url + order.path,
-                public_url=order.url,
-                auth_token=TEST_TWILIO_TOKEN,
-                call_sid=order.call_sid,
-                custom_parameters=order.parameters,
-                send_audio=False,
-            ) as c:
+            async with ordered_call(d, order, send_audio=False) as c:
                 await c.start()
                 conn = await fake.wait_connection()
                 await conn.wait_for("response.create")
@@ -262,14 +249,8 @@ async def test_a_call_placed_by_at_call_connects_on_its_own_token(fake: FakeReal
                     auth_token=TEST_TWILIO_TOKEN,
                 )
                 assert order.parameters["to"] == "+14155550123"
-                async with twilio_call(
-                    d.ws_url + order.path,
-                    public_url=order.url,
-                    auth_token=TEST_TWILIO_TOKEN,
-                    call_sid=placed.sid,
-                    account_sid=TEST_TWILIO_SID,
-                    custom_parameters=order.parameters,
-                    send_audio=False,
+                async with ordered_call(
+                    d, order, call_sid=placed.sid, account_sid=TEST_TWILIO_SID, send_audio=False
                 ) as c:
                     await c.start()
                     conn = await fake.wait_connection()

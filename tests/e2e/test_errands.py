@@ -33,9 +33,9 @@ from relay.testing.fake_realtime import FakeConnection, FakeRealtime, fake_realt
 from relay.testing.fake_twilio import FakeCall, FakeConversation, FakeTwilio, fake_twilio
 from relay.testing.metrics import sample_value
 from relay.testing.redis_server import free_port
-from relay.testing.twilio_caller import TwilioCall, twilio_call, voice_webhook
+from relay.testing.twilio_caller import TwilioCall, voice_webhook
 from tests.conftest import needs_redis
-from tests.helpers import bounded
+from tests.helpers import bounded, ordered_call
 
 PUBLIC = "https://relay.example.com"
 BOT = "gateframes-bot"
@@ -159,14 +159,7 @@ class Errands:
             auth_token=TEST_TWILIO_TOKEN,
         )
         index = len(self.realtime.connections)
-        async with twilio_call(
-            relay.ws_url + order.path,
-            public_url=order.url,
-            auth_token=TEST_TWILIO_TOKEN,
-            call_sid=order.call_sid,
-            account_sid=TEST_TWILIO_SID,
-            custom_parameters=order.parameters,
-        ) as c:
+        async with ordered_call(relay, order, account_sid=TEST_TWILIO_SID) as c:
             await c.start()
             with trio.fail_after(10):
                 conn = await self.realtime.wait_connection(index)

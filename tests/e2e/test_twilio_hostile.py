@@ -16,6 +16,7 @@ from relay.testing.daemon import TEST_TWILIO_TOKEN, Daemon, running_daemon
 from relay.testing.fake_realtime import FakeRealtime, fake_realtime
 from relay.testing.fuzz import http_get
 from relay.testing.twilio_caller import twilio_call
+from tests.helpers import call
 
 # Both drivers of the session core: the reactor's fast path, and the pumps alone.
 pytestmark = pytest.mark.usefixtures("fast_path")
@@ -73,12 +74,7 @@ async def test_oversize_right_behind_media_still_closes_1009() -> None:
     run, then 57 times in 60 with this sequence."""
     async with fake_realtime() as fake, running_daemon(config(fake)) as d:
         for i in range(3):  # the two frames land in one read or in two: both close 1009
-            async with twilio_call(
-                f"{d.ws_url}/twilio/media",
-                public_url=STREAM_URL,
-                auth_token=TEST_TWILIO_TOKEN,
-                send_audio=False,
-            ) as c:
+            async with call(d, send_audio=False) as c:
                 await c.start()
                 conn = await fake.wait_connection(i)
                 await conn.wait_for("response.create")
@@ -103,12 +99,7 @@ async def test_assistant_audio_that_is_not_base64_is_not_sent_to_twilio() -> Non
     base64 (Twilio error 31924). Fixed in TwilioSession._on_delta."""
     async with fake_realtime() as fake, running_daemon(config(fake)) as d:
         fake.auto_respond = False
-        async with twilio_call(
-            f"{d.ws_url}/twilio/media",
-            public_url=STREAM_URL,
-            auth_token=TEST_TWILIO_TOKEN,
-            send_audio=False,
-        ) as c:
+        async with call(d, send_audio=False) as c:
             await c.start()
             conn = await fake.wait_connection()
             await conn.wait_for("response.create")
@@ -135,12 +126,7 @@ async def test_no_truncate_for_audio_without_an_item_id() -> None:
     drops deltas without a non-empty item_id."""
     async with fake_realtime() as fake, running_daemon(config(fake)) as d:
         fake.auto_respond = False
-        async with twilio_call(
-            f"{d.ws_url}/twilio/media",
-            public_url=STREAM_URL,
-            auth_token=TEST_TWILIO_TOKEN,
-            send_audio=False,
-        ) as c:
+        async with call(d, send_audio=False) as c:
             await c.start()
             conn = await fake.wait_connection()
             await conn.wait_for("response.create")
