@@ -1,5 +1,5 @@
-"""What a TwilioCore sent, recorded without sockets: shared by the core's unit
-tests (tests/unit/test_twilio_core.py, tests/unit/test_call_core.py)."""
+"""What a session core sent, recorded without sockets: shared by the cores'
+unit tests (tests/unit/test_twilio_core.py, test_call_core.py, test_client_core.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from relay.sessions.twilio_core import TwilioOut
 
 @dataclass
 class Tally:
+    """The message counts a core keeps (the session's Tally, without the metrics)."""
+
     up: int = 0
     down: int = 0
 

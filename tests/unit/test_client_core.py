@@ -12,14 +12,9 @@ from hypothesis import strategies as st
 
 from relay.sessions.client_core import ClientCore, ClientOut, opening
 from relay.ws.errors import Disconnected, UpstreamClosed
+from tests.core_wire import Tally
 
 LIMIT = 64
-
-
-@dataclass
-class Tally:
-    up: int = 0
-    down: int = 0
 
 
 @dataclass
