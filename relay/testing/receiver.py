@@ -24,7 +24,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import trio
@@ -113,11 +113,13 @@ class ToolAnswer:
 
 @dataclass(frozen=True)
 class EventFault:
-    """Answer the next ``times`` events with ``status`` (after ``delay`` seconds)."""
+    """Answer the next ``times`` events with ``status`` (after ``delay`` seconds),
+    with a ``Retry-After: <retry_after>`` header when it is set."""
 
     status: int = 500
     times: int = 1
     delay: float = 0.0
+    retry_after: str | None = None
 
 
 @dataclass
@@ -251,10 +253,13 @@ class Receiver:
             if fault.times <= 1:
                 self.event_faults.pop(0)
             else:
-                self.event_faults[0] = EventFault(fault.status, fault.times - 1, fault.delay)
+                self.event_faults[0] = replace(fault, times=fault.times - 1)
             await trio.sleep(fault.delay)
             request.answered = fault.status
-            await _answer(send, fault.status, b'{"error": "fault"}')
+            more = []
+            if fault.retry_after is not None:
+                more.append((b"retry-after", fault.retry_after.encode()))
+            await _answer(send, fault.status, b'{"error": "fault"}', more)
             return
         request.answered = 200
         await _answer(send, 200, b'{"received": true}')
@@ -281,8 +286,10 @@ class Receiver:
         self._changed = trio.Event()
 
 
-async def _answer(send: Send, status: int, body: bytes) -> None:
-    headers = [(b"content-type", b"application/json")]
+async def _answer(
+    send: Send, status: int, body: bytes, more: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    headers = [(b"content-type", b"application/json"), *(more or [])]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 

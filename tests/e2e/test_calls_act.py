@@ -645,6 +645,22 @@ async def test_an_event_is_retried_until_the_backend_takes_it() -> None:
             assert await scrape(w.d, "relay_call_events_total", outcome="failed") == 0
 
 
+async def test_an_event_waits_for_the_backends_retry_after() -> None:
+    """A 429 with Retry-After: 4 is asked again no sooner than 4 s later (the
+    backoff alone would be ~1 s); one pointing past the 30 s budget is given up
+    at once (tests/unit/test_call_events.py)."""
+    with trio.fail_after(45):
+        async with world(calls={"tools": []}, tools=()) as w, call(w.d, send_audio=False) as c:
+            w.backend.event_faults = [EventFault(429, times=1, retry_after="4")]
+            await greeted(w, c)
+            await c.stop()
+            await until(lambda: len(w.backend.accepted_events) == 1, timeout=20)
+            first, second = w.backend.events
+            assert (first.answered, second.answered) == (429, 200)
+            assert second.received_at - first.received_at >= 4
+            assert await scrape(w.d, "relay_call_events_total", outcome="sent") == 1
+
+
 async def test_an_event_the_backend_refuses_is_counted_failed() -> None:
     # A 4xx other than 408/429 is final (retrying cannot help). The give-up of an
     # unreachable receiver 30 s after the call is tests/unit/test_call_events.py's
