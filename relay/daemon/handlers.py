@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-from quart import Response, g, request
+from quart import Response
 
-from relay.admission.twilio_auth import TwilioGate, public_http_url
+from relay.admission.twilio_auth import TwilioGate
 from relay.conversations.call_status import status_handler
 from relay.conversations.webhook import ConvoJobs, convo_handler
 from relay.daemon.outbound import Outbound
@@ -45,36 +45,10 @@ def twilio_routes(
     """The signed Twilio webhooks, and the check that exempts signed requests
     from the per-IP HTTP bucket."""
 
-    async def form_pairs() -> list[tuple[str, str]]:
-        form = await request.form
-        return [(k, v) for k in form for v in form.getlist(k)]
-
-    async def signed() -> bool:
-        """Valid signature for this request? Cached on ``g`` so routes need not redo it."""
-        if "twilio_signed" not in g:
-            signature = request.headers.get("X-Twilio-Signature")
-            ok = False
-            try:
-                # The whole body is read before any answer, the guard's 429 too, so
-                # that a kept-alive connection (a proxy's) can carry the next request.
-                await request.get_data()
-            except Exception:  # too large: the webhook itself answers that (413)
-                signature = None
-            if signature:
-                url = public_http_url(
-                    rt.settings, request.path, request.query_string.decode("latin-1")
-                )
-                try:
-                    ok = gate.valid(url, await form_pairs(), signature)
-                except Exception:  # a body that is not a form cannot be signed by Twilio
-                    ok = False
-            g.twilio_signed = ok
-        return bool(g.twilio_signed)
-
-    forms = SignedForms(rt, gate, signed, form_pairs)
+    forms = SignedForms(rt, gate)
     routes = {
         "/twilio/convo": convo_handler(rt, forms, ConvoJobs(rt, out.rest, out.chat)),
         "/twilio/voice": voice_handler(rt, forms),
         "/twilio/status": status_handler(rt, forms, out.reports),
     }
-    return routes, signed
+    return routes, forms.signed

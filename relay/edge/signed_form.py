@@ -1,5 +1,7 @@
 """The first step of every Twilio webhook route: read the form, check its
-signature and its SIDs (docs/contract.md §7), or say why not.
+signature and its SIDs (docs/contract.md §7), or say why not. The signature
+check is made once per request and shared with the HTTP app, which lets a
+signed request past the per-IP bucket.
 
 One reader for ``/twilio/voice``, ``/twilio/convo`` and ``/twilio/status`` so
 that a refusal looks the same on each: 413/408 for a body too large or too
@@ -9,14 +11,13 @@ slow, 400 for one that is not a form, 403 for a bad signature or AccountSid,
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from prometheus_client import Counter
-from quart import Response, request
+from quart import Response, g, request
 from werkzeug.exceptions import HTTPException
 
-from relay.admission.twilio_auth import TwilioGate, form_refusal
+from relay.admission.twilio_auth import TwilioGate, form_refusal, public_http_url
 from relay.daemon.state import DaemonState
 from relay.edge.app import refusal_response, text
 
@@ -25,10 +26,34 @@ from relay.edge.app import refusal_response, text
 class SignedForms:
     rt: DaemonState
     gate: TwilioGate
-    # Valid signature for this request? (cached per request by the caller)
-    signed: Callable[[], Awaitable[bool]]
-    # The form's (key, value) pairs, repeats kept, in order.
-    form_pairs: Callable[[], Awaitable[list[tuple[str, str]]]]
+
+    async def form_pairs(self) -> list[tuple[str, str]]:
+        """The form's (key, value) pairs, repeats kept, in order."""
+        form = await request.form
+        return [(k, v) for k in form for v in form.getlist(k)]
+
+    async def signed(self) -> bool:
+        """Valid signature for this request? Cached on ``g``: the HTTP app asks it
+        first (a signed request skips the per-IP bucket), the route again."""
+        if "twilio_signed" not in g:
+            signature = request.headers.get("X-Twilio-Signature")
+            ok = False
+            try:
+                # The whole body is read before any answer, the guard's 429 too, so
+                # that a kept-alive connection (a proxy's) can carry the next request.
+                await request.get_data()
+            except Exception:  # too large: read() answers that (413)
+                signature = None
+            if signature:
+                url = public_http_url(
+                    self.rt.settings, request.path, request.query_string.decode("latin-1")
+                )
+                try:
+                    ok = self.gate.valid(url, await self.form_pairs(), signature)
+                except Exception:  # a body that is not a form cannot be signed by Twilio
+                    ok = False
+            g.twilio_signed = ok
+        return bool(g.twilio_signed)
 
     async def read(self, counted: Counter | None = None) -> dict[str, str] | Response:
         """The request's form, signed and well formed; or the refusal to answer
