@@ -9,7 +9,7 @@ import re
 import signal
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from functools import partial
 from typing import Any, ParamSpec
 
@@ -145,7 +145,9 @@ async def call(d: Daemon, **params: Any) -> AsyncIterator[TwilioCall]:
         yield c
 
 
-def ordered_call(d: Daemon, order: StreamOrder, **kw: Any) -> Any:
+def ordered_call(
+    d: Daemon, order: StreamOrder, **kw: Any
+) -> AbstractAsyncContextManager[TwilioCall]:
     """The stream Twilio opens on what ``/twilio/voice`` ordered: its URL (and
     token), signed, for its call, with its parameters; ``kw`` overrides."""
     kw.setdefault("call_sid", order.call_sid)

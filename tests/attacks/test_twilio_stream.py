@@ -151,13 +151,8 @@ async def test_a_start_for_another_call_closes_1008_before_anything_goes_upstrea
     with trio.fail_after(TIMEOUT):
         async with running_daemon(config(fake)) as d:
             order = await answer(d)
-            async with twilio_call(
-                d.ws_url + order.path,
-                public_url=order.url,
-                auth_token=TEST_TWILIO_TOKEN,
-                call_sid=new_call_sid(),  # not the call the token was minted for
-                custom_parameters=order.parameters,
-            ) as c:
+            # Not the call the token was minted for:
+            async with ordered_call(d, order, call_sid=new_call_sid()) as c:
                 conn = await fake.wait_connection()  # opened at accept, as always
                 await c.start()
                 with trio.fail_after(5):
